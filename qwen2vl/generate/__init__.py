@@ -1,0 +1,1 @@
+"""Generation: the KV cache, sampling, and the token loop."""

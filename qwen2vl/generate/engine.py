@@ -1,0 +1,81 @@
+"""Generation: token ids in, token ids out. ``stream`` is a generator of one token per row per step;
+``generate`` collects it. Streaming text, servers and chat build on ``stream``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from .cache import KVCache
+from .sampling import SamplingParams, choose
+
+if TYPE_CHECKING:
+    from ..model.qwen2vl import Qwen2VL
+
+
+@torch.inference_mode()
+def stream(
+    model: Qwen2VL,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    media: dict[str, torch.Tensor | None] | None = None,
+    max_new_tokens: int,
+    params: SamplingParams = SamplingParams(),
+    eos_token_ids: tuple[int, ...] | list[int] | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, [B], once per step. A row that has produced an eos id
+    yields the pad id from then on; the stream ends when every row is done or after max_new_tokens."""
+    if max_new_tokens < 1:
+        return
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, length] with length >= 1; got {tuple(input_ids.shape)}")
+    cfg = model.config
+    B, L = input_ids.shape
+    device = model.device
+    eos = torch.tensor(list(eos_token_ids if eos_token_ids is not None else cfg.eos_token_ids), device=device)
+    pad = cfg.pad_token_id
+
+    cache = KVCache.allocate(cfg.text, B, L + max_new_tokens, model.dtype, device)
+    logits, cache = model.prefill(input_ids.to(device), cache, attention_mask=_to(attention_mask, device), **{
+        k: _to(v, device) for k, v in (media or {}).items()
+    })
+    generator = None
+    if params.do_sample and params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    seen = None
+    if params.repetition_penalty is not None:  # as transformers: every id of the prompt counts, pads too
+        seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device)
+        seen.scatter_(1, input_ids.to(device), True)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    rows = torch.arange(B, device=device)
+    for step in range(max_new_tokens):
+        token = choose(logits, params, seen, generator)
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        yield token
+        finished |= torch.isin(token, eos)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            return
+        if seen is not None:
+            seen[rows, token] = True
+        logits, cache = model.decode(token, cache)
+
+
+def generate(
+    model: Qwen2VL,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    **kwargs,
+) -> torch.Tensor:
+    """All new tokens [B, max_new_tokens]; positions after a row's end hold the pad id."""
+    out = torch.full((input_ids.shape[0], max_new_tokens), model.config.pad_token_id, dtype=torch.long)
+    for step, token in enumerate(stream(model, input_ids, max_new_tokens=max_new_tokens, **kwargs)):
+        out[:, step] = token.cpu()
+    return out
+
+
+def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if x is None else x.to(device)

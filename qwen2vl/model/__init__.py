@@ -1,0 +1,1 @@
+"""Single-device nn.Modules: rope, attention kernels, vision tower, text decoder, the full model."""

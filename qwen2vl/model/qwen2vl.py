@@ -1,0 +1,238 @@
+"""Qwen2-VL: the vision tower, the Qwen2 decoder with M-RoPE, and the LM head, on one device.
+
+Takes exactly the tensors transformers' Qwen2-VL processor produces. Visual features replace the
+``<|image_pad|>`` / ``<|video_pad|>`` embeddings in reading order (all images of the batch, then all
+videos). Parameter names equal the hub checkpoint's, so ``state_dict()`` is the hub layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import Qwen2VLConfig
+from ..generate.cache import KVCache, causal_padding_mask
+from ..positions import PlaceholderError, mrope_positions
+from .rope import mrope_cos_sin
+from .text import RMSNorm, TextModel
+from .vision import VisionTransformer
+
+
+class Qwen2VL(nn.Module):
+    def __init__(self, config: Qwen2VLConfig, *, hf5_compat: bool = False):
+        """``hf5_compat``: place text after long videos as transformers 5.x does (see positions.py)."""
+        super().__init__()
+        self.config = config
+        self.hf5_compat = hf5_compat
+        self.visual = VisionTransformer(config.vision)
+        self.model = TextModel(config.text)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        if config.tie_word_embeddings:  # 2B: the output projection is the embedding table
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_weights()
+
+    # ---- construction and checkpoints --------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Every weight in one place: Linear, Conv3d and Embedding ~ N(0, std) (transformers'
+        initializer_range), biases 0, LayerNorm and RMSNorm scales 1 (LayerNorm shifts 0)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv3d, nn.Embedding)):
+                m.weight.normal_(0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        *,
+        hf5_compat: bool = False,
+    ) -> Qwen2VL:
+        """Load a local checkpoint directory (hub layout or transformers >= 4.52 layout), strictly."""
+        from ..weights import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device, hf5_compat=hf5_compat)
+
+    def save_pretrained(self, path: str | Path, max_shard_size: int = 5 * 2**30) -> None:
+        """Write config.json, generation_config.json and safetensors in the hub layout, atomically."""
+        from ..weights import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    # ---- the pieces of a forward ---------------------------------------------------------------
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings [B, L, D] with the visual features scattered into their placeholders."""
+        h = self.model.embed_tokens(input_ids)
+        c = self.config
+        for kind, token, pixels, grid in (
+            ("image", c.image_token_id, pixel_values, image_grid_thw),
+            ("video", c.video_token_id, pixel_values_videos, video_grid_thw),
+        ):
+            slots = input_ids == token
+            n_slots = int(slots.sum())
+            if pixels is None:
+                if n_slots:
+                    raise PlaceholderError(f"input_ids hold {n_slots} {kind} tokens but no {kind} pixels were given")
+                continue
+            if grid is None:
+                raise ValueError(f"{kind} pixels were given without {kind}_grid_thw")
+            feats = self.visual(pixels, grid)
+            if feats.shape[0] != n_slots:
+                raise PlaceholderError(
+                    f"{kind} tokens and {kind} features do not match: input_ids hold {n_slots} {kind} tokens, "
+                    f"{kind}_grid_thw {grid.tolist()} gives {feats.shape[0]} features"
+                )
+            h = h.masked_scatter(slots[..., None], feats.to(h.dtype))
+        return h
+
+    def positions(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        image_grid_thw: torch.Tensor | None,
+        video_grid_thw: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        return mrope_positions(
+            input_ids,
+            image_grid_thw,
+            video_grid_thw,
+            attention_mask,
+            image_token_id=c.image_token_id,
+            video_token_id=c.video_token_id,
+            spatial_merge_size=c.vision.spatial_merge_size,
+            hf5_compat=self.hf5_compat,
+        )
+
+    def _cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.config.text
+        return mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section, dtype)
+
+    # ---- public entry points ------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, L, V] for every position (no cache)."""
+        h = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        pos, _ = self.positions(input_ids, attention_mask, image_grid_thw, video_grid_thw)
+        cos, sin = self._cos_sin(pos, h.dtype)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = causal_padding_mask(attention_mask.bool(), 0)
+        return self.lm_head(self.model(h, cos, sin, mask))
+
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """Run a left-padded prompt into ``cache`` (after what it already holds); logits [B, V] of the
+        last position. Positions of the new tokens start at each row's ``cache.next_position``."""
+        B, L = input_ids.shape
+        start = cache.length
+        if start + L > cache.capacity:
+            raise ValueError(f"the prompt needs {start + L} cache slots but the cache holds {cache.capacity}")
+        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            raise ValueError("prompts must be left-padded: attention_mask[:, -1] has a 0")
+        h = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        pos, deltas = self.positions(input_ids, attention_mask, image_grid_thw, video_grid_thw)
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        pos = pos + cache.next_position.view(1, B, 1) * real  # continue after earlier turns
+        cos, sin = self._cos_sin(pos, h.dtype)
+
+        cache.key_mask[:, start : start + L] = real
+        cache.padded = cache.padded or not bool(real.all())
+        mask = cache.attention_mask(L)
+        h = self.model(h, cos, sin, mask, cache.layers, start)
+        cache.length = start + L
+        cache.next_position = cache.next_position + real.sum(-1) + deltas
+        return self.lm_head(h[:, -1]), cache
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """One step for tokens [B] at each row's next position; logits [B, V]."""
+        start = cache.length
+        if start + 1 > cache.capacity:
+            raise ValueError(f"the KV cache is full ({cache.capacity} slots)")
+        h = self.model.embed_tokens(tokens[:, None])
+        pos = cache.next_position.view(1, -1, 1).expand(3, -1, 1)
+        cos, sin = self._cos_sin(pos, h.dtype)
+        cache.key_mask[:, start] = True
+        mask = cache.attention_mask(1)
+        h = self.model(h, cos, sin, mask, cache.layers, start)
+        cache.length = start + 1
+        cache.next_position = cache.next_position + 1
+        return self.lm_head(h[:, -1]), cache
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        max_new_tokens: int = 128,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        eos_token_ids: tuple[int, ...] | list[int] | None = None,
+    ) -> torch.Tensor:
+        """New token ids [B, max_new_tokens]; a row that stopped on an eos id is filled with the pad id
+        after it. ``eos_token_ids`` defaults to the checkpoint's (generation_config.json)."""
+        from ..generate.engine import generate
+        from ..generate.sampling import SamplingParams
+
+        params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+        return generate(
+            self,
+            input_ids,
+            attention_mask=attention_mask,
+            media=dict(
+                pixel_values=pixel_values,
+                image_grid_thw=image_grid_thw,
+                pixel_values_videos=pixel_values_videos,
+                video_grid_thw=video_grid_thw,
+            ),
+            max_new_tokens=max_new_tokens,
+            params=params,
+            eos_token_ids=eos_token_ids,
+        )

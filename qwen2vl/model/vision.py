@@ -1,0 +1,126 @@
+"""The vision tower: patch embedding, 32 pre-norm ViT blocks with 2D RoPE, and the 2x2 patch merger.
+
+Naive dynamic resolution (paper §2.1): the patches of every image and video of a batch arrive packed
+in one sequence ``[T, 1176]`` with ``grid_thw`` rows (t, h, w) per item; attention stays inside each
+item and each 2-frame slice of a video. Follows transformers' ``Qwen2VisionTransformerPretrainedModel``
+(REFERENCE §2). Suffixes name packed shapes: T patch tokens, D width, H heads, K head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import VisionConfig
+from .attention import varlen_attention
+from .rope import apply_rotary, vision_cos_sin
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        k = (c.temporal_patch_size, c.patch_size, c.patch_size)
+        # Kept as a Conv3d for the checkpoint's key and shape; a conv whose kernel equals its stride
+        # is one matmul over flattened patches, which is how it runs (REFERENCE §9.7: conv3d is slow).
+        self.proj = nn.Conv3d(c.in_channels, c.embed_dim, kernel_size=k, stride=k, bias=False)
+
+    def forward(self, patches_TP: torch.Tensor) -> torch.Tensor:
+        return F.linear(patches_TP, self.proj.weight.flatten(1))
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.num_heads = c.num_heads
+        self.qkv = nn.Linear(c.embed_dim, 3 * c.embed_dim, bias=True)
+        self.proj = nn.Linear(c.embed_dim, c.embed_dim, bias=True)
+
+    def forward(self, x_TD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+        T = x_TD.shape[0]
+        qkv = self.qkv(x_TD).view(T, 3, self.num_heads, -1)  # rows ordered q | k | v, heads contiguous
+        # rotate q and k together, in fp32 as the reference does, then back to the model dtype
+        qk = apply_rotary(qkv[:, :2].float(), cos, sin).to(x_TD.dtype)
+        out_THK = varlen_attention(qk[:, 0], qk[:, 1], qkv[:, 2], seqlens)
+        return self.proj(out_THK.flatten(1))
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(c.embed_dim, c.mlp_dim)
+        self.fc2 = nn.Linear(c.mlp_dim, c.embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(quick_gelu(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(c.embed_dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(c.embed_dim, eps=1e-6)
+        self.attn = VisionAttention(c)
+        self.mlp = VisionMLP(c)
+
+    def forward(self, x_TD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+        x_TD = x_TD + self.attn(self.norm1(x_TD), cos, sin, seqlens)
+        return x_TD + self.mlp(self.norm2(x_TD))
+
+
+class PatchMerger(nn.Module):
+    """LayerNorm, then each 2x2 window (4 consecutive tokens) concatenated and mapped to the LLM width."""
+
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.ln_q = nn.LayerNorm(c.embed_dim, eps=1e-6)
+        # index 1 of the checkpoint's Sequential is the parameter-free GELU (exact erf form)
+        self.mlp = nn.Sequential(nn.Linear(c.merge_dim, c.merge_dim), nn.GELU(), nn.Linear(c.merge_dim, c.hidden_size))
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.ln_q(x_TD).view(-1, self.mlp[0].in_features))  # [T/4, D_llm]
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.config = c
+        self.patch_embed = PatchEmbed(c)
+        self.blocks = nn.ModuleList(VisionBlock(c) for _ in range(c.depth))
+        self.merger = PatchMerger(c)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | list) -> torch.Tensor:
+        """pixel_values [T, 1176] (the processor's layout), grid_thw [n, 3] -> features [T/4, D_llm]."""
+        c = self.config
+        grid = check_grid(grid_thw, c.spatial_merge_size)
+        n_patches = sum(t * h * w for t, h, w in grid)
+        if pixel_values.ndim != 2 or pixel_values.shape != (n_patches, c.patch_dim):
+            raise ValueError(
+                f"pixel values have shape {tuple(pixel_values.shape)} but grid_thw {grid} needs ({n_patches}, {c.patch_dim})"
+            )
+        dtype = self.patch_embed.proj.weight.dtype
+        x_TD = self.patch_embed(pixel_values.to(dtype))
+        cos, sin = vision_cos_sin(grid, c.head_dim, c.rope_theta, c.spatial_merge_size, x_TD.device)
+        cos, sin = cos[:, None, None], sin[:, None, None]  # broadcast over (q|k, heads)
+        seqlens = [h * w for t, h, w in grid for _ in range(t)]  # one segment per 2-frame slice
+        for block in self.blocks:
+            x_TD = block(x_TD, cos, sin, seqlens)
+        return self.merger(x_TD)
+
+
+def check_grid(grid_thw: torch.Tensor | list, merge: int) -> list[tuple[int, int, int]]:
+    """grid_thw as host ints, validated once per forward (rows of positive t, h, w; h, w divisible by merge)."""
+    rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else list(grid_thw)
+    grid = []
+    for row in rows:
+        if len(row) != 3:
+            raise ValueError(f"grid_thw rows must be (t, h, w); got {row}")
+        t, h, w = (int(x) for x in row)
+        if t < 1 or h < merge or w < merge or h % merge or w % merge:
+            raise ValueError(f"grid_thw row {[t, h, w]} is invalid: t >= 1 and h, w positive multiples of {merge}")
+        grid.append((t, h, w))
+    return grid

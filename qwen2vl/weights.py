@@ -1,0 +1,234 @@
+"""Checkpoint loading and saving: strict, lazy, built on the meta device (REFERENCE §8).
+
+Our parameter names are the hub names (``visual.*``, ``model.*``, ``lm_head.weight``), so the only
+renaming is between the hub layout and the one transformers >= 4.52 fine-tuning stacks write
+(``model.visual.*``, ``model.language_model.*``). ``LAYOUT`` is that table; saving in the newer
+layout uses the same table read backwards, so the two directions cannot drift.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, Qwen2VLConfig
+
+if TYPE_CHECKING:
+    from .model.qwen2vl import Qwen2VL
+
+log = logging.getLogger(__name__)
+
+# transformers >= 4.52 prefix -> hub prefix (ours). Order matters: most specific first.
+LAYOUT: tuple[tuple[str, str], ...] = (
+    ("model.visual.", "visual."),
+    ("model.language_model.", "model."),
+)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that does not hold a loadable Qwen2-VL model; the message names why."""
+
+
+def to_hub_name(name: str) -> str:
+    for new, hub in LAYOUT:
+        if name.startswith(new):
+            return hub + name[len(new) :]
+    return name
+
+
+def from_hub_name(name: str) -> str:
+    """Hub name -> transformers >= 4.52 name (``lm_head`` is the same in both)."""
+    for new, hub in LAYOUT:
+        if name.startswith(hub):
+            return new + name[len(hub) :]
+    return name
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def checkpoint_files(path: Path) -> dict[str, Path]:
+    """Map of tensor name (as stored) -> safetensors file: one file, or shards listed in an index."""
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
+        files = {name: path / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise CheckpointError(f"shard {shard.name} listed in {index.name} is missing from {path}")
+        return files
+    if single.is_file():
+        return {name: single for name in _keys_of(single)}
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def _keys_of(file: Path) -> list[str]:
+    try:
+        with safe_open(file, framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def load_pretrained(
+    cls: type[Qwen2VL],
+    path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    hf5_compat: bool = False,
+) -> Qwen2VL:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    try:
+        config = Qwen2VLConfig.from_pretrained(path)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    dtype = resolve_dtype(dtype)
+    device = torch.device(device or "cpu")
+    if dtype == torch.float16:
+        log.warning("Qwen2-VL was trained in bf16; fp16 can overflow (REFERENCE §9.6). Prefer bfloat16.")
+
+    files = checkpoint_files(path)
+    with torch.device("meta"):
+        model = cls(config, hf5_compat=hf5_compat)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    seen: set[str] = set()
+    unexpected = []
+    for stored, file in files.items():
+        name = to_hub_name(stored)
+        if name in seen:
+            raise CheckpointError(f"tensor {name} appears twice in {path} (both layouts mixed?)")
+        seen.add(name)
+        if name not in expected and not (name == "lm_head.weight" and config.tie_word_embeddings):
+            unexpected.append(stored)
+        by_file.setdefault(file, []).append((stored, name))
+    missing = sorted(set(expected) - seen)
+    if unexpected:
+        raise CheckpointError(f"unexpected tensor(s) in {path}: {_few(sorted(unexpected))}")
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is missing {len(missing)} tensor(s): {_few(missing)}")
+
+    state: dict[str, torch.Tensor] = {}
+    tied_head = None
+    for file, names in by_file.items():
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for stored, name in names:
+                    t = f.get_tensor(stored)
+                    if name == "lm_head.weight" and config.tie_word_embeddings:
+                        tied_head = t  # some tools save the tied head too; it must equal the embedding
+                        continue
+                    if tuple(t.shape) != expected[name]:
+                        raise CheckpointError(
+                            f"tensor {stored} has shape {tuple(t.shape)} but the config needs {expected[name]}"
+                        )
+                    if dtype is None:
+                        dtype = t.dtype
+                    state[name] = t.to(device=device, dtype=dtype)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    if tied_head is not None and not torch.equal(tied_head.to(dtype), state["model.embed_tokens.weight"]):
+        raise CheckpointError("config ties lm_head to embed_tokens but the checkpoint's lm_head.weight differs")
+
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:  # assign=True made two Parameters of one tensor: make them one
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def save_pretrained(model: Qwen2VL, path: str | Path, max_shard_size: int = 5 * 2**30) -> None:
+    """Hub layout: config.json (flat form), generation_config.json, model.safetensors or shards with
+    an index. Every file is written to a temporary name, fsynced and renamed into place; the index
+    and config come last, so a crash mid-save never leaves a directory that looks complete but is not."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(state):
+        nbytes = state[name].numel() * state[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = state[name]
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        _atomic(path / "model.safetensors", lambda tmp: save_file(shards[0], tmp, metadata=meta))
+        (path / "model.safetensors.index.json").unlink(missing_ok=True)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _atomic(path / fname, lambda tmp, s=shard: save_file(s, tmp, metadata=meta))
+            weight_map.update({name: fname for name in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic_text(path / "model.safetensors.index.json", json.dumps(index, indent=2))
+        (path / "model.safetensors").unlink(missing_ok=True)
+    dtype_name = str(model.dtype).removeprefix("torch.")
+    _atomic_text(path / "generation_config.json", json.dumps(model.config.generation_dict(), indent=2))
+    _atomic_text(path / "config.json", json.dumps({**model.config.to_dict(), "torch_dtype": dtype_name}, indent=2))
+
+
+def _atomic(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _atomic_text(target: Path, text: str) -> None:
+    _atomic(target, lambda tmp: Path(tmp).write_text(text + "\n"))
+
+
+def _few(names: list[str], n: int = 5) -> str:
+    more = f" (and {len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
