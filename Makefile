@@ -1,0 +1,24 @@
+# Everything runs from a virtual environment in .venv, made on first use.
+# torch 2.14.1 / torchvision 0.29.1 are pinned: on this kind of machine pip takes them from local disk.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-all bench
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/qwen2vl demo
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/model_speed.py

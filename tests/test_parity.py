@@ -1,0 +1,112 @@
+"""Numbers against transformers 5.24 on random-init tiny checkpoints loaded through our own loader."""
+
+import pytest
+import torch
+
+from helpers import IMG, VID, left_pad, mm_token_type_ids, pixels, prompt
+
+PATCH = 1176
+
+CASES = {
+    "text": (11, 12, 13, 14, 15, 16, 17),
+    "odd_image": (11, ("image", 1, 6, 10), 12, 13),  # 84x140 px: not square, not a power of two
+    "images_of_different_sizes": (11, ("image", 1, 4, 4), 12, ("image", 1, 8, 6), ("image", 1, 2, 12), 13),
+    "video": (11, ("video", 2, 4, 6), 12, 13),  # t <= max(h/2, w/2): paper rule == transformers 5.x
+    "image_and_video": (11, ("image", 1, 4, 6), 12, ("video", 3, 6, 8), 14, 15),
+}
+
+
+def run_both(model, ref, ids, mask=None, ig=None, vg=None, seed=1):
+    pv, pvv = pixels(ig, PATCH, seed), pixels(vg, PATCH, seed + 1)
+    with torch.no_grad():
+        r = ref(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=pv,
+            image_grid_thw=ig,
+            pixel_values_videos=pvv,
+            video_grid_thw=vg,
+            mm_token_type_ids=mm_token_type_ids(ids),
+        ).logits
+        o = model(ids, mask, pv, ig, pvv, vg)
+    return o, r
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_transformers(tiny, tiny_ref, case):
+    ids, ig, vg = prompt(*CASES[case])
+    ids = torch.tensor([ids])
+    o, r = run_both(tiny, tiny_ref, ids, None, ig, vg)
+    assert o.shape == r.shape == (1, ids.shape[1], tiny.config.text.vocab_size)
+    assert (o - r).abs().max() < 1e-4
+
+
+def test_batch_left_padded_mixed_media(tiny, tiny_ref):
+    rows = [
+        prompt(11, ("image", 1, 4, 6), 12, 13, 14, 15, 16),
+        prompt(21, 22),  # text only, heavily padded
+        prompt(("video", 2, 4, 4), 31, ("image", 1, 6, 4), 32),
+    ]
+    ids, mask = left_pad([r[0] for r in rows])
+    ig = torch.cat([r[1] for r in rows if r[1] is not None])
+    vg = torch.cat([r[2] for r in rows if r[2] is not None])
+    o, r = run_both(tiny, tiny_ref, ids, mask, ig, vg)
+    real = mask.bool()
+    assert (o[real] - r[real]).abs().max() < 1e-4
+    assert torch.isfinite(o).all()  # padding slots too: no NaN from all-masked rows
+
+
+def test_vision_tower_matches(tiny, tiny_ref):
+    grid = torch.tensor([[1, 6, 10], [3, 4, 4], [1, 16, 2]])
+    pv = pixels(grid, PATCH)
+    with torch.no_grad():
+        r = tiny_ref.model.visual(pv, grid_thw=grid).pooler_output
+        o = tiny.visual(pv, grid)
+    assert o.shape == r.shape == (int(grid.prod(-1).sum()) // 4, tiny.config.text.hidden_size)
+    assert (o - r).abs().max() < 1e-5
+
+
+def test_long_video_paper_rule_and_hf5_compat(tiny_dir, tiny_ref):
+    """t = 6 temporal patches > max(h/2, w/2) = 2: transformers 5.x places the text after the video
+    differently (REFERENCE §3.3). Default = paper rule (differs from 5.24), hf5_compat = 5.24."""
+    import qwen2vl
+
+    ids, ig, vg = prompt(11, ("video", 6, 4, 4), 12, 13)
+    ids = torch.tensor([ids])
+    compat = qwen2vl.Qwen2VL.from_pretrained(tiny_dir[0], hf5_compat=True)
+    o, r = run_both(compat, tiny_ref, ids, None, ig, vg)
+    assert (o - r).abs().max() < 1e-4
+    paper = qwen2vl.Qwen2VL.from_pretrained(tiny_dir[0])
+    o2, _ = run_both(paper, tiny_ref, ids, None, ig, vg)
+    n_before_tail = 1 + 1 + 24  # text, <|vision_start|>, video tokens: identical up to there
+    assert (o2[:, :n_before_tail] - r[:, :n_before_tail]).abs().max() < 1e-4
+    assert (o2[:, -3:] - r[:, -3:]).abs().max() > 1e-3  # text after the video moved
+
+
+@pytest.mark.parametrize("batch", ["single", "left_padded"])
+def test_greedy_generation_matches_transformers(tiny, tiny_ref, batch):
+    if batch == "single":
+        ids, ig, vg = prompt(11, ("image", 1, 4, 6), 12, ("video", 2, 4, 4), 13)
+        ids, mask = torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)
+    else:
+        rows = [prompt(11, ("image", 1, 4, 6), 12, 13), prompt(("image", 1, 4, 4), 21, 22, 23, 24, 25, 26, 27)]
+        rows.append(prompt(31, 32))
+        ids, mask = left_pad([r[0] for r in rows])
+        ig = torch.cat([r[1] for r in rows if r[1] is not None])
+        vg = None
+    pv, pvv = pixels(ig, PATCH), pixels(vg, PATCH, 2)
+    with torch.no_grad():
+        media = dict(pixel_values=pv, image_grid_thw=ig, pixel_values_videos=pvv, video_grid_thw=vg)
+        media = {k: v for k, v in media.items() if v is not None}
+        r = tiny_ref.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            mm_token_type_ids=mm_token_type_ids(ids),
+            max_new_tokens=16,
+            do_sample=False,
+            **media,
+        )[:, ids.shape[1] :]
+    o = tiny.generate(ids, mask, pv, ig, pvv, vg, max_new_tokens=16)
+    assert o.shape == (ids.shape[0], 16)
+    assert torch.equal(o[:, : r.shape[1]], r)
+    assert (o[:, r.shape[1] :] == tiny.config.pad_token_id).all()
