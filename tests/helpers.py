@@ -63,3 +63,17 @@ def left_pad(rows: list[list[int]], pad: int = 151643):
     ids = torch.tensor([[pad] * (L - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])
     return ids, mask
+
+
+def ref_logits(ref, ids, mask=None, pv=None, ig=None, pvv=None, vg=None):
+    """transformers' logits for the same inputs as ``Qwen2VL.forward`` (it also wants mm_token_type_ids)."""
+    with torch.no_grad():
+        return ref(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=pv,
+            image_grid_thw=ig,
+            pixel_values_videos=pvv,
+            video_grid_thw=vg,
+            mm_token_type_ids=mm_token_type_ids(ids),
+        ).logits

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import IMG, VID, left_pad, mm_token_type_ids, pixels, prompt
+from helpers import left_pad, mm_token_type_ids, pixels, prompt, ref_logits
 
 PATCH = 1176
 
@@ -18,16 +18,8 @@ CASES = {
 
 def run_both(model, ref, ids, mask=None, ig=None, vg=None, seed=1):
     pv, pvv = pixels(ig, PATCH, seed), pixels(vg, PATCH, seed + 1)
+    r = ref_logits(ref, ids, mask, pv, ig, pvv, vg)
     with torch.no_grad():
-        r = ref(
-            input_ids=ids,
-            attention_mask=mask,
-            pixel_values=pv,
-            image_grid_thw=ig,
-            pixel_values_videos=pvv,
-            video_grid_thw=vg,
-            mm_token_type_ids=mm_token_type_ids(ids),
-        ).logits
         o = model(ids, mask, pv, ig, pvv, vg)
     return o, r
 

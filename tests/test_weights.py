@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qwen2vl
-from helpers import make_reference, mm_token_type_ids, pixels, prompt
+from helpers import make_reference, pixels, prompt, ref_logits
 from qwen2vl import CheckpointError, Qwen2VL
 from qwen2vl.weights import from_hub_name, to_hub_name
 
@@ -49,15 +49,8 @@ def test_saved_directory_loads_in_transformers_with_identical_logits(tiny, tmp_p
     assert set(load_file(tmp_path / "model.safetensors")) == set(tiny.state_dict())
     ref = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
     ids, pv, ig, pvv, vg = inputs()
+    r = ref_logits(ref, ids, None, pv, ig, pvv, vg)
     with torch.no_grad():
-        r = ref(
-            input_ids=ids,
-            pixel_values=pv,
-            image_grid_thw=ig,
-            pixel_values_videos=pvv,
-            video_grid_thw=vg,
-            mm_token_type_ids=mm_token_type_ids(ids),
-        ).logits
         o = tiny(ids, None, pv, ig, pvv, vg)
     assert (o - r).abs().max() < 1e-4
     assert same_weights(tiny, Qwen2VL.from_pretrained(tmp_path))  # and back again, bit-exact
@@ -69,9 +62,8 @@ def test_tied_head_2b_style(tmp_path):
     m = Qwen2VL.from_pretrained(tmp_path / "ref")
     assert m.lm_head.weight is m.model.embed_tokens.weight
     ids, pv, ig, pvv, vg = inputs()
+    r = ref_logits(ref, ids, None, pv, ig, pvv, vg)
     with torch.no_grad():
-        r = ref(input_ids=ids, pixel_values=pv, image_grid_thw=ig, pixel_values_videos=pvv, video_grid_thw=vg,
-                mm_token_type_ids=mm_token_type_ids(ids)).logits
         assert (m(ids, None, pv, ig, pvv, vg) - r).abs().max() < 1e-4
     m.save_pretrained(tmp_path / "ours")
     assert "lm_head.weight" not in load_file(tmp_path / "ours" / "model.safetensors")
