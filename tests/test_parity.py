@@ -6,6 +6,7 @@ import torch
 from helpers import left_pad, mm_token_type_ids, pixels, prompt, ref_logits
 
 PATCH = 1176
+S, E = 151644, 151645  # <|im_start|>, <|im_end|>
 
 CASES = {
     "text": (11, 12, 13, 14, 15, 16, 17),
@@ -13,6 +14,14 @@ CASES = {
     "images_of_different_sizes": (11, ("image", 1, 4, 4), 12, ("image", 1, 8, 6), ("image", 1, 2, 12), 13),
     "video": (11, ("video", 2, 4, 6), 12, 13),  # t <= max(h/2, w/2): paper rule == transformers 5.x
     "image_and_video": (11, ("image", 1, 4, 6), 12, ("video", 3, 6, 8), 14, 15),
+    # ChatML shape: system, user (image), assistant, user (image + video), generation prompt
+    "multi_turn": (
+        *(S, 8948, 198, 2610, E, 198),
+        *(S, 872, 198, ("image", 1, 6, 4), 3838, 30, E, 198),
+        *(S, 77091, 198, 32, 4719, 13, E, 198),
+        *(S, 872, 198, ("image", 1, 4, 8), ("video", 2, 4, 4), 3838, 30, E, 198),
+        *(S, 77091, 198),
+    ),
 }
 
 
