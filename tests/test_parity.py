@@ -111,3 +111,17 @@ def test_greedy_generation_matches_transformers(tiny, tiny_ref, batch):
     assert o.shape == (ids.shape[0], 16)
     assert torch.equal(o[:, : r.shape[1]], r)
     assert (o[:, r.shape[1] :] == tiny.config.pad_token_id).all()
+
+
+def test_vision_tower_in_token_chunks_matches(tiny, tiny_ref, monkeypatch):
+    """Inference runs token-wise parts in chunks (vision.TOKEN_CHUNK); force small chunks that split
+    images mid-way and check the numbers are unchanged."""
+    import qwen2vl.model.vision as vision
+
+    monkeypatch.setattr(vision, "TOKEN_CHUNK", 7)
+    grid = torch.tensor([[1, 6, 10], [3, 4, 4]])
+    pv = pixels(grid, PATCH)
+    with torch.no_grad():
+        r = tiny_ref.model.visual(pv, grid_thw=grid).pooler_output
+        o = tiny.visual(pv, grid)
+    assert (o - r).abs().max() < 1e-5

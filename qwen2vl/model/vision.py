@@ -29,6 +29,29 @@ class PatchEmbed(nn.Module):
         return F.linear(patches_TP, self.proj.weight.flatten(1))
 
 
+# Inference runs the token-wise parts of a block (norms, projections, MLP) over chunks of this many
+# patches, so that a batch of large images never holds a [T, 4 * width] intermediate at once: the
+# peak memory of the tower then grows with the width, not with four times it. Training (grad
+# enabled) runs them whole, as autograd keeps the intermediates anyway.
+TOKEN_CHUNK = 2048
+
+
+def rowwise(fn, *xs: torch.Tensor):
+    """fn applied to row chunks of xs (all [T, ...]), outputs written into preallocated [T, ...] tensors."""
+    T = xs[0].shape[0]
+    if T <= TOKEN_CHUNK or torch.is_grad_enabled():
+        return fn(*xs)
+    outs = None
+    for s in range(0, T, TOKEN_CHUNK):
+        r = fn(*(x[s : s + TOKEN_CHUNK] for x in xs))
+        parts = r if isinstance(r, tuple) else (r,)
+        if outs is None:
+            outs = tuple(p.new_empty((T, *p.shape[1:])) for p in parts)
+        for o, p in zip(outs, parts):
+            o[s : s + p.shape[0]] = p
+    return outs if isinstance(r, tuple) else outs[0]
+
+
 class VisionAttention(nn.Module):
     def __init__(self, c: VisionConfig):
         super().__init__()
@@ -36,13 +59,17 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(c.embed_dim, 3 * c.embed_dim, bias=True)
         self.proj = nn.Linear(c.embed_dim, c.embed_dim, bias=True)
 
+    def project(self, x_TD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q, k (rotated), v: [T, H, K] each. Token-wise, so it can run in chunks."""
+        qkv = self.qkv(x_TD).unflatten(-1, (3, self.num_heads, -1))  # q | k | v, heads contiguous
+        # rotate in fp32 as the reference does, then back to the model dtype
+        q = apply_rotary(qkv[:, 0].float(), cos, sin).to(x_TD.dtype)
+        k = apply_rotary(qkv[:, 1].float(), cos, sin).to(x_TD.dtype)
+        return q, k, qkv[:, 2]
+
     def forward(self, x_TD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
-        T = x_TD.shape[0]
-        qkv = self.qkv(x_TD).view(T, 3, self.num_heads, -1)  # rows ordered q | k | v, heads contiguous
-        # rotate q and k together, in fp32 as the reference does, then back to the model dtype
-        qk = apply_rotary(qkv[:, :2].float(), cos, sin).to(x_TD.dtype)
-        out_THK = varlen_attention(qk[:, 0], qk[:, 1], qkv[:, 2], seqlens)
-        return self.proj(out_THK.flatten(1))
+        q, k, v = rowwise(self.project, x_TD, cos, sin)
+        return self.proj(varlen_attention(q, k, v, seqlens).flatten(1))
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +95,10 @@ class VisionBlock(nn.Module):
         self.mlp = VisionMLP(c)
 
     def forward(self, x_TD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
-        x_TD = x_TD + self.attn(self.norm1(x_TD), cos, sin, seqlens)
+        x_TD = x_TD + self.attn(rowwise(self.norm1, x_TD), cos, sin, seqlens)
+        return rowwise(self.mlp_residual, x_TD)
+
+    def mlp_residual(self, x_TD: torch.Tensor) -> torch.Tensor:
         return x_TD + self.mlp(self.norm2(x_TD))
 
 
@@ -105,7 +135,7 @@ class VisionTransformer(nn.Module):
         dtype = self.patch_embed.proj.weight.dtype
         x_TD = self.patch_embed(pixel_values.to(dtype))
         cos, sin = vision_cos_sin(grid, c.head_dim, c.rope_theta, c.spatial_merge_size, x_TD.device)
-        cos, sin = cos[:, None, None], sin[:, None, None]  # broadcast over (q|k, heads)
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         seqlens = [h * w for t, h, w in grid for _ in range(t)]  # one segment per 2-frame slice
         for block in self.blocks:
             x_TD = block(x_TD, cos, sin, seqlens)
