@@ -125,3 +125,17 @@ def test_vision_tower_in_token_chunks_matches(tiny, tiny_ref, monkeypatch):
         r = tiny_ref.model.visual(pv, grid_thw=grid).pooler_output
         o = tiny.visual(pv, grid)
     assert (o - r).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_is_bit_identical_to_reference(dtype):
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+
+    from qwen2vl.model.rope import apply_rotary, mrope_cos_sin
+
+    pos = torch.randint(0, 500, (3, 2, 40))
+    cos, sin = mrope_cos_sin(pos, 128, 1e6, (16, 24, 24), dtype)
+    q, k = torch.randn(2, 12, 40, 128, dtype=dtype), torch.randn(2, 2, 40, 128, dtype=dtype)
+    rq, rk = apply_rotary_pos_emb(q, k, cos, sin)
+    assert torch.equal(apply_rotary(q, cos[:, None], sin[:, None]), rq)
+    assert torch.equal(apply_rotary(k, cos[:, None], sin[:, None]), rk)

@@ -9,13 +9,12 @@ from __future__ import annotations
 import torch
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+    """x * cos + cat(-x2, x1) * sin, written per half: the same roundings as the reference (negation
+    is exact) with fewer full-size temporaries. Our cos/sin tables repeat their first half."""
+    x1, x2 = x.chunk(2, dim=-1)
+    c, s = cos[..., : x1.shape[-1]], sin[..., : x1.shape[-1]]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
 def inv_freq(dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:

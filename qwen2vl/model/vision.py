@@ -29,7 +29,7 @@ class PatchEmbed(nn.Module):
         return F.linear(patches_TP, self.proj.weight.flatten(1))
 
 
-# Inference runs the token-wise parts of a block (norms, projections, MLP) over chunks of this many
+# Inference runs the token-wise parts of a block (projections, rotary, MLP) over chunks of this many
 # patches, so that a batch of large images never holds a [T, 4 * width] intermediate at once: the
 # peak memory of the tower then grows with the width, not with four times it. Training (grad
 # enabled) runs them whole, as autograd keeps the intermediates anyway.
@@ -95,7 +95,7 @@ class VisionBlock(nn.Module):
         self.mlp = VisionMLP(c)
 
     def forward(self, x_TD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
-        x_TD = x_TD + self.attn(rowwise(self.norm1, x_TD), cos, sin, seqlens)
+        x_TD = x_TD + self.attn(self.norm1(x_TD), cos, sin, seqlens)
         return rowwise(self.mlp_residual, x_TD)
 
     def mlp_residual(self, x_TD: torch.Tensor) -> torch.Tensor:
