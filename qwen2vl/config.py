@@ -140,7 +140,7 @@ class Qwen2VLConfig:
             rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", VisionConfig.rope_theta)),
         )
 
-        eos = d.get("eos_token_id", t.get("eos_token_id", 151645))
+        eos = _first(d, t, "eos_token_id", 151645)
         # before transformers v5 the flag sometimes lived only inside text_config
         tie = bool(d.get("tie_word_embeddings", False) or t.get("tie_word_embeddings", False))
         return cls(
@@ -151,9 +151,9 @@ class Qwen2VLConfig:
             video_token_id=int(d.get("video_token_id", 151656)),
             vision_start_token_id=int(d.get("vision_start_token_id", 151652)),
             vision_end_token_id=int(d.get("vision_end_token_id", 151653)),
-            bos_token_id=int(d.get("bos_token_id", t.get("bos_token_id", 151643)) or 151643),
-            pad_token_id=int(d.get("pad_token_id", t.get("pad_token_id")) or 151643),
-            eos_token_ids=tuple(eos) if isinstance(eos, list) else (int(eos),),
+            bos_token_id=int(_first(d, t, "bos_token_id", 151643)),
+            pad_token_id=int(_first(d, t, "pad_token_id", 151643)),
+            eos_token_ids=tuple(int(e) for e in eos) if isinstance(eos, list) else (int(eos),),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -236,6 +236,14 @@ _REQUIRED_TEXT_KEYS = (
     "num_attention_heads",
     "num_key_value_heads",
 )
+
+
+def _first(d: dict[str, Any], t: dict[str, Any], key: str, default: Any) -> Any:
+    """A token id from the top level, else from text_config, else the Qwen2-VL default (null counts as absent)."""
+    for source in (d, t):
+        if source.get(key) is not None:
+            return source[key]
+    return default
 
 
 def _read_json(path: Path) -> dict[str, Any]:

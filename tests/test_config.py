@@ -142,3 +142,13 @@ def test_configs_are_frozen():
     c = qwen2vl.tiny()
     with pytest.raises(Exception):
         c.text.hidden_size = 3  # type: ignore[misc]
+
+
+def test_token_ids_and_generation_config(tmp_path):
+    d = {**HUB_2B, "pad_token_id": 0, "bos_token_id": None}
+    c = Qwen2VLConfig.from_dict(d)
+    assert (c.pad_token_id, c.bos_token_id, c.eos_token_ids) == (0, 151643, (151645,))  # 0 is a real id
+    (tmp_path / "config.json").write_text(json.dumps(HUB_2B))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643], "pad_token_id": 151643}))
+    c = Qwen2VLConfig.from_pretrained(tmp_path)
+    assert c.eos_token_ids == (151645, 151643) and c.pad_token_id == 151643
