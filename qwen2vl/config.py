@@ -10,7 +10,7 @@ rewrite the rope type to "default", so M-RoPE is recognised by ``mrope_section``
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -223,9 +223,6 @@ class Qwen2VLConfig:
             if gen.get("pad_token_id") is not None:
                 d = {**d, "pad_token_id": gen["pad_token_id"]}
         return cls.from_dict(d)
-
-    def asdict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 _REQUIRED_TEXT_KEYS = (
