@@ -59,6 +59,7 @@ def run_demo(preset: str, dtype: torch.dtype, new_tokens: int) -> None:
     with torch.device("meta"):
         model = Qwen2VL(config)
     model = model.to_empty(device="cpu")
+    model.tie_weights()
     model.init_weights()
     if preset == "tiny":  # exercise the checkpoint path too: hub-layout save, strict meta-device load
         with tempfile.TemporaryDirectory() as d:

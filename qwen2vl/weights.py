@@ -164,8 +164,7 @@ def load_pretrained(
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:  # assign=True made two Parameters of one tensor: make them one
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_weights()  # assign=True made two Parameters of one tensor: make them one
     return model.eval()
 
 

@@ -172,3 +172,12 @@ def test_save_is_atomic(tiny_dir, tmp_path, monkeypatch):
         m.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+
+
+def test_tie_weights_after_to_empty():
+    with torch.device("meta"):
+        m = Qwen2VL(qwen2vl.tiny(tie_word_embeddings=True))
+    m = m.to_empty(device="cpu")
+    assert m.lm_head.weight is not m.model.embed_tokens.weight  # to_empty unties
+    m.tie_weights()
+    assert m.lm_head.weight is m.model.embed_tokens.weight

@@ -29,9 +29,14 @@ class Qwen2VL(nn.Module):
         self.visual = VisionTransformer(config.vision)
         self.model = TextModel(config.text)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
-        if config.tie_word_embeddings:  # 2B: the output projection is the embedding table
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        """2B: the output projection is the embedding table. Call again after ``to_empty()``, which
+        gives every parameter its own storage and so unties them."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     # ---- construction and checkpoints --------------------------------------------------------
     @torch.no_grad()
