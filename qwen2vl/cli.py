@@ -50,10 +50,8 @@ def print_params() -> None:
 def run_demo(preset: str, dtype: torch.dtype, new_tokens: int) -> None:
     """Random weights through the real pipeline: save -> strict load -> vision -> M-RoPE -> decode."""
     from . import Qwen2VL, qwen2vl_2b, tiny
-    from .positions import mrope_positions
 
-    config = tiny() if preset == "tiny" else qwen2vl_2b()
-    c = config
+    c = config = tiny() if preset == "tiny" else qwen2vl_2b()
     print(f"\nDemo on the {preset} architecture with random weights ({dtype}); no trained weights ship yet.")
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -74,7 +72,7 @@ def run_demo(preset: str, dtype: torch.dtype, new_tokens: int) -> None:
     text = [9707, 11, 1128, 374, 304, 419, 2168, 30]  # token ids standing in for a question
     ids = torch.tensor([[c.vision_start_token_id] + [c.image_token_id] * n_img + [c.vision_end_token_id] + text])
     pixels = torch.randn(h * w, c.vision.patch_dim)
-    pos, delta = mrope_positions(ids, grid, image_token_id=c.image_token_id, spatial_merge_size=2)
+    pos, delta = model.positions(ids, None, grid, None)
     print(f"prompt: 1 image 448x448 -> grid {grid.tolist()[0]} -> {h * w} patches -> {n_img} tokens; "
           f"{ids.shape[1]} tokens in all")
     print(f"M-RoPE: image tokens span t 1..1, h 1..{h // 2}, w 1..{w // 2}; text resumes at {int(pos[0, 0, n_img + 1])}; "
