@@ -1,0 +1,208 @@
+"""Images to patches (REFERENCE §4): open, fix orientation and transparency, ``smart_resize``, normalise, patchify.
+
+Follows transformers' ``Qwen2VLImageProcessorPil`` (PIL bicubic, rescale in float64 then float32, CLIP mean/std),
+so that ``pixel_values`` equal its output. Per-item options follow qwen-vl-utils' names: ``min_pixels``,
+``max_pixels``, ``resized_height``/``resized_width``. ``patchify`` serves video too (one path for both: an image
+is a clip of one frame, repeated to fill the temporal patch).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import MediaError, describe
+
+PATCH = 14
+MERGE = 2
+FACTOR = PATCH * MERGE  # 28: one LLM token covers a 28x28 square
+IMAGE_MIN_PIXELS = 4 * FACTOR * FACTOR  # 3136: 4 tokens
+IMAGE_MAX_PIXELS = 16384 * FACTOR * FACTOR  # 12845056: 16384 tokens
+MAX_ASPECT_RATIO = 200
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+Image.MAX_IMAGE_PIXELS = 20000 * 20000  # PIL's decompression-bomb guard, at 400 Mpixel
+
+
+def smart_resize(
+    height: int, width: int, factor: int = FACTOR, min_pixels: int = IMAGE_MIN_PIXELS, max_pixels: int = IMAGE_MAX_PIXELS
+) -> tuple[int, int]:
+    """The size closest to (height, width) whose sides are multiples of ``factor`` and whose area lies in
+    [min_pixels, max_pixels], aspect ratio kept as far as possible (transformers' rules, REFERENCE §4)."""
+    if height <= 0 or width <= 0:
+        raise MediaError(f"image size {width}x{height} is empty")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise MediaError(
+            f"aspect ratio {max(height, width) / min(height, width):.0f}:1 of a {width}x{height} image is over "
+            f"the limit of {MAX_ASPECT_RATIO}:1"
+        )
+    if min_pixels > max_pixels:
+        raise MediaError(f"min_pixels {min_pixels} is larger than max_pixels {max_pixels}")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited onto white (as transformers and qwen-vl-utils 0.0.14 do)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def read_source(source: object, name: str, fetch: Callable[[str], bytes] | None = None) -> bytes | Path:
+    """The bytes or local path behind a media source: a path, ``file://``, ``data:`` URL, http(s) URL or bytes."""
+    what = f"{name} ({describe(source)})"
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, Path):
+        source = str(source)
+    if not isinstance(source, str):
+        raise MediaError(f"{what}: expected a path, URL, data URL, bytes or image, got {type(source).__name__}")
+    if source.startswith("data:"):
+        header, sep, payload = source.partition(",")
+        if not sep or ";base64" not in header:
+            raise MediaError(f"{what}: a data URL must be base64 ('data:<type>;base64,<data>')")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise MediaError(f"{what}: invalid base64 in the data URL") from None
+    if source.startswith(("http://", "https://")):
+        if fetch is None:
+            from .fetch import fetch_url
+
+            return fetch_url(source, name=name)
+        return fetch(source)
+    path = Path(source[7:] if source.startswith("file://") else source).expanduser()
+    if not path.exists():
+        raise MediaError(f"{what}: no such file")
+    if not path.is_file():
+        raise MediaError(f"{what}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise MediaError(f"{what}: not readable (permission denied)")
+    return path
+
+
+def load_image(source: object, *, name: str = "image", fetch: Callable[[str], bytes] | None = None) -> Image.Image:
+    """An RGB PIL image from a path, URL, data URL, bytes or PIL image; EXIF orientation applied; fully decoded
+    here, so that a truncated file fails now with a clear message rather than later inside the resize."""
+    what = f"{name} ({describe(source)})"
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        data = read_source(source, name, fetch)
+        try:
+            image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+            image.load()
+        except UnidentifiedImageError:
+            raise MediaError(f"{what}: not a readable image (unknown or unsupported format)") from None
+        except Image.DecompressionBombError as e:
+            raise MediaError(f"{what}: too large to decode safely ({e})") from None
+        except (OSError, SyntaxError, ValueError) as e:  # PIL reports truncated/corrupt data as OSError/SyntaxError
+            raise MediaError(f"{what}: corrupt or truncated image ({e})") from None
+    if image.width == 0 or image.height == 0:
+        raise MediaError(f"{what}: the image is empty ({image.width}x{image.height})")
+    try:
+        image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+    except (OSError, ValueError) as e:
+        raise MediaError(f"{what}: cannot convert to RGB ({e})") from None
+
+
+def target_size(
+    height: int,
+    width: int,
+    *,
+    min_pixels: int = IMAGE_MIN_PIXELS,
+    max_pixels: int = IMAGE_MAX_PIXELS,
+    resized_height: int | None = None,
+    resized_width: int | None = None,
+    factor: int = FACTOR,
+) -> tuple[int, int]:
+    """The model input size of an image: an explicit ``resized_height``/``resized_width`` (rounded to the factor,
+    as qwen-vl-utils does) or the smart_resize of the image's own size within [min_pixels, max_pixels]."""
+    if (resized_height is None) != (resized_width is None):
+        raise MediaError("resized_height and resized_width must be given together")
+    if resized_height is not None:
+        return smart_resize(int(resized_height), int(resized_width), factor)
+    return smart_resize(height, width, factor, int(min_pixels), int(max_pixels))
+
+
+def normalize(frames_THWC: np.ndarray, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
+    """uint8 [T, H, W, C] -> float32 [T, C, H, W]: x/255 (in float64, then float32, as transformers), then
+    (x - mean) / std in float32."""
+    x = (frames_THWC.astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def patchify(
+    frames_TCHW: np.ndarray, patch_size: int = PATCH, temporal_patch_size: int = 2, merge_size: int = MERGE
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """[T, C, H, W] -> ([t*gh*gw, C*tp*p*p], (t, gh, gw)), patches in 2x2-window order (REFERENCE §4).
+    T is padded up to a multiple of the temporal patch by repeating the last frame (an image becomes 2 frames)."""
+    T, C, H, W = frames_TCHW.shape
+    if T % temporal_patch_size:
+        pad = temporal_patch_size - T % temporal_patch_size
+        frames_TCHW = np.concatenate([frames_TCHW, np.repeat(frames_TCHW[-1:], pad, axis=0)])
+        T += pad
+    p, m, tp = patch_size, merge_size, temporal_patch_size
+    t, gh, gw = T // tp, H // p, W // p
+    x = frames_TCHW.reshape(t, tp, C, gh // m, m, p, gw // m, m, p)
+    # -> (t, gh/m, gw/m, m, m, C, tp, p, p): each 2x2 window's patches are consecutive
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(t * gh * gw, C * tp * p * p), (t, gh, gw)
+
+
+@dataclass
+class ImageInput:
+    pixel_values: np.ndarray  # float32 [gh*gw, 3*2*14*14]
+    grid: tuple[int, int, int]  # (1, gh, gw)
+    size: tuple[int, int]  # (height, width) fed to the model
+    original_size: tuple[int, int]  # (height, width) of the image as loaded
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2] // (MERGE * MERGE)
+
+
+def preprocess_image(
+    image: Image.Image,
+    *,
+    min_pixels: int = IMAGE_MIN_PIXELS,
+    max_pixels: int = IMAGE_MAX_PIXELS,
+    resized_height: int | None = None,
+    resized_width: int | None = None,
+    mean=CLIP_MEAN,
+    std=CLIP_STD,
+    patch_size: int = PATCH,
+    temporal_patch_size: int = 2,
+    merge_size: int = MERGE,
+) -> ImageInput:
+    """An RGB PIL image -> its patches and grid."""
+    h, w = target_size(
+        image.height, image.width, min_pixels=min_pixels, max_pixels=max_pixels,
+        resized_height=resized_height, resized_width=resized_width, factor=patch_size * merge_size,
+    )  # fmt: skip
+    resized = np.asarray(image.resize((w, h), Image.Resampling.BICUBIC))
+    pixels, grid = patchify(normalize(resized[None], mean, std), patch_size, temporal_patch_size, merge_size)
+    return ImageInput(pixels, grid, (h, w), (image.height, image.width))
