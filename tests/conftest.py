@@ -28,3 +28,36 @@ def tiny_ref(tiny_dir):
 @pytest.fixture(scope="session")
 def tiny(tiny_dir):
     return qwen2vl.Qwen2VL.from_pretrained(tiny_dir[0])
+
+
+@pytest.fixture(scope="session")
+def processor_dir(tmp_path_factory):
+    """Tokenizer (the genuine Qwen2 one), chat template and preprocessor files of a Qwen2-VL-Instruct checkpoint."""
+    from helpers import write_processor_files
+
+    path = tmp_path_factory.mktemp("processor")
+    write_processor_files(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def processor(processor_dir):
+    from qwen2vl.processing.processor import Processor
+
+    return Processor.from_pretrained(processor_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_processor(processor_dir):
+    from helpers import hf_processor
+
+    return hf_processor(processor_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_dir):
+    """The tiny random checkpoint with the genuine tokenizer and processor files: a complete model directory."""
+    from helpers import write_processor_files
+
+    write_processor_files(tiny_dir[0])
+    return tiny_dir[0]

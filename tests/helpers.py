@@ -77,3 +77,92 @@ def ref_logits(ref, ids, mask=None, pv=None, ig=None, pvv=None, vg=None):
             video_grid_thw=vg,
             mm_token_type_ids=mm_token_type_ids(ids),
         ).logits
+
+
+# -- the genuine Qwen2 tokenizer, built offline (REFERENCE §1.3) --------------------------------------------
+
+QWEN2_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+PREPROCESSOR_CONFIG = {
+    "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
+}  # fmt: skip
+_TOKENIZER_JSON = None
+
+
+def qwen2_tokenizer_json() -> str:
+    """tokenizer.json of the Qwen2 tokenizer, from dashscope's qwen.tiktoken ranks (the vocabulary Qwen2 reuses):
+    byte-level BPE whose merges are every split of a token into two tokens, ranked by the token's rank (what
+    tiktoken's merge loop does), NFC, the Qwen2 split regex, and the 14 Qwen2-VL special tokens at 151643+."""
+    global _TOKENIZER_JSON
+    if _TOKENIZER_JSON is None:
+        import base64
+        from importlib.resources import files
+
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+        ranks = {}
+        for line in files("dashscope").joinpath("resources/qwen.tiktoken").read_bytes().splitlines():
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+        # GPT-2's byte -> printable character table
+        keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+        table = dict(zip(keep, keep)) | {b: 256 + i for i, b in enumerate(b for b in range(256) if b not in keep)}
+
+        def text(b: bytes) -> str:
+            return "".join(chr(table[x]) for x in b)
+
+        merges = sorted(
+            (rank, ranks[t[:i]], ranks[t[i:]], text(t[:i]), text(t[i:]))
+            for t, rank in ranks.items()
+            for i in range(1, len(t))
+            if t[:i] in ranks and t[i:] in ranks
+        )
+        tok = Tokenizer(models.BPE({text(t): r for t, r in ranks.items()}, [m[3:] for m in merges], fuse_unk=False))
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ])  # fmt: skip
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False, add_prefix_space=False)
+        tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS])
+        _TOKENIZER_JSON = tok.to_str()
+    return _TOKENIZER_JSON
+
+
+def write_processor_files(path) -> None:
+    """tokenizer.json, tokenizer_config.json, chat_template.json (the official template) and
+    preprocessor_config.json of a Qwen2-VL-Instruct checkpoint, into ``path``."""
+    import json
+    from pathlib import Path
+
+    from qwen2vl.processing.chat import OFFICIAL_TEMPLATE
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.json").write_text(qwen2_tokenizer_json())
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "padding_side": "left", "model_max_length": 32768, "clean_up_tokenization_spaces": False,
+        "split_special_tokens": False, "errors": "replace",
+    }))  # fmt: skip
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": OFFICIAL_TEMPLATE}))
+    (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG))
+
+
+def hf_processor(path):
+    """transformers' Qwen2VLProcessor for ``path`` with the PIL image backend (the one we match exactly)."""
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return transformers.Qwen2VLProcessor.from_pretrained(
+        path, image_processor=Qwen2VLImageProcessorPil.from_pretrained(path)
+    )

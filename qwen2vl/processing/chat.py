@@ -1,0 +1,168 @@
+"""ChatML conversations (REFERENCE §6): the official Qwen2-VL-Instruct chat template rendered in code, and the
+media parts of a conversation in order.
+
+``render`` reproduces the official template byte for byte for every conversation that template accepts:
+a default system prompt when the first message is not a system message, ``<|im_start|>role\\n...<|im_end|>\\n``
+per message, an image part (``type`` image, or an ``image``/``image_url`` key) as
+``<|vision_start|><|image_pad|><|vision_end|>``, a video part likewise with ``<|video_pad|>``, a text part as its
+text, no separators, ``Picture N: ``/``Video N: `` prefixes with ``add_vision_id`` (counted over the whole
+conversation). One deliberate extension: a part with a ``video_url`` key (OpenAI style) is a video; the
+official template silently drops it, which would leave a video without its placeholder.
+
+A checkpoint whose ``chat_template.json`` holds any other template is rendered by that template with jinja2
+(sandboxed), see :class:`ChatTemplate`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from .errors import MediaError
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
+
+# The official template (data: used to recognise it in chat_template.json; rendering is done in code).
+OFFICIAL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+
+
+def part_kind(part: Mapping) -> str:
+    """'image', 'video', 'text' or 'other' for one content part, by the official template's rules."""
+    kind = part.get("type")
+    if kind == "image" or "image" in part or "image_url" in part:
+        return "image"
+    if kind in ("video", "video_url") or "video" in part or "video_url" in part:
+        return "video"
+    if "text" in part:
+        return "text"
+    return "other"
+
+
+def media_source(part: Mapping) -> object:
+    """Where an image/video part's data is: the ``image``/``video`` key, an OpenAI ``image_url``/``video_url``
+    (a string or ``{"url": ...}``), or transformers' ``url``/``path`` keys."""
+    for key in ("image", "video", "image_url", "video_url", "url", "path"):
+        if key in part and part[key] is not None:
+            value = part[key]
+            return value.get("url") if isinstance(value, Mapping) else value
+    return None
+
+
+def check_messages(messages: object, name: str = "messages") -> list[Mapping]:
+    """One conversation, checked: a list of {role: str, content: str | list of dict parts}."""
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
+        raise MediaError(f"{name}: expected a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+            raise MediaError(f"{name}[{i}]: a message is a dict with a string 'role'")
+        content = m.get("content")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, Sequence) or isinstance(content, bytes):
+            raise MediaError(f"{name}[{i}] ({m['role']}): content must be a string or a list of parts")
+        for j, part in enumerate(content):
+            if not isinstance(part, Mapping):
+                raise MediaError(f"{name}[{i}].content[{j}]: a content part is a dict, got {type(part).__name__}")
+            kind = part_kind(part)
+            if kind == "other":
+                raise MediaError(f"{name}[{i}].content[{j}]: unknown content part type {part.get('type')!r}")
+            if kind == "text" and not isinstance(part["text"], str):
+                raise MediaError(f"{name}[{i}].content[{j}]: 'text' must be a string")
+            if kind in ("image", "video") and media_source(part) is None:
+                raise MediaError(f"{name}[{i}].content[{j}]: the {kind} part has no {kind} data")
+    return list(messages)
+
+
+def media_parts(messages: Sequence[Mapping]) -> list[tuple[str, Mapping]]:
+    """The (kind, part) of every image and video part, in the order their placeholders appear."""
+    out = []
+    for m in messages:
+        if not isinstance(m["content"], str):
+            out += [(k, p) for p in m["content"] if (k := part_kind(p)) in ("image", "video")]
+    return out
+
+
+def render(messages: Sequence[Mapping], *, add_generation_prompt: bool = False, add_vision_id: bool = False) -> str:
+    """The conversation as the official template writes it (byte-identical)."""
+    out: list[str] = []
+    images = videos = 0
+    for i, m in enumerate(messages):
+        if i == 0 and m["role"] != "system":
+            out.append(f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n")
+        out.append(f"<|im_start|>{m['role']}\n")
+        content = m["content"]
+        if isinstance(content, str):
+            out.append(content)
+        else:
+            for part in content:
+                kind = part_kind(part)
+                if kind == "image":
+                    images += 1
+                    out.append((f"Picture {images}: " if add_vision_id else "") + IMAGE_PLACEHOLDER)
+                elif kind == "video":
+                    videos += 1
+                    out.append((f"Video {videos}: " if add_vision_id else "") + VIDEO_PLACEHOLDER)
+                elif kind == "text":
+                    out.append(part["text"])
+        out.append("<|im_end|>\n")
+    if add_generation_prompt:
+        out.append("<|im_start|>assistant\n")
+    return "".join(out)
+
+
+class ChatTemplate:
+    """The official template rendered in code, or a checkpoint's own Jinja template (e.g. a base model's or a
+    fine-tune's) rendered with jinja2 in a sandbox."""
+
+    def __init__(self, source: str | None = None):
+        self.source = source
+        self._jinja = None
+        if source is not None and source.strip() != OFFICIAL_TEMPLATE:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message):
+                raise MediaError(f"chat template: {message}")
+
+            # the environment transformers renders chat templates in
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+            env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+            env.globals["raise_exception"] = raise_exception
+            self._jinja = env.from_string(source)
+
+    @property
+    def is_official(self) -> bool:
+        return self._jinja is None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> ChatTemplate:
+        """chat_template.json (or .jinja) of a checkpoint directory; the official template when there is none."""
+        path = Path(path)
+        if (path / "chat_template.jinja").is_file():
+            return cls((path / "chat_template.jinja").read_text())
+        for name in ("chat_template.json", "tokenizer_config.json"):
+            if (path / name).is_file():
+                template = json.loads((path / name).read_text()).get("chat_template")
+                if isinstance(template, str):
+                    return cls(template)
+        return cls(None)
+
+    def __call__(self, messages, *, add_generation_prompt: bool = False, add_vision_id: bool = False) -> str:
+        if self._jinja is None:
+            return render(messages, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id)
+        return self._jinja.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id
+        )
