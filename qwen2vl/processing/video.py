@@ -1,0 +1,374 @@
+"""Video loading and frame sampling for Qwen2-VL (REFERENCE §5), following qwen-vl-utils 0.0.14.
+
+Which frames: ``sample_indices`` applies qwen-vl-utils' ``calculate_video_frame_range`` (``video_start`` /
+``video_end`` in seconds) and ``smart_nframes`` (either ``nframes``, or ``fps`` clamped to
+``[min_frames, max_frames]``, even), then takes ``linspace(start, end, n).round()`` as its decord/torchcodec
+readers do (computed with ``torch.linspace`` so that float32 rounding ties match exactly).
+
+What size: ``frame_size`` is ``fetch_video``'s sizing: per-frame ``max_pixels = max(min(VIDEO_MAX_PIXELS,
+total_pixels / n * 2), int(1.05 * min_pixels))``, a user ``max_pixels`` can only lower it, then ``smart_resize``
+with factor 28. One difference: the default ``total_pixels`` is ``max_tokens * 28 * 28`` (the paper's cap of
+16384 tokens per video) instead of qwen-vl-utils' ``MODEL_SEQ_LEN``-based 90,316,800 (which is used when
+``max_tokens=None``).
+
+Token cap: that budget keeps ``T/2 * H/28 * W/28 <= max_tokens`` except where the ``1.05 * min_pixels`` floor
+(or ``min_pixels``, ``resized_height/width``) wins, e.g. for long videos. Only then we lower the number of
+sampled frames to the largest even count that fits, spread uniformly over the same range (as if ``max_frames``
+were lowered). Wherever qwen-vl-utils stays within the cap, our indices and sizes equal its own.
+
+A list of frames is used whole and padded to an even count (qwen-vl-utils); it gets one size for all frames,
+computed as qwen-vl-utils would for its first frame, and the same cap (it is then subsampled uniformly).
+
+Decoding uses PyAV; kept frames are resized with PIL BICUBIC. The library never imports torchvision.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import MediaError, describe
+
+VIDEO_MAX_TOKENS = 16384  # the paper's cap on tokens per video
+FPS = 2.0
+FRAME_FACTOR = 2
+FPS_MIN_FRAMES = 4
+FPS_MAX_FRAMES = 768
+IMAGE_FACTOR = 28  # patch 14 x spatial merge 2
+VIDEO_MIN_PIXELS = 128 * 28 * 28
+VIDEO_MAX_PIXELS = 768 * 28 * 28
+QWEN_TOTAL_PIXELS = 128000 * 28 * 28 * 0.9  # qwen-vl-utils 0.0.14 default (MODEL_SEQ_LEN=128000): 90316800
+_MAX_RATIO = 200
+
+
+def _round(x: float, f: int) -> int:
+    return round(x / f) * f  # Python's round (ties to even), as qwen-vl-utils
+
+
+def _ceil(x: float, f: int) -> int:
+    return math.ceil(x / f) * f
+
+
+def _floor(x: float, f: int) -> int:
+    return math.floor(x / f) * f
+
+
+def _smart_resize(height: int, width: int, factor: int, min_pixels: float, max_pixels: float) -> tuple[int, int]:
+    """qwen-vl-utils' smart_resize: sides divisible by ``factor``, area in [min_pixels, max_pixels], aspect kept."""
+    if height < 1 or width < 1:
+        raise MediaError(f"bad frame size {width}x{height}")
+    if max_pixels < min_pixels:
+        raise MediaError(f"max_pixels ({max_pixels:g}) is smaller than min_pixels ({min_pixels:g})")
+    if max(height, width) / min(height, width) > _MAX_RATIO:
+        raise MediaError(f"aspect ratio of {width}x{height} exceeds {_MAX_RATIO}")
+    h, w = max(factor, _round(height, factor)), max(factor, _round(width, factor))
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = _floor(height / beta, factor), _floor(width / beta, factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = _ceil(height * beta, factor), _ceil(width * beta, factor)
+    if h < factor or w < factor:  # qwen-vl-utils would return 0 here and fail later
+        raise MediaError(f"{width}x{height} is too thin for a budget of {max_pixels:g} pixels")
+    return h, w
+
+
+def _frame_range(total: int, video_fps: float, start: float | None, end: float | None) -> tuple[int, int]:
+    """calculate_video_frame_range: [start_frame, end_frame] (inclusive) from times in seconds."""
+    if not video_fps > 0:
+        raise MediaError(f"frame rate must be positive, got {video_fps}")
+    if total < 1:
+        raise MediaError("the video has no frames")
+    duration = total / video_fps
+    first = 0 if start is None else math.ceil(max(0.0, min(start, duration)) * video_fps)
+    last = total - 1 if end is None else min(math.floor(max(0.0, min(end, duration)) * video_fps), total - 1)
+    if (start is not None or end is not None) and first >= last:
+        raise MediaError(f"empty time range video_start={start}, video_end={end}: frames {first}..{last} "
+                         f"of a {duration:.2f}s video ({total} frames @ {video_fps:g} fps)")
+    return first, last
+
+
+def _check_sampling(fps: float | None, nframes: int | None) -> None:
+    if fps is not None and nframes is not None:
+        raise MediaError("give either fps or nframes, not both")
+    if fps is not None and not fps > 0:
+        raise MediaError(f"fps must be positive, got {fps}")
+
+
+def sample_indices(total_frames: int, video_fps: float, *, fps: float | None = None, nframes: int | None = None,
+                   min_frames: int | None = None, max_frames: int | None = None,
+                   video_start: float | None = None, video_end: float | None = None) -> list[int]:
+    """Source frame indices to sample, exactly as qwen-vl-utils 0.0.14 (decord/torchcodec readers)."""
+    _check_sampling(fps, nframes)
+    first, last = _frame_range(total_frames, video_fps, video_start, video_end)
+    count = last - first + 1
+    if nframes is not None:
+        n = _round(nframes, FRAME_FACTOR)
+    else:  # smart_nframes; note the default max_frames depends on the range's frame count
+        lo = _ceil(FPS_MIN_FRAMES if min_frames is None else min_frames, FRAME_FACTOR)
+        hi = _floor(min(FPS_MAX_FRAMES, count) if max_frames is None else max_frames, FRAME_FACTOR)
+        wanted = count / video_fps * (FPS if fps is None else fps)
+        n = _floor(min(min(max(wanted, lo), hi), count), FRAME_FACTOR)
+    if not FRAME_FACTOR <= n <= count:
+        raise MediaError(f"cannot sample {n} frames from {count}: a video needs between 2 and {count} frames")
+    return torch.linspace(first, last, n).round().long().tolist()
+
+
+def frame_size(height: int, width: int, nframes: int, *, min_pixels: float | None = None,
+               max_pixels: float | None = None, total_pixels: float | None = None,
+               resized_height: int | None = None, resized_width: int | None = None,
+               max_tokens: int | None = VIDEO_MAX_TOKENS) -> tuple[int, int]:
+    """(height, width) each of ``nframes`` frames is resized to: qwen-vl-utils' fetch_video sizing."""
+    if (resized_height is None) != (resized_width is None):
+        raise MediaError("give both resized_height and resized_width, or neither")
+    for key, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels), ("total_pixels", total_pixels),
+                       ("max_tokens", max_tokens), ("nframes", nframes)):
+        if value is not None and not value > 0:
+            raise MediaError(f"{key} must be positive, got {value}")
+    if resized_height is not None:  # fetch_video: smart_resize with the image defaults
+        return _smart_resize(resized_height, resized_width, IMAGE_FACTOR, 4 * 28 * 28, 16384 * 28 * 28)
+    min_pixels = VIDEO_MIN_PIXELS if min_pixels is None else min_pixels
+    if total_pixels is None:
+        total_pixels = QWEN_TOTAL_PIXELS if max_tokens is None else max_tokens * 28 * 28
+    limit = max(min(VIDEO_MAX_PIXELS, total_pixels / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
+    max_pixels = limit if max_pixels is None else min(max_pixels, limit)  # a user max_pixels can only lower it
+    return _smart_resize(height, width, IMAGE_FACTOR, min_pixels, max_pixels)
+
+
+def _tokens(nframes: int, size: tuple[int, int]) -> int:
+    return nframes // 2 * (size[0] // 28) * (size[1] // 28)
+
+
+def max_frames_for_cap(height: int, width: int, nframes: int, **sizing: Any) -> int:
+    """The largest even frame count <= ``nframes`` whose tokens (with ``frame_size(..., **sizing)``) fit
+    ``max_tokens``; ``nframes`` itself when it fits or there is no cap, 0 when not even 2 frames fit."""
+    max_tokens = sizing.get("max_tokens", VIDEO_MAX_TOKENS)
+    if max_tokens is None:
+        return nframes
+    # Fewer frames never shrink a frame, so the product is not monotonic in general: scan down (cheap arithmetic).
+    for n in range(nframes - nframes % 2, 0, -2):
+        if _tokens(n, frame_size(height, width, n, **sizing)) <= max_tokens:
+            return n
+    return 0
+
+
+def plan_video(total_frames: int, video_fps: float, height: int, width: int, *, fps=None, nframes=None,
+               min_frames=None, max_frames=None, video_start=None, video_end=None,
+               **sizing: Any) -> tuple[list[int], tuple[int, int]]:
+    """Indices and frame (height, width) for a video file: ``sample_indices`` + ``frame_size`` + the token cap."""
+    times = {"video_start": video_start, "video_end": video_end}
+    idx = sample_indices(total_frames, video_fps, fps=fps, nframes=nframes, min_frames=min_frames,
+                         max_frames=max_frames, **times)
+    cap = max_frames_for_cap(height, width, len(idx), **sizing)
+    if cap < 2:
+        raise MediaError(f"even 2 frames exceed max_tokens={sizing.get('max_tokens', VIDEO_MAX_TOKENS)}")
+    if cap < len(idx):  # same as lowering max_frames to cap: n = cap, spread over the same range
+        idx = sample_indices(total_frames, video_fps, nframes=cap, **times)
+    return idx, frame_size(height, width, len(idx), **sizing)
+
+
+@dataclass
+class Video:
+    frames: np.ndarray  # uint8 [T, H, W, 3] RGB at the model size; T even
+    indices: list[int]  # source frame indices sampled (frame list: positions in the list)
+    sample_fps: float  # frames per second of the sampled clip
+    source_fps: float  # the file's frame rate (frame list: the list's rate)
+    total_frames: int  # frames in the source
+    original_size: tuple[int, int] = (0, 0)  # (height, width) of the source frames
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        t, h, w, _ = self.frames.shape
+        return t // 2, h // 14, w // 14
+
+    @property
+    def tokens(self) -> int:
+        t, h, w = self.grid
+        return t * h * w // 4
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGBA":  # as qwen-vl-utils: transparent pixels become white
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.split()[3])
+        return background
+    return image.convert("RGB")
+
+
+def _resize(frame: np.ndarray | Image.Image, size: tuple[int, int]) -> np.ndarray:
+    image = Image.fromarray(frame) if isinstance(frame, np.ndarray) else frame
+    if image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _list_frame(i: int, item: Any) -> Image.Image:
+    try:
+        if isinstance(item, Image.Image):
+            return _to_rgb(item)
+        if isinstance(item, np.ndarray):
+            if item.dtype != np.uint8 or not (item.ndim == 2 or (item.ndim == 3 and item.shape[2] in (3, 4))):
+                raise MediaError(f"expected a uint8 HxWx3 array, got {item.dtype} {tuple(item.shape)}")
+            return _to_rgb(Image.fromarray(item))
+        if isinstance(item, (bytes, bytearray)):
+            with Image.open(io.BytesIO(item)) as image:
+                return _to_rgb(image)
+        if isinstance(item, (str, Path)):
+            path = str(item).removeprefix("file://")
+            if not os.path.isfile(path):
+                raise MediaError("file not found")
+            with Image.open(path) as image:
+                return _to_rgb(image)
+        raise MediaError(f"unsupported frame type {type(item).__name__}")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # MediaError included (a ValueError)
+        reason = str(e) if isinstance(e, MediaError) else f"not a readable image ({e})"
+        raise MediaError(f"frame {i} ({describe(str(item) if isinstance(item, Path) else item)}): {reason}") from None
+
+
+def _load_frame_list(items: Sequence[Any], fps: float | None, sizing: dict[str, Any]) -> Video:
+    """Every frame is used, padded to an even count by repeating the last (qwen-vl-utils). qwen-vl-utils sizes
+    each frame with its image rules and then the clip with the video rules; we compute one size from the
+    first frame the same way, so that all frames stack, and resize once (the cap may subsample the list)."""
+    if not items:
+        raise MediaError("empty frame list")
+    images = [_list_frame(i, item) for i, item in enumerate(items)]
+    n = len(images) + len(images) % 2
+    w0, h0 = images[0].size
+    # fetch_image is called with image_patch_size=28 there, so its factor is 56 (a quirk we follow for equal sizes)
+    min_px, max_px = sizing.get("min_pixels"), sizing.get("max_pixels")
+    h1, w1 = _smart_resize(h0, w0, 56, 4 * 56 * 56 if min_px is None else min_px,
+                           16384 * 56 * 56 if max_px is None else max_px)
+    rate = FPS if fps is None else fps
+    cap = max_frames_for_cap(h1, w1, n, **sizing)
+    if cap < 2:
+        raise MediaError(f"even 2 frames exceed max_tokens={sizing.get('max_tokens')}")
+    if cap < n:
+        idx = torch.linspace(0, len(images) - 1, cap).round().long().tolist()
+    else:
+        idx = list(range(len(images))) + [len(images) - 1] * (n - len(images))
+    size = frame_size(h1, w1, len(idx), **sizing)
+    frames = np.stack([_resize(images[i], size) for i in idx])
+    return Video(frames, idx, rate * len(idx) / n, rate, len(images), (h0, w0))
+
+
+def _probe(opener: Callable[[], Any]) -> tuple[int, float, int, int]:
+    """(frame count, fps, height, width) of the first video stream, from its header."""
+    with opener() as container:
+        if not container.streams.video:
+            raise MediaError("no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        height, width = stream.codec_context.height, stream.codec_context.width
+        total = stream.frames
+        # mp4/mov/avi record the frame count; mkv/webm/ts do not (0): count packets by demuxing, which reads the
+        # file without decoding and is exact for video (one packet per frame). A count that is still too high
+        # (truncated file, frames the decoder drops) is handled in _load_file when decoding ends early.
+        if total <= 0:
+            total = sum(1 for packet in container.demux(stream) if packet.size)
+    if not rate or height < 1 or width < 1:
+        raise MediaError("no frame rate or frame size in the video stream")
+    if total < 1:
+        raise MediaError("no decodable frames")
+    return total, float(rate), height, width
+
+
+def _decode(opener: Callable[[], Any], indices: list[int], size: tuple[int, int]) -> tuple[list | None, int]:
+    """Decode sequentially and keep (resized) the frames at ``indices``. Returns (frames, count decoded), or
+    (None, count) when the stream ends or fails to decode before the last index."""
+    wanted: dict[int, list[int]] = {}
+    for pos, i in enumerate(indices):
+        wanted.setdefault(i, []).append(pos)
+    out: list = [None] * len(indices)
+    count = 0
+    with opener() as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        try:
+            for frame in container.decode(stream):
+                if count in wanted:
+                    kept = _resize(frame.to_ndarray(format="rgb24"), size)
+                    for pos in wanted[count]:
+                        out[pos] = kept
+                count += 1
+                if count > indices[-1]:
+                    return out, count
+        except av.FFmpegError:
+            # A truncated or damaged stream; with frame threading FFmpeg usually reports it as a clean end
+            # instead, so both are treated alike: the caller samples the frames that did decode.
+            pass
+    return None, count
+
+
+def _load_file(opener: Callable[[], Any], options: dict[str, Any], sizing: dict[str, Any], label: str) -> Video:
+    total, video_fps, height, width = _probe(opener)
+    indices, size = plan_video(total, video_fps, height, width, **options, **sizing)
+    frames, decoded = _decode(opener, indices, size)
+    if frames is None:
+        if decoded < 2:
+            raise MediaError("no decodable frames" if decoded == 0 else "only 1 decodable frame")
+        warnings.warn(f"{label}: only {decoded} of {total} frames decode (truncated or damaged file?); "
+                      f"sampling those", stacklevel=3)
+        total = decoded
+        indices, size = plan_video(total, video_fps, height, width, **options, **sizing)
+        frames, _ = _decode(opener, indices, size)
+        if frames is None:
+            raise MediaError("decoding is not repeatable")
+    first, last = _frame_range(total, video_fps, options["video_start"], options["video_end"])
+    sample_fps = len(indices) / max(last - first + 1, 1e-6) * video_fps  # qwen-vl-utils: over the range's count
+    return Video(np.stack(frames), indices, sample_fps, video_fps, total, (height, width))
+
+
+def load_video(source: Any, *, name: str = "video", fps: float | None = None, nframes: int | None = None,
+               min_frames: int | None = None, max_frames: int | None = None, video_start: float | None = None,
+               video_end: float | None = None, min_pixels: float | None = None, max_pixels: float | None = None,
+               total_pixels: float | None = None, resized_height: int | None = None,
+               resized_width: int | None = None, max_tokens: int | None = VIDEO_MAX_TOKENS,
+               fetch: Callable[[str], bytes] | None = None) -> Video:
+    """Load, sample and resize a video: a path (optionally ``file://``), bytes of a video file, an http(s) URL,
+    or a list of frames (PIL images, uint8 arrays, image paths or image bytes). ``fps`` of a frame list is
+    the rate it was sampled at (default 2), the frame-sampling options do not apply to it. ``fetch`` fetches
+    http(s) URLs (default: ``fetch_url`` with its default limits)."""
+    options = {"fps": fps, "nframes": nframes, "min_frames": min_frames, "max_frames": max_frames,
+               "video_start": video_start, "video_end": video_end}
+    sizing = {"min_pixels": min_pixels, "max_pixels": max_pixels, "total_pixels": total_pixels,
+              "resized_height": resized_height, "resized_width": resized_width, "max_tokens": max_tokens}
+    label = f"{name} ({describe(str(source) if isinstance(source, Path) else source)})"
+    try:
+        _check_sampling(fps, nframes)
+        if isinstance(source, (list, tuple)):
+            unused = [k for k, v in options.items() if v is not None and k != "fps"]
+            if unused:
+                raise MediaError(f"{', '.join(unused)} cannot be used with a list of frames (every frame is used)")
+            return _load_frame_list(source, fps, sizing)
+        if isinstance(source, str) and source.startswith(("http://", "https://")):
+            from .fetch import fetch_url
+
+            source_bytes = fetch(source) if fetch is not None else fetch_url(source, name=name)
+        elif isinstance(source, (bytes, bytearray)):
+            source_bytes = bytes(source)
+        elif isinstance(source, (str, Path)):
+            path = str(source).removeprefix("file://")
+            if not os.path.isfile(path):
+                raise MediaError("file not found" if not os.path.exists(path) else "not a file")
+            return _load_file(lambda: av.open(path), options, sizing, label)
+        else:
+            raise MediaError(f"unsupported video source type {type(source).__name__}")
+        if not source_bytes:
+            raise MediaError("empty data")
+        return _load_file(lambda: av.open(io.BytesIO(source_bytes)), options, sizing, label)
+    except (av.FFmpegError, OSError) as e:
+        raise MediaError(f"{label}: not a readable video ({e})") from None
+    except MediaError as e:
+        raise MediaError(f"{label}: {e}") from None
+
