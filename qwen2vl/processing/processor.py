@@ -1,0 +1,241 @@
+"""Messages -> model inputs: render the chat template, load and patchify each image and video, tokenize, expand
+each placeholder to its token count, left-pad the batch (REFERENCE §4-6; transformers' ``Qwen2VLProcessor``).
+
+Media options, per call (``processor(messages, max_pixels=...)``) or per content part (qwen-vl-utils' keys, which
+win): images take ``min_pixels``, ``max_pixels``, ``resized_height``/``resized_width``; videos take those and
+``fps``, ``nframes``, ``min_frames``, ``max_frames``, ``video_start``, ``video_end``, ``total_pixels``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import image as img
+from .chat import ChatTemplate, check_messages, media_parts, media_source
+from .errors import MediaError, describe
+from .tokenizer import Tokenizer
+
+IMAGE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
+VIDEO_KEYS = IMAGE_KEYS + ("fps", "nframes", "min_frames", "max_frames", "video_start", "video_end", "total_pixels")
+
+
+@dataclass
+class MediaInfo:
+    """What one image or video became: the numbers behind "why is my image so many tokens"."""
+
+    kind: str  # "image" | "video"
+    index: int  # position among the batch's items of this kind
+    conversation: int
+    source: str
+    original_size: tuple[int, int]  # (height, width) as loaded
+    size: tuple[int, int]  # (height, width) fed to the model
+    grid: tuple[int, int, int]  # (t, gh, gw) in 14x14 patches
+    tokens: int  # LLM tokens (placeholders), without <|vision_start|>/<|vision_end|>
+    frames: int = 1  # frames fed to the model
+    frame_indices: list[int] = field(default_factory=list)  # source frames sampled (video)
+    sample_fps: float | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v not in (None, [])}
+
+
+class BatchInputs(dict):
+    """The model inputs (``input_ids``, ``attention_mask``, and ``pixel_values``/``image_grid_thw``,
+    ``pixel_values_videos``/``video_grid_thw`` when used), plus ``.media`` (one MediaInfo per item) and
+    ``.texts`` (the rendered prompts)."""
+
+    media: list[MediaInfo]
+    texts: list[str]
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return dict(self)
+
+
+@dataclass
+class MediaLoader:
+    """How images and videos become patches: the checkpoint's preprocessor settings, default video options, and
+    how URLs are fetched. Needs no tokenizer, so that token counts can be computed without a model."""
+
+    min_pixels: int = img.IMAGE_MIN_PIXELS
+    max_pixels: int = img.IMAGE_MAX_PIXELS
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, ...] = img.CLIP_MEAN
+    image_std: tuple[float, ...] = img.CLIP_STD
+    video_options: dict = field(default_factory=dict)
+    fetch: Callable[[str], bytes] | None = None  # how http(s) URLs are fetched; None: fetch_url, default limits
+
+    def image(self, part: Mapping, name: str = "image", **defaults) -> img.ImageInput:
+        options = {**defaults, **{k: part[k] for k in IMAGE_KEYS if k in part}}
+        options = {k: v for k, v in options.items() if k in IMAGE_KEYS and v is not None}
+        options.setdefault("min_pixels", self.min_pixels)
+        options.setdefault("max_pixels", self.max_pixels)
+        picture = img.load_image(media_source(part), name=name, fetch=self.fetch)
+        try:
+            return img.preprocess_image(
+                picture, **options, mean=self.image_mean, std=self.image_std, patch_size=self.patch_size,
+                temporal_patch_size=self.temporal_patch_size, merge_size=self.merge_size,
+            )  # fmt: skip
+        except MediaError as e:
+            raise MediaError(f"{name} ({describe(media_source(part))}): {e}") from None
+
+    def video(self, part: Mapping, name: str = "video", **defaults):
+        from .video import load_video
+
+        options = {**self.video_options, **defaults, **{k: part[k] for k in VIDEO_KEYS if k in part}}
+        options = {k: v for k, v in options.items() if k in VIDEO_KEYS and v is not None}
+        return load_video(media_source(part), name=name, fetch=self.fetch, **options)
+
+    def load(self, kind: str, part: Mapping, name: str, options: Mapping) -> tuple[MediaInfo, np.ndarray]:
+        """One image or video part -> (what it became, its patches)."""
+        source = describe(media_source(part))
+        if kind == "image":
+            x = self.image(part, name, **{k: v for k, v in options.items() if k in IMAGE_KEYS})
+            info = MediaInfo("image", 0, 0, source, x.original_size, x.size, x.grid, x.tokens)
+            return info, x.pixel_values
+        v = self.video(part, name, **options)
+        frames = img.normalize(v.frames, self.image_mean, self.image_std)
+        values, grid = img.patchify(frames, self.patch_size, self.temporal_patch_size, self.merge_size)
+        tokens = grid[0] * grid[1] * grid[2] // self.merge_size**2
+        info = MediaInfo(
+            "video", 0, 0, source, v.original_size, tuple(v.frames.shape[1:3]), grid, tokens,
+            frames=len(v.frames), frame_indices=list(v.indices), sample_fps=v.sample_fps,
+        )  # fmt: skip
+        return info, values
+
+
+class Processor:
+    def __init__(self, tokenizer: Tokenizer, chat_template: ChatTemplate | None = None, **media_settings):
+        """``media_settings``: the fields of :class:`MediaLoader` (min_pixels, max_pixels, patch_size, ...)."""
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template or ChatTemplate(None)
+        settings = {k: tuple(v) if k in ("image_mean", "image_std") else v for k, v in media_settings.items()}
+        self.media = MediaLoader(**settings)
+        self.image_token_id = tokenizer.token_id("<|image_pad|>")
+        self.video_token_id = tokenizer.token_id("<|video_pad|>")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> Processor:
+        """tokenizer.json (+ tokenizer_config.json), preprocessor_config.json and chat_template.json of a
+        checkpoint directory; keyword arguments override the files."""
+        path = Path(path)
+        if not path.is_dir():
+            raise MediaError(f"{path}: not a directory")
+        return cls(Tokenizer.from_pretrained(path), ChatTemplate.from_pretrained(path), **{**media_settings(path), **kwargs})
+
+    # -- text --------------------------------------------------------------------------------------------
+
+    def render(self, messages, *, add_generation_prompt: bool = True, add_vision_id: bool = False) -> str:
+        return self.chat_template(
+            check_messages(messages), add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id
+        )
+
+    def decode(self, ids, **kwargs) -> str:
+        return self.tokenizer.decode(ids, **kwargs)
+
+    # -- the whole thing ---------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        messages,
+        add_generation_prompt: bool = True,
+        *,
+        add_vision_id: bool = False,
+        **media_options,
+    ) -> BatchInputs:
+        """One conversation (a list of messages) or a batch (a list of conversations) -> left-padded inputs."""
+        unknown = set(media_options) - set(VIDEO_KEYS)
+        if unknown:
+            raise TypeError(f"unknown media options {sorted(unknown)}; known: {list(VIDEO_KEYS)}")
+        batch = [messages] if _is_conversation(messages) else list(messages)
+        if not batch:
+            raise MediaError("messages: empty batch")
+        texts, rows, media = [], [], []
+        pixels: dict[str, list[np.ndarray]] = {"image": [], "video": []}
+        for c, conversation in enumerate(batch):
+            name = "messages" if len(batch) == 1 else f"conversation {c}"
+            conversation = check_messages(conversation, name)
+            text = self.chat_template(
+                conversation, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id
+            )
+            counts = {"image": [], "video": []}
+            for kind, part in media_parts(conversation):
+                n = sum(m.kind == kind for m in media)
+                label = f"{kind} {n + 1}" + ("" if len(batch) == 1 else f" (conversation {c})")
+                info, values = self.media.load(kind, part, label, media_options)
+                info.index, info.conversation = n, c
+                media.append(info)
+                pixels[kind].append(values)
+                counts[kind].append(info.tokens)
+            texts.append(text)
+            rows.append(self._expand(self.tokenizer.encode(text), counts, name))
+        out = BatchInputs(self._pad(rows))
+        for kind, key, grid_key in (("image", "pixel_values", "image_grid_thw"),
+                                    ("video", "pixel_values_videos", "video_grid_thw")):  # fmt: skip
+            if pixels[kind]:
+                out[key] = torch.from_numpy(np.concatenate(pixels[kind]))
+                out[grid_key] = torch.tensor([m.grid for m in media if m.kind == kind], dtype=torch.long)
+        out.media, out.texts = media, texts
+        return out
+
+    def _expand(self, ids: list[int], counts: dict[str, list[int]], name: str) -> list[int]:
+        """Each image/video placeholder token -> as many copies as the item has tokens."""
+        pads = {self.image_token_id: ("image", counts["image"]), self.video_token_id: ("video", counts["video"])}
+        found = {tid: sum(1 for i in ids if i == tid) for tid in pads}
+        for tid, (kind, sizes) in pads.items():
+            if found[tid] != len(sizes):
+                raise MediaError(
+                    f"{name}: the prompt has {found[tid]} {kind} placeholder(s) for {len(sizes)} {kind}(s) "
+                    "(is there a literal placeholder token in the text, or does the chat template drop media?)"
+                )
+        out: list[int] = []
+        seen = {tid: 0 for tid in pads}
+        for i in ids:
+            if i in pads:
+                out += [i] * pads[i][1][seen[i]]
+                seen[i] += 1
+            else:
+                out.append(i)
+        return out
+
+    def _pad(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        L = max(len(r) for r in rows)
+        ids = torch.full((len(rows), L), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), L), dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, L - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[b, L - len(r) :] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def media_settings(path: Path) -> dict:
+    """MediaLoader settings from a checkpoint's preprocessor_config.json (none when it has no such file)."""
+    pre = path / "preprocessor_config.json"
+    if not pre.is_file():
+        return {}
+    try:
+        cfg = json.loads(pre.read_text())
+    except json.JSONDecodeError as e:
+        raise MediaError(f"{pre}: not valid JSON ({e})") from None
+    size = cfg.get("size") or {}
+    # transformers >= 4.5x writes the pixel bounds as size={shortest_edge, longest_edge}
+    out = {
+        "min_pixels": cfg.get("min_pixels", size.get("shortest_edge", img.IMAGE_MIN_PIXELS)),
+        "max_pixels": cfg.get("max_pixels", size.get("longest_edge", img.IMAGE_MAX_PIXELS)),
+    }
+    for key in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std"):
+        if key in cfg:
+            out[key] = tuple(cfg[key]) if isinstance(cfg[key], list) else cfg[key]
+    return out
+
+
+def _is_conversation(messages) -> bool:
+    """One conversation is a list of dicts; a batch is a list of lists."""
+    return isinstance(messages, Sequence) and bool(messages) and isinstance(messages[0], Mapping)
