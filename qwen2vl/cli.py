@@ -21,17 +21,148 @@ def main(argv: list[str] | None = None) -> int:
 
     verbs.add_parser("params", help="parameter counts of the presets (the paper's Table 1)")
 
-    args = parser.parse_args(argv)
+    chat = verbs.add_parser("chat", help="ask a model about images and videos (interactive without a prompt)")
+    chat.add_argument("model", help="a checkpoint directory, or a hub id (fetched when online)")
+    chat.add_argument("prompt", nargs="?", help="the question; without it, an interactive multi-turn session")
+    add_media_arguments(chat)
+    chat.add_argument("--system", help="system prompt (default: the template's 'You are a helpful assistant.')")
+    chat.add_argument("--max-new-tokens", type=int, default=512)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    chat.add_argument("--top-p", type=float)
+    chat.add_argument("--top-k", type=int)
+    chat.add_argument("--repetition-penalty", type=float)
+    chat.add_argument("--seed", type=int)
+    chat.add_argument("--stop", action="append", help="stop string (repeatable)")
+    chat.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on the CPU")
+    chat.add_argument("--device", help="e.g. cuda, cpu (default: cpu)")
+    chat.add_argument("--draw-boxes", metavar="OUT.png", help="draw the answer's grounding boxes on the first image")
+
+    tokens = verbs.add_parser("tokens", help="how many tokens each image and video costs, without a model")
+    add_media_arguments(tokens)
+    tokens.add_argument("--model", help="checkpoint directory whose preprocessor_config.json sets the defaults")
+
+    args, extra = parser.parse_known_args(argv)
+    # argparse binds positionals at their first chance, so "chat MODEL --image P PROMPT" leaves PROMPT over
+    if args.verb == "chat" and args.prompt is None and len(extra) == 1 and not extra[0].startswith("-"):
+        args.prompt, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.verb == "params":
             print_params()
         elif args.verb == "demo":
             print_params()
             run_demo(args.preset, getattr(torch, args.dtype), args.new_tokens)
+        elif args.verb == "tokens":
+            run_tokens(args)
+        elif args.verb == "chat":
+            run_chat(args)
+    except KeyboardInterrupt:
+        return 130
     except (ValueError, OSError) as e:  # our errors are one line and name the problem
         print(f"qwen2vl: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def add_media_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", action="append", default=[], metavar="P", help="image path or URL (repeatable)")
+    p.add_argument("--video", action="append", default=[], metavar="P", help="video path or URL (repeatable)")
+    p.add_argument("--min-pixels", type=int, help="per image (per video frame) pixel floor")
+    p.add_argument("--max-pixels", type=int, help="per image (per video frame) pixel ceiling")
+    p.add_argument("--fps", type=float, help="video frames sampled per second (default 2)")
+    p.add_argument("--max-frames", type=int, help="at most this many video frames")
+
+
+def media_options(args: argparse.Namespace) -> dict:
+    keys = ("min_pixels", "max_pixels", "fps", "max_frames")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def media_content(args: argparse.Namespace) -> list[dict]:
+    return [{"type": "image", "image": p} for p in args.image] + [{"type": "video", "video": p} for p in args.video]
+
+
+def run_tokens(args: argparse.Namespace) -> None:
+    """One line per item: original and model size, frames, grid, tokens; then the total."""
+    from .processing.processor import MediaLoader, media_settings
+
+    from .hub import resolve_model
+
+    items = media_content(args)
+    if not items:
+        raise ValueError("give at least one --image or --video")
+    loader = MediaLoader(**(media_settings(resolve_model(args.model)) if args.model else {}))
+    options = media_options(args)
+    total = 0
+    print(f"{'item':<10} {'source':<36} {'original':>11} {'model input':>13} {'frames':>6} {'grid (t,h,w)':>14} {'tokens':>7}")
+    for i, part in enumerate(items):
+        kind = part["type"]
+        n = sum(p["type"] == kind for p in items[:i]) + 1
+        info, _ = loader.load(kind, part, f"{kind} {n}", options)
+        total += info.tokens
+        (h0, w0), (h, w) = info.original_size, info.size
+        source = info.source if len(info.source) <= 36 else "..." + info.source[-33:]
+        print(f"{kind + ' ' + str(n):<10} {source:<36} {f'{w0}x{h0}':>11} {f'{w}x{h}':>13} {info.frames:>6} "
+              f"{str(tuple(info.grid)):>14} {info.tokens:>7}")
+    print(f"total: {total} visual tokens ({total + 2 * len(items)} with <|vision_start|>/<|vision_end|>)")
+
+
+def run_chat(args: argparse.Namespace) -> None:
+    from . import load
+
+    assistant = load(args.model, dtype=args.dtype, device=args.device)
+    generation = dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop, **media_options(args),
+    )  # fmt: skip
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    media = media_content(args)
+    interactive = args.prompt is None
+    if interactive:
+        print("Interactive chat: empty line or Ctrl-D ends it; /image P or /video P attaches media to the next turn.",
+              file=sys.stderr)
+    while True:
+        if interactive:
+            try:
+                line = input("you> " if sys.stdin.isatty() else "").strip()
+            except EOFError:
+                break
+            if not line or line in ("/exit", "/quit"):
+                break
+            if line.startswith(("/image ", "/video ")):
+                kind, _, path = line[1:].partition(" ")
+                media.append({"type": kind, kind: path.strip()})
+                continue
+            question = line
+        else:
+            question = args.prompt
+        history.append({"role": "user", "content": [*media, {"type": "text", "text": question}]})
+        media = []
+        answer = []
+        for piece in assistant.stream(history, **generation):
+            answer.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(answer)})
+        if args.draw_boxes:
+            draw_answer_boxes(history, "".join(answer), args.draw_boxes)
+        if not interactive:
+            break
+
+
+def draw_answer_boxes(history: list[dict], answer: str, out: str) -> None:
+    """The answer's boxes (0-1000 coordinates) drawn on the conversation's first image, in its own pixels."""
+    from .processing.grounding import draw_boxes, parse_boxes
+    from .processing.image import load_image
+
+    images = [p["image"] for m in history if isinstance(m["content"], list) for p in m["content"] if "image" in p]
+    if not images:
+        raise ValueError("--draw-boxes needs an --image to draw on")
+    picture = load_image(images[0], name="image 1")
+    boxes = parse_boxes(answer, picture.width, picture.height)
+    draw_boxes(picture, boxes, out)
+    print(f"[{len(boxes)} box{'es' if len(boxes) != 1 else ''} drawn on image 1 -> {out}]", file=sys.stderr)
 
 
 def print_params() -> None:

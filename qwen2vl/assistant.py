@@ -1,0 +1,117 @@
+"""The high-level API: ``qwen2vl.load(path)`` -> an :class:`Assistant` with ``.chat(messages) -> str`` and
+``.stream(messages)`` yielding text pieces. It joins the processor (messages <-> ids) and the engine (ids -> ids).
+
+Sampling: greedy unless ``temperature`` > 0 (OpenAI's convention; the Instruct checkpoints' generation_config,
+top_k 1 / top_p 0.001, is greedy in effect too). ``stop`` strings end the answer and are not part of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from .generate.engine import stream as stream_ids
+from .hub import resolve_model
+from .generate.sampling import SamplingParams
+from .model.qwen2vl import Qwen2VL
+from .processing.errors import MediaError
+from .processing.processor import BatchInputs, Processor
+from .processing.tokenizer import IncrementalDecoder
+
+
+def load(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None) -> Assistant:
+    """A checkpoint directory (weights, config, tokenizer, preprocessor and chat template) ready to chat; a hub
+    id (``Qwen/Qwen2-VL-2B-Instruct``) is downloaded first when huggingface_hub is installed and online."""
+    path = resolve_model(path)
+    model = Qwen2VL.from_pretrained(path, dtype=dtype, device=device).eval()
+    return Assistant(model, Processor.from_pretrained(path))
+
+
+def as_conversation(messages: str | Sequence[Mapping]) -> list[Mapping]:
+    """A bare string is one user turn."""
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    if isinstance(messages, Sequence) and messages and not isinstance(messages[0], Mapping):
+        raise MediaError("messages: chat() takes one conversation (a list of message dicts), not a batch")
+    return list(messages)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many characters at the end of ``text`` could be the start of a stop string."""
+    held = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), held, -1):
+            if text.endswith(s[:n]):
+                held = n
+                break
+    return held
+
+
+class Assistant:
+    def __init__(self, model: Qwen2VL, processor: Processor):
+        self.model, self.processor = model, processor
+
+    def prepare(self, messages, **media_options) -> BatchInputs:
+        return self.processor(as_conversation(messages), add_generation_prompt=True, **media_options)
+
+    def stream(
+        self,
+        messages: str | Sequence[Mapping],
+        *,
+        max_new_tokens: int = 512,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        inputs: BatchInputs | None = None,
+        **media_options,
+    ) -> Iterator[str]:
+        """The answer as text pieces, as they are generated. Pieces never split a UTF-8 character; text that
+        could begin a stop string is held back until it is known not to."""
+        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        sample = temperature is not None and temperature > 0
+        params = SamplingParams(
+            do_sample=sample, temperature=temperature if sample else 1.0, top_k=top_k if sample else None,
+            top_p=top_p if sample else None, repetition_penalty=repetition_penalty, seed=seed,
+        )  # fmt: skip
+        inputs = inputs if inputs is not None else self.prepare(messages, **media_options)
+        media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        decoder = IncrementalDecoder(self.processor.tokenizer)
+        text, sent = "", 0
+        tokens = stream_ids(
+            self.model, inputs["input_ids"], attention_mask=inputs["attention_mask"], media=media,
+            max_new_tokens=max_new_tokens, params=params,
+        )  # fmt: skip
+        for token in tokens:
+            token_id = int(token[0])
+            if token_id in self.model.config.eos_token_ids:
+                break
+            text += decoder.push(token_id)
+            if stops:
+                hits = [i for s in stops if (i := text.find(s, max(0, sent - len(s)))) >= 0]
+                if hits:
+                    if min(hits) > sent:
+                        yield text[sent : min(hits)]
+                    return
+                safe = len(text) - _held_back(text, stops)
+                if safe > sent:
+                    yield text[sent:safe]
+                    sent = safe
+            elif len(text) > sent:
+                yield text[sent:]
+                sent = len(text)
+        tokens.close()
+        text += decoder.flush()
+        if stops:
+            cut = [i for s in stops if (i := text.find(s, max(0, sent - len(s)))) >= 0]
+            text = text[: min(cut)] if cut else text
+        if len(text) > sent:
+            yield text[sent:]
+
+    def chat(self, messages: str | Sequence[Mapping], **kwargs) -> str:
+        """The whole answer (see :meth:`stream` for the arguments)."""
+        return "".join(self.stream(messages, **kwargs))

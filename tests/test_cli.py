@@ -1,0 +1,100 @@
+"""`qwen2vl chat` and `qwen2vl tokens` on a tiny random checkpoint saved with the genuine tokenizer."""
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import qwen2vl
+from qwen2vl.assistant import Assistant
+from qwen2vl.cli import main
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(d / "a.png")
+    Image.fromarray(rng.integers(0, 256, (1080, 1920, 3), dtype=np.uint8)).save(d / "b.jpg")
+    from test_processor import write_video
+
+    write_video(d / "clip.mp4")
+    return d
+
+
+def test_tokens_prints_each_item_and_the_total(media, capsys):
+    assert main(["tokens", "--image", str(media / "a.png"), "--image", str(media / "b.jpg"),
+                 "--video", str(media / "clip.mp4")]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert "640x480" in lines[1] and "644x476" in lines[1] and "(1, 34, 46)" in lines[1] and lines[1].endswith(" 391")
+    assert "1920x1080" in lines[2] and "1932x1092" in lines[2] and lines[2].endswith(" 2691")
+    assert lines[3].startswith("video 1") and "96x64" in lines[3] and "392x280" in lines[3] and " 6 " in lines[3]
+    assert lines[4] == "total: 3502 visual tokens (3508 with <|vision_start|>/<|vision_end|>)"
+
+
+def test_tokens_with_a_budget(media, capsys):
+    assert main(["tokens", "--image", str(media / "b.jpg"), "--max-pixels", str(256 * 784)]) == 0
+    out = capsys.readouterr().out
+    assert "588x336" in out and "total: 252 visual tokens" in out
+
+
+def test_tokens_errors_are_one_line(media, capsys):
+    assert main(["tokens", "--image", str(media / "missing.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("qwen2vl: error: image 1 (") and "no such file" in err and "Traceback" not in err
+    assert main(["tokens"]) == 1
+    assert "at least one --image or --video" in capsys.readouterr().err
+
+
+def test_chat_with_a_prompt_prints_the_answer(tiny_checkpoint, media, capsys):
+    args = ["chat", str(tiny_checkpoint), "--image", str(media / "a.png"), "--max-new-tokens", "10", "What is it?"]
+    assert main(args) == 0
+    expected = qwen2vl.load(tiny_checkpoint).chat(
+        [{"role": "user", "content": [{"type": "image", "image": str(media / "a.png")},
+                                      {"type": "text", "text": "What is it?"}]}], max_new_tokens=10)  # fmt: skip
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_interactive_chat_keeps_the_history(tiny_checkpoint, media, monkeypatch, capsys):
+    seen = []
+    real = Assistant.stream
+
+    def spy(self, messages, **kw):
+        seen.append([dict(m) for m in messages])
+        yield from real(self, messages, **kw)
+
+    monkeypatch.setattr(Assistant, "stream", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"Hello\n/image {media / 'a.png'}\nAnd this?\n\n"))
+    assert main(["chat", str(tiny_checkpoint), "--max-new-tokens", "4"]) == 0
+    assert len(seen) == 2
+    second = seen[1]
+    assert [m["role"] for m in second] == ["user", "assistant", "user"]
+    assert second[2]["content"][0] == {"type": "image", "image": str(media / "a.png")}
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_draw_boxes_saves_the_grounding_picture(tiny_checkpoint, media, monkeypatch, tmp_path, capsys):
+    answer = "<|object_ref_start|>the thing<|object_ref_end|><|box_start|>(100,200),(500,600)<|box_end|>"
+    monkeypatch.setattr(Assistant, "stream", lambda self, messages, **kw: iter([answer[:20], answer[20:]]))
+    out = tmp_path / "boxes.png"
+    assert main(["chat", str(tiny_checkpoint), "--image", str(media / "a.png"), "--draw-boxes", str(out), "Where?"]) == 0
+    assert "1 box drawn" in capsys.readouterr().err
+    drawn, original = np.asarray(Image.open(out)), np.asarray(Image.open(media / "a.png"))
+    assert drawn.shape == original.shape
+    # (100,200)-(500,600) on 640x480 is x 64..320, y 96..288: the outline changed, a far corner did not
+    assert (drawn[96:288, 64] != original[96:288, 64]).any(axis=-1).mean() > 0.9
+    assert (drawn[400:, 400:] == original[400:, 400:]).all()
+
+
+def test_chat_errors(tmp_path, capsys):
+    assert main(["chat", str(tmp_path / "nowhere"), "hi"]) == 1
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "qwen2vl", "tokens", "--image", "nope.png"], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 1 and "qwen2vl: error: image 1 ('nope.png'): no such file" in out.stderr
