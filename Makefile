@@ -21,4 +21,5 @@ test-all: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/.installed
+	$(BIN)/python bench/preprocess_speed.py
 	$(BIN)/python bench/model_speed.py

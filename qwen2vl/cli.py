@@ -6,6 +6,7 @@ import argparse
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -18,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--preset", default="tiny", choices=["tiny", "2b"], help="architecture to run (default tiny)")
     demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     demo.add_argument("--new-tokens", type=int, default=16)
+    demo.add_argument("--out", default="demo_boxes.png", help="where to save the grounding picture")
 
     verbs.add_parser("params", help="parameter counts of the presets (the paper's Table 1)")
 
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             print_params()
         elif args.verb == "demo":
             print_params()
-            run_demo(args.preset, getattr(torch, args.dtype), args.new_tokens)
+            run_demo(args.preset, getattr(torch, args.dtype), args.new_tokens, args.out)
         elif args.verb == "tokens":
             run_tokens(args)
         elif args.verb == "chat":
@@ -178,12 +180,34 @@ def print_params() -> None:
         print(f"  {name:<6} {vis:>20,} {total - vis:>16,} {total:>16,}")
 
 
-def run_demo(preset: str, dtype: torch.dtype, new_tokens: int) -> None:
-    """Random weights through the real pipeline: save -> strict load -> vision -> M-RoPE -> decode."""
+EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "examples" / "scene.png"
+EXAMPLE_BOXES = {"the red ball": (70, 90, 210, 230), "the blue box": (300, 160, 420, 280)}  # pixels, ground truth
+
+
+def run_demo(preset: str, dtype: torch.dtype, new_tokens: int, out: str = "demo_boxes.png") -> None:
+    """What the code does today with no trained weights: the shipped example image through the real
+    preprocessing, a random-weight model through save -> strict load -> vision -> M-RoPE -> cached decoding,
+    and the grounding format on the image's ground-truth boxes."""
     from . import Qwen2VL, qwen2vl_2b, tiny
+    from .processing.grounding import Box, draw_boxes, format_box, parse_boxes
+    from .processing.image import load_image
+    from .processing.processor import MediaLoader
 
     c = config = tiny() if preset == "tiny" else qwen2vl_2b()
     print(f"\nDemo on the {preset} architecture with random weights ({dtype}); no trained weights ship yet.")
+
+    # 1. preprocessing of a real image: what it costs in tokens, at the default and at a smaller budget
+    loader = MediaLoader()
+    part = {"type": "image", "image": str(EXAMPLE_IMAGE)}
+    info, patches = loader.load("image", part, "example image", {})
+    small, _ = loader.load("image", part, "example image", {"max_pixels": 64 * 28 * 28})
+    (h0, w0), (h, w) = info.original_size, info.size
+    print(f"image {EXAMPLE_IMAGE.name}: {w0}x{h0} -> model input {w}x{h} (multiples of 28) -> grid {info.grid} "
+          f"-> {info.grid[1] * info.grid[2]} patches of 14x14 -> {info.tokens} tokens after the 2x2 merge "
+          f"(+2 for <|vision_start|>/<|vision_end|>); with max_pixels=64*28*28: {small.size[1]}x{small.size[0]}, "
+          f"{small.tokens} tokens")
+
+    # 2. a random-weight model through the checkpoint path and generation, fed those real patches
     torch.manual_seed(0)
     with torch.device("meta"):
         model = Qwen2VL(config)
@@ -195,28 +219,33 @@ def run_demo(preset: str, dtype: torch.dtype, new_tokens: int) -> None:
             model.save_pretrained(d)
             model = Qwen2VL.from_pretrained(d, dtype=dtype)
     model = model.to(dtype).eval()
-
-    # One 448x448 image: 32x32 patches of 14 px -> 1024 patches -> 256 tokens after the 2x2 merge.
-    h = w = 448 // c.vision.patch_size
-    grid = torch.tensor([[1, h, w]])
-    n_img = h * w // c.vision.spatial_merge_size**2
-    text = [9707, 11, 1128, 374, 304, 419, 2168, 30]  # token ids standing in for a question
-    ids = torch.tensor([[c.vision_start_token_id] + [c.image_token_id] * n_img + [c.vision_end_token_id] + text])
-    pixels = torch.randn(h * w, c.vision.patch_dim)
+    grid = torch.tensor([info.grid])
+    text = [9707, 11, 1128, 374, 304, 419, 2168, 30]  # token ids of a question ("Hello, what is in this image?")
+    ids = torch.tensor([[c.vision_start_token_id] + [c.image_token_id] * info.tokens + [c.vision_end_token_id] + text])
+    pixels = torch.from_numpy(patches).to(dtype)
     pos, delta = model.positions(ids, None, grid, None)
-    print(f"prompt: 1 image 448x448 -> grid {grid.tolist()[0]} -> {h * w} patches -> {n_img} tokens; "
-          f"{ids.shape[1]} tokens in all")
-    print(f"M-RoPE: image tokens span t 1..1, h 1..{h // 2}, w 1..{w // 2}; text resumes at {int(pos[0, 0, n_img + 1])}; "
-          f"next position {ids.shape[1] + int(delta)} (delta {int(delta)})")
-
+    gh, gw = info.grid[1] // 2, info.grid[2] // 2
+    print(f"M-RoPE: the {info.tokens} image tokens span t 1..1, h 1..{gh}, w 1..{gw}; the text after them resumes "
+          f"at {int(pos[0, 0, info.tokens + 2])}; next position {ids.shape[1] + int(delta)} (delta {int(delta)})")
     with torch.inference_mode():
         t0 = time.perf_counter()
         feats = model.visual(pixels, grid)
         t1 = time.perf_counter()
-        out = model.generate(ids, pixel_values=pixels, image_grid_thw=grid, max_new_tokens=new_tokens)
+        new = model.generate(ids, pixel_values=pixels, image_grid_thw=grid, max_new_tokens=new_tokens)
         t2 = time.perf_counter()
     print(f"vision tower: {tuple(feats.shape)} features in {t1 - t0:.2f} s")
-    print(f"generate: {new_tokens} greedy tokens in {t2 - t1:.2f} s (prefill included): {out[0].tolist()}")
+    print(f"generate: {new_tokens} greedy tokens in {t2 - t1:.2f} s (prefill included), random weights so "
+          f"random ids: {new[0].tolist()}")
+
+    # 3. grounding: the ground-truth boxes in Qwen2-VL's text format, parsed back and drawn
+    answer = " and ".join(format_box(Box(*xyxy), w0, h0, label=label) for label, xyxy in EXAMPLE_BOXES.items())
+    boxes = parse_boxes(answer, w0, h0)
+    draw_boxes(load_image(EXAMPLE_IMAGE), boxes, out)
+    print(f"grounding format (0-1000 coordinates): {answer}")
+    print(f"parsed back to pixels: {[(b.label, round(b.x1), round(b.y1), round(b.x2), round(b.y2)) for b in boxes]}; "
+          f"drawn to {out}")
+    print("\nNext: `qwen2vl chat MODEL_DIR --image examples/scene.png \"What is in the picture?\"` with a real "
+          "checkpoint; `qwen2vl tokens --image examples/scene.png` prices any image or video.")
 
 
 if __name__ == "__main__":

@@ -98,3 +98,12 @@ def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "qwen2vl", "tokens", "--image", "nope.png"], capture_output=True,
                          text=True, timeout=120)  # fmt: skip
     assert out.returncode == 1 and "qwen2vl: error: image 1 ('nope.png'): no such file" in out.stderr
+
+
+def test_demo_runs_offline_on_the_shipped_image(tmp_path, capsys):
+    out = tmp_path / "boxes.png"
+    assert main(["demo", "--new-tokens", "2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "640x400 -> model input 644x392" in text and "322 tokens" in text
+    assert "('the red ball', 70, 90, 210, 230)" in text
+    assert Image.open(out).size == (640, 400)

@@ -2,7 +2,7 @@
 
 Follows transformers' ``Qwen2VLImageProcessorPil`` (PIL bicubic, rescale in float64 then float32, CLIP mean/std),
 so that ``pixel_values`` equal its output. Per-item options follow qwen-vl-utils' names: ``min_pixels``,
-``max_pixels``, ``resized_height``/``resized_width``. ``patchify`` serves video too (one path for both: an image
+``max_pixels``, ``resized_height``/``resized_width``. ``to_patches`` serves video too (one path for both: an image
 is a clip of one frame, repeated to fill the temporal patch).
 """
 
@@ -147,30 +147,42 @@ def target_size(
     return smart_resize(height, width, factor, int(min_pixels), int(max_pixels))
 
 
-def normalize(frames_THWC: np.ndarray, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
-    """uint8 [T, H, W, C] -> float32 [T, C, H, W]: x/255 (in float64, then float32, as transformers), then
-    (x - mean) / std in float32."""
-    x = (frames_THWC.astype(np.float64) * (1 / 255)).astype(np.float32)
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+def normalization_table(mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
+    """float32 [C, 256]: the normalised value of every uint8 level per channel, computed as transformers does
+    (x/255 in float64, then float32, then (x - mean) / std in float32), so a lookup is bit-identical to it."""
+    levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    return (levels[None] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
 
 
-def patchify(
-    frames_TCHW: np.ndarray, patch_size: int = PATCH, temporal_patch_size: int = 2, merge_size: int = MERGE
+def to_patches(
+    frames_THWC: np.ndarray,
+    mean=CLIP_MEAN,
+    std=CLIP_STD,
+    patch_size: int = PATCH,
+    temporal_patch_size: int = 2,
+    merge_size: int = MERGE,
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """[T, C, H, W] -> ([t*gh*gw, C*tp*p*p], (t, gh, gw)), patches in 2x2-window order (REFERENCE §4).
-    T is padded up to a multiple of the temporal patch by repeating the last frame (an image becomes 2 frames)."""
-    T, C, H, W = frames_TCHW.shape
-    if T % temporal_patch_size:
-        pad = temporal_patch_size - T % temporal_patch_size
-        frames_TCHW = np.concatenate([frames_TCHW, np.repeat(frames_TCHW[-1:], pad, axis=0)])
-        T += pad
+    """uint8 frames [T, H, W, C] -> (float32 patches [t*gh*gw, C*tp*p*p], grid (t, gh, gw)), normalised, in
+    2x2-window order (REFERENCE §4): (t, gh/m, gw/m, m, m) over patches, (C, tp, p, p) within one.
+
+    An image (T = 1) fills the temporal patch with copies of itself; a clip with an odd frame count repeats its
+    last frame. The reordering is done on uint8 (a quarter of the bytes) and normalisation is a table lookup.
+    """
+    T, H, W, C = frames_THWC.shape
     p, m, tp = patch_size, merge_size, temporal_patch_size
-    t, gh, gw = T // tp, H // p, W // p
-    x = frames_TCHW.reshape(t, tp, C, gh // m, m, p, gw // m, m, p)
-    # -> (t, gh/m, gw/m, m, m, C, tp, p, p): each 2x2 window's patches are consecutive
-    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return x.reshape(t * gh * gw, C * tp * p * p), (t, gh, gw)
+    if T > 1 and T % tp:
+        pad = np.repeat(frames_THWC[-1:], tp - T % tp, axis=0)
+        frames_THWC = np.concatenate([frames_THWC, pad])
+        T = frames_THWC.shape[0]
+    t, tt = (1, 1) if T == 1 else (T // tp, tp)  # tt: distinct frames per temporal patch
+    gh, gw = H // p, W // p
+    x = frames_THWC.reshape(t, tt, gh // m, m, p, gw // m, m, p, C)
+    x = np.ascontiguousarray(x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)).reshape(t * gh * gw, C, tt, p * p)
+    table = normalization_table(mean, std)
+    out = np.empty((t * gh * gw, C, tp, p * p), np.float32)
+    for c in range(C):
+        out[:, c] = np.take(table[c], x[:, c])  # broadcasts over tp when tt == 1
+    return out.reshape(t * gh * gw, C * tp * p * p), (t, gh, gw)
 
 
 @dataclass
@@ -204,5 +216,5 @@ def preprocess_image(
         resized_height=resized_height, resized_width=resized_width, factor=patch_size * merge_size,
     )  # fmt: skip
     resized = np.asarray(image.resize((w, h), Image.Resampling.BICUBIC))
-    pixels, grid = patchify(normalize(resized[None], mean, std), patch_size, temporal_patch_size, merge_size)
+    pixels, grid = to_patches(resized[None], mean, std, patch_size, temporal_patch_size, merge_size)
     return ImageInput(pixels, grid, (h, w), (image.height, image.width))

@@ -101,8 +101,9 @@ class MediaLoader:
             info = MediaInfo("image", 0, 0, source, x.original_size, x.size, x.grid, x.tokens)
             return info, x.pixel_values
         v = self.video(part, name, **options)
-        frames = img.normalize(v.frames, self.image_mean, self.image_std)
-        values, grid = img.patchify(frames, self.patch_size, self.temporal_patch_size, self.merge_size)
+        values, grid = img.to_patches(
+            v.frames, self.image_mean, self.image_std, self.patch_size, self.temporal_patch_size, self.merge_size
+        )
         tokens = grid[0] * grid[1] * grid[2] // self.merge_size**2
         info = MediaInfo(
             "video", 0, 0, source, v.original_size, tuple(v.frames.shape[1:3]), grid, tokens,

@@ -29,6 +29,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,28 +286,29 @@ def _probe(opener: Callable[[], Any]) -> tuple[int, float, int, int]:
 
 def _decode(opener: Callable[[], Any], indices: list[int], size: tuple[int, int]) -> tuple[list | None, int]:
     """Decode sequentially and keep (resized) the frames at ``indices``. Returns (frames, count decoded), or
-    (None, count) when the stream ends or fails to decode before the last index."""
+    (None, count) when the stream ends or fails to decode before the last index. Kept frames are converted and
+    resized on worker threads while decoding goes on (PyAV and PIL release the GIL for both)."""
     wanted: dict[int, list[int]] = {}
     for pos, i in enumerate(indices):
         wanted.setdefault(i, []).append(pos)
-    out: list = [None] * len(indices)
+    pending: dict[int, Future] = {}
     count = 0
-    with opener() as container:
+    with opener() as container, ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         try:
             for frame in container.decode(stream):
                 if count in wanted:
-                    kept = _resize(frame.to_ndarray(format="rgb24"), size)
-                    for pos in wanted[count]:
-                        out[pos] = kept
+                    pending[count] = pool.submit(lambda f: _resize(f.to_ndarray(format="rgb24"), size), frame)
                 count += 1
                 if count > indices[-1]:
-                    return out, count
+                    return [pending[i].result() for i in indices], count
         except av.FFmpegError:
             # A truncated or damaged stream; with frame threading FFmpeg usually reports it as a clean end
             # instead, so both are treated alike: the caller samples the frames that did decode.
             pass
+        for future in pending.values():  # surface errors of the frames that did decode
+            future.result()
     return None, count
 
 
