@@ -166,3 +166,34 @@ def test_a_bad_video_is_named(processor, tmp_path):
     conversation = [{"role": "user", "content": [{"type": "video", "video": str(tmp_path / "fake.mp4")}]}]
     with pytest.raises(MediaError, match=r"video 1 \('.*fake.mp4'\): not a readable video"):
         processor(conversation)
+
+
+def test_images_from_urls_with_a_fetch_policy(processor_dir, tmp_path):
+    """An http URL served on loopback: refused by the default policy, fetched with one that allows it; a
+    failing URL is named."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from qwen2vl.processing.fetch import FetchPolicy, fetch_url
+    from qwen2vl.processing.processor import Processor
+
+    noise(100, 80).save(tmp_path / "cat.png")
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    one = lambda url: [{"role": "user", "content": [image(url), text("?")]}]  # noqa: E731
+    try:
+        default = Processor.from_pretrained(processor_dir)
+        with pytest.raises(MediaError, match=r"image 1 \('http://127.0.0.1:\d+/cat.png'\): .*non-public address"):
+            default(one(base + "/cat.png"))
+        trusting = Processor.from_pretrained(
+            processor_dir, fetch=functools.partial(fetch_url, policy=FetchPolicy(allow_private=True))
+        )
+        assert trusting(one(base + "/cat.png"))["image_grid_thw"].tolist() == [[1, 6, 8]]
+        with pytest.raises(MediaError, match=r"image 1 \('http://127.0.0.1:\d+/dog.png'\): HTTP 404"):
+            trusting(one(base + "/dog.png"))
+    finally:
+        httpd.shutdown()

@@ -69,8 +69,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_source(source: object, name: str, fetch: Callable[[str], bytes] | None = None) -> bytes | Path:
-    """The bytes or local path behind a media source: a path, ``file://``, ``data:`` URL, http(s) URL or bytes."""
+def read_source(source: object, name: str, fetch: Callable[..., bytes] | None = None) -> bytes | Path:
+    """The bytes or local path behind a media source: a path, ``file://``, ``data:`` URL, http(s) URL or bytes.
+    URLs go through ``fetch(url, name=name)``: by default :func:`~.fetch.fetch_url` with its default limits."""
     what = f"{name} ({describe(source)})"
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
@@ -88,10 +89,8 @@ def read_source(source: object, name: str, fetch: Callable[[str], bytes] | None 
             raise MediaError(f"{what}: invalid base64 in the data URL") from None
     if source.startswith(("http://", "https://")):
         if fetch is None:
-            from .fetch import fetch_url
-
-            return fetch_url(source, name=name)
-        return fetch(source)
+            from .fetch import fetch_url as fetch
+        return fetch(source, name=name)
     path = Path(source[7:] if source.startswith("file://") else source).expanduser()
     if not path.exists():
         raise MediaError(f"{what}: no such file")
@@ -102,7 +101,7 @@ def read_source(source: object, name: str, fetch: Callable[[str], bytes] | None 
     return path
 
 
-def load_image(source: object, *, name: str = "image", fetch: Callable[[str], bytes] | None = None) -> Image.Image:
+def load_image(source: object, *, name: str = "image", fetch: Callable[..., bytes] | None = None) -> Image.Image:
     """An RGB PIL image from a path, URL, data URL, bytes or PIL image; EXIF orientation applied; fully decoded
     here, so that a truncated file fails now with a clear message rather than later inside the resize."""
     what = f"{name} ({describe(source)})"

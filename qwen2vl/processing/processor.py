@@ -70,7 +70,7 @@ class MediaLoader:
     image_mean: tuple[float, ...] = img.CLIP_MEAN
     image_std: tuple[float, ...] = img.CLIP_STD
     video_options: dict = field(default_factory=dict)
-    fetch: Callable[[str], bytes] | None = None  # how http(s) URLs are fetched; None: fetch_url, default limits
+    fetch: Callable[..., bytes] | None = None  # fetch(url, name=...) -> bytes; None: fetch_url, default limits
 
     def image(self, part: Mapping, name: str = "image", **defaults) -> img.ImageInput:
         options = {**defaults, **{k: part[k] for k in IMAGE_KEYS if k in part}}

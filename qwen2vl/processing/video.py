@@ -336,11 +336,11 @@ def load_video(source: Any, *, name: str = "video", fps: float | None = None, nf
                video_end: float | None = None, min_pixels: float | None = None, max_pixels: float | None = None,
                total_pixels: float | None = None, resized_height: int | None = None,
                resized_width: int | None = None, max_tokens: int | None = VIDEO_MAX_TOKENS,
-               fetch: Callable[[str], bytes] | None = None) -> Video:
+               fetch: Callable[..., bytes] | None = None) -> Video:
     """Load, sample and resize a video: a path (optionally ``file://``), bytes of a video file, an http(s) URL,
     or a list of frames (PIL images, uint8 arrays, image paths or image bytes). ``fps`` of a frame list is
-    the rate it was sampled at (default 2), the frame-sampling options do not apply to it. ``fetch`` fetches
-    http(s) URLs (default: ``fetch_url`` with its default limits)."""
+    the rate it was sampled at (default 2), the frame-sampling options do not apply to it. URLs go through
+    ``fetch(url, name=name)`` (default: ``fetch_url`` with its default limits)."""
     options = {"fps": fps, "nframes": nframes, "min_frames": min_frames, "max_frames": max_frames,
                "video_start": video_start, "video_end": video_end}
     sizing = {"min_pixels": min_pixels, "max_pixels": max_pixels, "total_pixels": total_pixels,
@@ -354,9 +354,9 @@ def load_video(source: Any, *, name: str = "video", fps: float | None = None, nf
                 raise MediaError(f"{', '.join(unused)} cannot be used with a list of frames (every frame is used)")
             return _load_frame_list(source, fps, sizing)
         if isinstance(source, str) and source.startswith(("http://", "https://")):
-            from .fetch import fetch_url
-
-            source_bytes = fetch(source) if fetch is not None else fetch_url(source, name=name)
+            if fetch is None:
+                from .fetch import fetch_url as fetch
+            source_bytes = fetch(source, name=name)
         elif isinstance(source, (bytes, bytearray)):
             source_bytes = bytes(source)
         elif isinstance(source, (str, Path)):
