@@ -18,7 +18,7 @@ from .generate.sampling import SamplingParams
 from .model.qwen2vl import Qwen2VL
 from .processing.errors import MediaError
 from .processing.processor import BatchInputs, Processor
-from .processing.tokenizer import IncrementalDecoder
+from .processing.tokenizer import TextStream
 
 
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None) -> Assistant:
@@ -36,17 +36,6 @@ def as_conversation(messages: str | Sequence[Mapping]) -> list[Mapping]:
     if isinstance(messages, Sequence) and messages and not isinstance(messages[0], Mapping):
         raise MediaError("messages: chat() takes one conversation (a list of message dicts), not a batch")
     return list(messages)
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """How many characters at the end of ``text`` could be the start of a stop string."""
-    held = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), held, -1):
-            if text.endswith(s[:n]):
-                held = n
-                break
-    return held
 
 
 class Assistant:
@@ -72,7 +61,6 @@ class Assistant:
     ) -> Iterator[str]:
         """The answer as text pieces, as they are generated. Pieces never split a UTF-8 character; text that
         could begin a stop string is held back until it is known not to."""
-        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         sample = temperature is not None and temperature > 0
         params = SamplingParams(
             do_sample=sample, temperature=temperature if sample else 1.0, top_k=top_k if sample else None,
@@ -80,37 +68,24 @@ class Assistant:
         )  # fmt: skip
         inputs = inputs if inputs is not None else self.prepare(messages, **media_options)
         media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        decoder = IncrementalDecoder(self.processor.tokenizer)
-        text, sent = "", 0
+        text = TextStream(self.processor.tokenizer, stop)
         tokens = stream_ids(
             self.model, inputs["input_ids"], attention_mask=inputs["attention_mask"], media=media,
             max_new_tokens=max_new_tokens, params=params,
         )  # fmt: skip
-        for token in tokens:
-            token_id = int(token[0])
-            if token_id in self.model.config.eos_token_ids:
-                break
-            text += decoder.push(token_id)
-            if stops:
-                hits = [i for s in stops if (i := text.find(s, max(0, sent - len(s)))) >= 0]
-                if hits:
-                    if min(hits) > sent:
-                        yield text[sent : min(hits)]
+        try:
+            for token in tokens:
+                token_id = int(token[0])
+                if token_id in self.model.config.eos_token_ids:
+                    break
+                if piece := text.push(token_id):
+                    yield piece
+                if text.stopped:
                     return
-                safe = len(text) - _held_back(text, stops)
-                if safe > sent:
-                    yield text[sent:safe]
-                    sent = safe
-            elif len(text) > sent:
-                yield text[sent:]
-                sent = len(text)
-        tokens.close()
-        text += decoder.flush()
-        if stops:
-            cut = [i for s in stops if (i := text.find(s, max(0, sent - len(s)))) >= 0]
-            text = text[: min(cut)] if cut else text
-        if len(text) > sent:
-            yield text[sent:]
+        finally:
+            tokens.close()
+        if piece := text.finish():
+            yield piece
 
     def chat(self, messages: str | Sequence[Mapping], **kwargs) -> str:
         """The whole answer (see :meth:`stream` for the arguments)."""

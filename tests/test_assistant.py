@@ -8,7 +8,7 @@ from PIL import Image
 
 import qwen2vl
 from helpers import hf_processor as make_hf_processor
-from qwen2vl.assistant import _held_back
+from qwen2vl.processing.tokenizer import _stop_prefix
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +57,9 @@ def test_stop_strings_end_the_answer(assistant):
 
 
 def test_held_back_text_is_a_stop_prefix():
-    assert _held_back("hello wor", ["world"]) == 3
-    assert _held_back("hello", ["xyz"]) == 0
-    assert _held_back("ab", ["abc", "bcd"]) == 2
+    assert _stop_prefix("hello wor", ["world"]) == 3
+    assert _stop_prefix("hello", ["xyz"]) == 0
+    assert _stop_prefix("ab", ["abc", "bcd"]) == 2
 
 
 def test_sampling_is_seeded(assistant):

@@ -129,3 +129,51 @@ class IncrementalDecoder:
         after = self._decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
         return after[len(before) :]
+
+
+class TextStream:
+    """Token ids in, answer text out: incremental decoding plus stop strings. Text that could be the start of
+    a stop string is held back until it is known not to be; once a stop string appears, ``stopped`` is set and
+    the text before it is all that is ever returned."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: str | list[str] | tuple[str, ...] | None = None):
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        self.text = ""  # everything decoded so far
+        self.sent = 0  # characters of it returned
+        self.stopped = False
+
+    def _release(self, final: bool) -> str:
+        if self.stopped:
+            return ""
+        if self.stops:
+            hits = [i for s in self.stops if (i := self.text.find(s, max(0, self.sent - len(s)))) >= 0]
+            if hits:
+                self.stopped = True
+                end = min(hits)
+            else:
+                end = len(self.text) if final else len(self.text) - _stop_prefix(self.text, self.stops)
+        else:
+            end = len(self.text)
+        piece = self.text[self.sent : end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return piece
+
+    def push(self, token_id: int) -> str:
+        self.text += self.decoder.push(token_id)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        self.text += self.decoder.flush()
+        return self._release(final=True)
+
+
+def _stop_prefix(text: str, stops: list[str]) -> int:
+    """How many characters at the end of ``text`` could be the start of a stop string."""
+    held = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), held, -1):
+            if text.endswith(s[:n]):
+                held = n
+                break
+    return held
