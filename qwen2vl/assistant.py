@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from .generate.engine import stream as stream_ids
+from .generate.sampling import openai_params
 from .hub import resolve_model
-from .generate.sampling import SamplingParams
 from .model.qwen2vl import Qwen2VL
 from .processing.errors import MediaError
 from .processing.processor import BatchInputs, Processor
@@ -61,11 +61,7 @@ class Assistant:
     ) -> Iterator[str]:
         """The answer as text pieces, as they are generated. Pieces never split a UTF-8 character; text that
         could begin a stop string is held back until it is known not to."""
-        sample = temperature is not None and temperature > 0
-        params = SamplingParams(
-            do_sample=sample, temperature=temperature if sample else 1.0, top_k=top_k if sample else None,
-            top_p=top_p if sample else None, repetition_penalty=repetition_penalty, seed=seed,
-        )  # fmt: skip
+        params = openai_params(temperature, top_p, top_k, repetition_penalty, seed)
         inputs = inputs if inputs is not None else self.prepare(messages, **media_options)
         media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         text = TextStream(self.processor.tokenizer, stop)

@@ -175,8 +175,9 @@ def test_images_from_urls_with_a_fetch_policy(processor_dir, tmp_path):
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-    from qwen2vl.processing.fetch import FetchPolicy, fetch_url
+    from qwen2vl.processing.fetch import FetchPolicy
     from qwen2vl.processing.processor import Processor
+    from qwen2vl.processing.sources import MediaAccess
 
     noise(100, 80).save(tmp_path / "cat.png")
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
@@ -189,9 +190,7 @@ def test_images_from_urls_with_a_fetch_policy(processor_dir, tmp_path):
         default = Processor.from_pretrained(processor_dir)
         with pytest.raises(MediaError, match=r"image 1 \('http://127.0.0.1:\d+/cat.png'\): .*non-public address"):
             default(one(base + "/cat.png"))
-        trusting = Processor.from_pretrained(
-            processor_dir, fetch=functools.partial(fetch_url, policy=FetchPolicy(allow_private=True))
-        )
+        trusting = Processor.from_pretrained(processor_dir, access=MediaAccess(fetch=FetchPolicy(allow_private=True)))
         assert trusting(one(base + "/cat.png"))["image_grid_thw"].tolist() == [[1, 6, 8]]
         with pytest.raises(MediaError, match=r"image 1 \('http://127.0.0.1:\d+/dog.png'\): HTTP 404"):
             trusting(one(base + "/dog.png"))

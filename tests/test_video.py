@@ -387,8 +387,8 @@ def test_errors(tmp_path, videos):
             c.mux(p)
     one = make_video(tmp_path / "one.mp4", 1, 30)
     cases = [
-        (str(tmp_path / "missing.mp4"), {}, "'.*missing.mp4'\\): file not found"),
-        (tmp_path, {}, "not a file"),
+        (str(tmp_path / "missing.mp4"), {}, "'.*missing.mp4'\\): no such file"),
+        (tmp_path, {}, "not a regular file"),
         (str(text), {}, "notes.mp4'\\): not a readable video"),
         (str(tmp_path / "cut.mp4"), {}, "cut.mp4'\\): not a readable video"),
         (str(tmp_path / "cut_fast.mp4"), {}, "cut_fast.mp4'\\): no decodable frames"),

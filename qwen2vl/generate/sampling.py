@@ -69,3 +69,22 @@ def choose(
         logits = top_p_filter(logits, params.top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def openai_params(
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+) -> SamplingParams:
+    """OpenAI's conventions: temperature 0 or None is greedy (top_p/top_k then do nothing); > 0 samples."""
+    sample = temperature is not None and temperature > 0
+    return SamplingParams(
+        do_sample=sample,
+        temperature=temperature if sample else 1.0,
+        top_k=top_k if sample and top_k not in (None, 0, -1) else None,  # vLLM's "off" values 0 / -1
+        top_p=top_p if sample else None,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )

@@ -8,12 +8,8 @@ is a clip of one frame, repeated to fill the temporal patch).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import math
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import MediaError, describe
+from .sources import TRUST_LOCAL, MediaAccess
 
 PATCH = 14
 MERGE = 2
@@ -69,46 +66,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_source(source: object, name: str, fetch: Callable[..., bytes] | None = None) -> bytes | Path:
-    """The bytes or local path behind a media source: a path, ``file://``, ``data:`` URL, http(s) URL or bytes.
-    URLs go through ``fetch(url, name=name)``: by default :func:`~.fetch.fetch_url` with its default limits."""
-    what = f"{name} ({describe(source)})"
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source)
-    if isinstance(source, Path):
-        source = str(source)
-    if not isinstance(source, str):
-        raise MediaError(f"{what}: expected a path, URL, data URL, bytes or image, got {type(source).__name__}")
-    if source.startswith("data:"):
-        header, sep, payload = source.partition(",")
-        if not sep or ";base64" not in header:
-            raise MediaError(f"{what}: a data URL must be base64 ('data:<type>;base64,<data>')")
-        try:
-            return base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise MediaError(f"{what}: invalid base64 in the data URL") from None
-    if source.startswith(("http://", "https://")):
-        if fetch is None:
-            from .fetch import fetch_url as fetch
-        return fetch(source, name=name)
-    path = Path(source[7:] if source.startswith("file://") else source).expanduser()
-    if not path.exists():
-        raise MediaError(f"{what}: no such file")
-    if not path.is_file():
-        raise MediaError(f"{what}: not a regular file")
-    if not os.access(path, os.R_OK):
-        raise MediaError(f"{what}: not readable (permission denied)")
-    return path
-
-
-def load_image(source: object, *, name: str = "image", fetch: Callable[..., bytes] | None = None) -> Image.Image:
-    """An RGB PIL image from a path, URL, data URL, bytes or PIL image; EXIF orientation applied; fully decoded
-    here, so that a truncated file fails now with a clear message rather than later inside the resize."""
+def load_image(source: object, *, name: str = "image", access: MediaAccess = TRUST_LOCAL) -> Image.Image:
+    """An RGB PIL image from a path, URL, data URL, bytes or PIL image (``access`` says which sources are
+    allowed); EXIF orientation applied; fully decoded here, so that a truncated file fails now with a clear
+    message rather than later inside the resize."""
     what = f"{name} ({describe(source)})"
     if isinstance(source, Image.Image):
         image = source
     else:
-        data = read_source(source, name, fetch)
+        data = access.read(source, name)
         try:
             image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
             image.load()

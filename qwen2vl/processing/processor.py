@@ -9,7 +9,7 @@ win): images take ``min_pixels``, ``max_pixels``, ``resized_height``/``resized_w
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import torch
 from . import image as img
 from .chat import ChatTemplate, check_messages, media_parts, media_source
 from .errors import MediaError, describe
+from .sources import TRUST_LOCAL, MediaAccess
 from .tokenizer import Tokenizer
 
 IMAGE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
@@ -60,7 +61,7 @@ class BatchInputs(dict):
 @dataclass
 class MediaLoader:
     """How images and videos become patches: the checkpoint's preprocessor settings, default video options, and
-    how URLs are fetched. Needs no tokenizer, so that token counts can be computed without a model."""
+    which sources are allowed. Needs no tokenizer, so that token counts can be computed without a model."""
 
     min_pixels: int = img.IMAGE_MIN_PIXELS
     max_pixels: int = img.IMAGE_MAX_PIXELS
@@ -70,14 +71,14 @@ class MediaLoader:
     image_mean: tuple[float, ...] = img.CLIP_MEAN
     image_std: tuple[float, ...] = img.CLIP_STD
     video_options: dict = field(default_factory=dict)
-    fetch: Callable[..., bytes] | None = None  # fetch(url, name=...) -> bytes; None: fetch_url, default limits
+    access: MediaAccess = TRUST_LOCAL  # which sources are allowed: local files, URLs (with limits), sizes
 
     def image(self, part: Mapping, name: str = "image", **defaults) -> img.ImageInput:
         options = {**defaults, **{k: part[k] for k in IMAGE_KEYS if k in part}}
         options = {k: v for k, v in options.items() if k in IMAGE_KEYS and v is not None}
         options.setdefault("min_pixels", self.min_pixels)
         options.setdefault("max_pixels", self.max_pixels)
-        picture = img.load_image(media_source(part), name=name, fetch=self.fetch)
+        picture = img.load_image(media_source(part), name=name, access=self.access)
         try:
             return img.preprocess_image(
                 picture, **options, mean=self.image_mean, std=self.image_std, patch_size=self.patch_size,
@@ -91,7 +92,7 @@ class MediaLoader:
 
         options = {**self.video_options, **defaults, **{k: part[k] for k in VIDEO_KEYS if k in part}}
         options = {k: v for k, v in options.items() if k in VIDEO_KEYS and v is not None}
-        return load_video(media_source(part), name=name, fetch=self.fetch, **options)
+        return load_video(media_source(part), name=name, access=self.access, **options)
 
     def load(self, kind: str, part: Mapping, name: str, options: Mapping) -> tuple[MediaInfo, np.ndarray]:
         """One image or video part -> (what it became, its patches)."""

@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 
 from .errors import MediaError, describe
+from .sources import TRUST_LOCAL, MediaAccess
 
 VIDEO_MAX_TOKENS = 16384  # the paper's cap on tokens per video
 FPS = 2.0
@@ -336,11 +337,11 @@ def load_video(source: Any, *, name: str = "video", fps: float | None = None, nf
                video_end: float | None = None, min_pixels: float | None = None, max_pixels: float | None = None,
                total_pixels: float | None = None, resized_height: int | None = None,
                resized_width: int | None = None, max_tokens: int | None = VIDEO_MAX_TOKENS,
-               fetch: Callable[..., bytes] | None = None) -> Video:
+               access: MediaAccess = TRUST_LOCAL) -> Video:
     """Load, sample and resize a video: a path (optionally ``file://``), bytes of a video file, an http(s) URL,
     or a list of frames (PIL images, uint8 arrays, image paths or image bytes). ``fps`` of a frame list is
-    the rate it was sampled at (default 2), the frame-sampling options do not apply to it. URLs go through
-    ``fetch(url, name=name)`` (default: ``fetch_url`` with its default limits)."""
+    the rate it was sampled at (default 2), the frame-sampling options do not apply to it. ``access`` says which
+    sources are allowed (default: any local file, public URLs)."""
     options = {"fps": fps, "nframes": nframes, "min_frames": min_frames, "max_frames": max_frames,
                "video_start": video_start, "video_end": video_end}
     sizing = {"min_pixels": min_pixels, "max_pixels": max_pixels, "total_pixels": total_pixels,
@@ -353,24 +354,16 @@ def load_video(source: Any, *, name: str = "video", fps: float | None = None, nf
             if unused:
                 raise MediaError(f"{', '.join(unused)} cannot be used with a list of frames (every frame is used)")
             return _load_frame_list(source, fps, sizing)
-        if isinstance(source, str) and source.startswith(("http://", "https://")):
-            if fetch is None:
-                from .fetch import fetch_url as fetch
-            source_bytes = fetch(source, name=name)
-        elif isinstance(source, (bytes, bytearray)):
-            source_bytes = bytes(source)
-        elif isinstance(source, (str, Path)):
-            path = str(source).removeprefix("file://")
-            if not os.path.isfile(path):
-                raise MediaError("file not found" if not os.path.exists(path) else "not a file")
-            return _load_file(lambda: av.open(path), options, sizing, label)
-        else:
+        if not isinstance(source, (str, Path, bytes, bytearray, memoryview)):
             raise MediaError(f"unsupported video source type {type(source).__name__}")
-        if not source_bytes:
+        data = access.read(source, name)
+        if isinstance(data, Path):
+            return _load_file(lambda: av.open(str(data)), options, sizing, label)
+        if not data:
             raise MediaError("empty data")
-        return _load_file(lambda: av.open(io.BytesIO(source_bytes)), options, sizing, label)
+        return _load_file(lambda: av.open(io.BytesIO(data)), options, sizing, label)
     except (av.FFmpegError, OSError) as e:
         raise MediaError(f"{label}: not a readable video ({e})") from None
-    except MediaError as e:
-        raise MediaError(f"{label}: {e}") from None
+    except MediaError as e:  # messages from access.read name the item already
+        raise MediaError(str(e) if str(e).startswith(f"{name} (") else f"{label}: {e}") from None
 
