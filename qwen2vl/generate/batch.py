@@ -118,7 +118,7 @@ class Batcher:
     def admit(self, seq: Sequence) -> None:
         """Prefill ``seq`` alone, emit its first token and give it a row (it must have a free one)."""
         L = seq.input_ids.shape[1]
-        if L + 1 > self.max_len:
+        if L >= self.max_len:
             raise ValueError(f"the prompt has {L} tokens; at most {self.max_len - 1} fit")
         row = self.rows.index(None)
         device = self.model.device
@@ -187,7 +187,7 @@ class Batcher:
         if token in seq.eos_token_ids:
             return self._retire(seq, "stop")
         seq.emit(token)
-        at_limit = seq.row >= 0 and self.cache.length - seq.start + 1 > self.max_len
+        at_limit = seq.input_ids.shape[1] + seq.generated >= self.max_len  # prompt + answer fill max_len
         if seq.generated >= seq.max_new_tokens or at_limit:
             self._retire(seq, "length")
 

@@ -1,0 +1,73 @@
+"""Continuous batching: sequences that join and leave a running batch get exactly the tokens they get alone,
+through compaction and growth of the shared timeline; cancellation and limits end them."""
+
+import torch
+
+from helpers import pixels, prompt
+from qwen2vl.generate.batch import Batcher, Sequence
+from qwen2vl.generate.engine import generate
+from qwen2vl.generate.sampling import SamplingParams
+
+
+def run(batcher, seqs, order=None):
+    """Admit the sequences as rows free up, stepping until all are done."""
+    waiting = list(seqs)
+    while waiting or batcher.active:
+        while waiting and batcher.free:
+            batcher.admit(waiting.pop(0))
+        batcher.step()
+
+
+def make(ids, media, n, out, done, params=SamplingParams(), eos=frozenset()):
+    key = len(out)
+    out[key], done[key] = [], None
+    return Sequence(ids, media, n, params, emit=out[key].append, finish=lambda r: done.__setitem__(key, r),
+                    eos_token_ids=eos)  # fmt: skip
+
+
+def test_joining_and_leaving_gives_the_tokens_of_a_lone_run(tiny):
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 150000, (1, n), generator=g) for n in (5, 17, 3, 40, 9, 12, 25, 7)]
+    ids, ig, _ = prompt(11, ("image", 1, 4, 6), 12)
+    rows.insert(2, torch.tensor([ids]))
+    media = {2: {"pixel_values": pixels(ig, 1176), "image_grid_thw": ig}}
+    lengths = [12, 7, 12, 3, 12, 9, 12, 12, 5]
+    alone = [generate(tiny, r, max_new_tokens=n, media=media.get(i), eos_token_ids=())[0].tolist()
+             for i, (r, n) in enumerate(zip(rows, lengths))]  # fmt: skip
+    out, done = {}, {}
+    batcher = Batcher(tiny, max_batch_size=3, max_len=64, initial_slots=8)  # forces growth and compaction
+    run(batcher, [make(r, media.get(i, {}), n, out, done) for i, (r, n) in enumerate(zip(rows, lengths))])
+    assert [out[i] for i in range(len(rows))] == alone
+    assert set(done.values()) == {"length"}
+    assert batcher.cache.capacity <= 65 and batcher.cache.length == 0
+
+
+def test_eos_cancel_and_the_length_limit(tiny):
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randint(0, 150000, (1, 6), generator=g), torch.randint(0, 150000, (1, 30), generator=g)
+    first = generate(tiny, a, max_new_tokens=4, eos_token_ids=())[0].tolist()
+    out, done = {}, {}
+    batcher = Batcher(tiny, max_batch_size=2, max_len=40)
+    stop_at_third = make(a, {}, 10, out, done, eos=frozenset({first[2]}))
+    cancelled = make(b, {}, 50, out, done)
+    batcher.admit(stop_at_third)
+    batcher.admit(cancelled)
+    batcher.step()
+    batcher.step()
+    cancelled.cancelled = True
+    batcher.step()
+    assert out[0] == first[: first.index(first[2])] and done[0] == "stop"  # the eos token itself is not emitted
+    assert len(out[1]) == 3 and done[1] == "cancelled"
+    out, done = {}, {}
+    long = make(b, {}, 100, out, done)
+    run(Batcher(tiny, max_batch_size=1, max_len=40), [long])
+    assert done[0] == "length" and len(out[0]) == 40 - 30  # the cache limit, not max_new_tokens
+
+
+def test_sampled_rows_are_seeded_per_request(tiny):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    params = SamplingParams(do_sample=True, temperature=1.0, seed=3)
+    out, done = {}, {}
+    run(Batcher(tiny, max_batch_size=2), [make(ids, {}, 8, out, done, params), make(ids, {}, 8, out, done, params)])
+    alone = generate(tiny, ids, max_new_tokens=8, params=params, eos_token_ids=())[0].tolist()
+    assert out[0] == out[1] == alone
