@@ -39,6 +39,22 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--device", help="e.g. cuda, cpu (default: cpu)")
     chat.add_argument("--draw-boxes", metavar="OUT.png", help="draw the answer's grounding boxes on the first image")
 
+    serve = verbs.add_parser("serve", help="an OpenAI-compatible server (/v1/chat/completions)")
+    serve.add_argument("model", help="a checkpoint directory, or a hub id (fetched when online)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $QWEN2VL_API_KEY)")
+    serve.add_argument("--served-model-name", help="the model id clients use (default: the directory name)")
+    serve.add_argument("--max-model-len", type=int, default=32768, help="prompt + answer tokens per request")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
+    serve.add_argument("--max-queue", type=int, default=32, help="requests waiting for a slot; more get 429")
+    serve.add_argument("--limit-mm-per-prompt", default='{"image": 4, "video": 1}', help="JSON, per request")
+    serve.add_argument("--allowed-local-media-path", metavar="DIR", help="local files (file:// or paths) only inside")
+    serve.add_argument("--allowed-media-domains", nargs="*", default=[], metavar="D",
+                       help="hosts whose URLs may resolve to private addresses")  # fmt: skip
+    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--device")
+
     tokens = verbs.add_parser("tokens", help="how many tokens each image and video costs, without a model")
     add_media_arguments(tokens)
     tokens.add_argument("--model", help="checkpoint directory whose preprocessor_config.json sets the defaults")
@@ -59,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             run_tokens(args)
         elif args.verb == "chat":
             run_chat(args)
+        elif args.verb == "serve":
+            run_serve(args)
     except KeyboardInterrupt:
         return 130
     except (ValueError, OSError) as e:  # our errors are one line and name the problem
@@ -151,6 +169,33 @@ def run_chat(args: argparse.Namespace) -> None:
             draw_answer_boxes(history, "".join(answer), args.draw_boxes)
         if not interactive:
             break
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    import json
+    import os
+
+    try:
+        from .serve.app import ServerConfig, serve
+    except ImportError as e:
+        raise ValueError(f"serving needs the 'serve' extra: pip install 'qwen2vl[serve]' ({e})") from None
+    try:
+        limits = json.loads(args.limit_mm_per_prompt)
+        if not isinstance(limits, dict) or not all(isinstance(v, int) and v >= 0 for v in limits.values()):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"--limit-mm-per-prompt must be a JSON object of counts, got {args.limit_mm_per_prompt!r}")
+    if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
+        raise ValueError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
+    config = ServerConfig(
+        api_key=args.api_key or os.environ.get("QWEN2VL_API_KEY"), max_model_len=args.max_model_len,
+        max_batch_size=args.max_batch_size, max_queue=args.max_queue, limit_mm_per_prompt=limits,
+        allowed_local_media_path=args.allowed_local_media_path,
+        allowed_media_domains=tuple(args.allowed_media_domains),
+    )  # fmt: skip
+    if args.served_model_name:
+        config.model_name = args.served_model_name
+    serve(args.model, args.host, args.port, dtype=args.dtype, device=args.device, config=config)
 
 
 def draw_answer_boxes(history: list[dict], answer: str, out: str) -> None:

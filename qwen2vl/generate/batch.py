@@ -57,7 +57,7 @@ class Batcher:
         self.max_batch_size, self.max_len = max_batch_size, max_len
         self.rows: list[Sequence | None] = [None] * max_batch_size
         self.cache = KVCache.allocate(
-            self.config.text, max_batch_size, min(initial_slots, max_len), model.dtype, model.device
+            self.config.text, max_batch_size, min(initial_slots, max_len), model.dtype, model.device, zeroed=True
         )
         self.cache.padded = True  # rows hold different amounts: always mask
 
@@ -74,7 +74,9 @@ class Batcher:
     def _resize(self, slots: int) -> None:
         """Reallocate the timeline to ``slots`` slots, keeping the filled part."""
         old, n = self.cache, self.cache.length
-        new = KVCache.allocate(self.config.text, self.max_batch_size, slots, self.model.dtype, self.model.device)
+        new = KVCache.allocate(
+            self.config.text, self.max_batch_size, slots, self.model.dtype, self.model.device, zeroed=True
+        )
         for (k, v), (k2, v2) in zip(old.layers, new.layers):
             k2[:, :, :n], v2[:, :, :n] = k[:, :, :n], v[:, :, :n]
         new.key_mask[:, :n] = old.key_mask[:, :n]

@@ -24,11 +24,20 @@ class KVCache:
 
     @classmethod
     def allocate(
-        cls, config: TextConfig, batch: int, capacity: int, dtype: torch.dtype, device: torch.device | str
+        cls,
+        config: TextConfig,
+        batch: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        zeroed: bool = False,
     ) -> KVCache:
+        """``zeroed``: when masked slots inside the attended range may never be written (continuous batching),
+        they must not hold NaN bit patterns from reused memory: a masked key has weight 0, and 0 * NaN = NaN."""
         shape = (batch, config.num_key_value_heads, capacity, config.head_dim)
+        new = torch.zeros if zeroed else torch.empty
         layers = [
-            (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+            (new(shape, dtype=dtype, device=device), new(shape, dtype=dtype, device=device))
             for _ in range(config.num_hidden_layers)
         ]
         return cls(

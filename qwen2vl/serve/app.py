@@ -1,0 +1,302 @@
+"""An OpenAI-compatible server: ``POST /v1/chat/completions`` (streamed or not), ``GET /v1/models``,
+``GET /health``. HTTP <-> processor and batcher; no model logic here.
+
+Requests are preprocessed on worker threads (so a bad image is a 400 before anything else happens), then queued
+for one engine thread that owns the model and runs continuous batching (``generate/batch.py``): a request joins
+the running batch between decode steps and leaves when done. The queue is bounded; when it is full the answer is
+an immediate 429. A client that disconnects cancels its sequence at the next step.
+
+Security by default: binds 127.0.0.1; ``--api-key`` enforced on /v1; no local file is read unless
+``--allowed-local-media-path`` names a directory (and then nothing outside it, '..' and symlinks resolved); URLs
+are fetched with a timeout, a size cap while downloading, no redirects, and only from public addresses unless the
+host is in ``--allowed-media-domains``; media counts (``--limit-mm-per-prompt``) are checked before anything is
+downloaded or decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..assistant import Assistant
+from ..generate.batch import Batcher, Sequence
+from ..generate.sampling import openai_params
+from ..processing.errors import MediaError
+from ..processing.fetch import FetchPolicy
+from ..processing.sources import MediaAccess
+from ..processing.tokenizer import TextStream
+from .schemas import ApiError, ChatRequest, chunk, completion, completion_id, to_qwen_messages
+
+log = logging.getLogger("qwen2vl.serve")
+
+
+@dataclass
+class ServerConfig:
+    model_name: str = "qwen2vl"
+    api_key: str | None = None
+    max_model_len: int = 32768
+    max_batch_size: int = 8
+    max_queue: int = 32  # requests waiting for a row; beyond this: 429
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=lambda: {"image": 4, "video": 1})
+    allowed_local_media_path: str | None = None
+    allowed_media_domains: tuple[str, ...] = ()
+    fetch_timeout: float = 10.0
+    max_media_bytes: int = 32 * 2**20
+
+    def media_access(self) -> MediaAccess:
+        local = Path(self.allowed_local_media_path) if self.allowed_local_media_path else False
+        policy = FetchPolicy(self.fetch_timeout, self.max_media_bytes, tuple(self.allowed_media_domains))
+        return MediaAccess(local=local, fetch=policy, max_bytes=self.max_media_bytes)
+
+
+class Overloaded(Exception):
+    pass
+
+
+class Engine:
+    """The one thread that touches the model: admits queued sequences into free rows, then steps the batch."""
+
+    def __init__(self, model, max_batch_size: int, max_len: int, max_queue: int):
+        self.batcher = Batcher(model, max_batch_size=max_batch_size, max_len=max_len)
+        self.waiting: queue.Queue[Sequence] = queue.Queue(maxsize=max_queue)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="qwen2vl-engine", daemon=True)
+        self.steps = 0
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=10)
+
+    def submit(self, seq: Sequence) -> None:
+        try:
+            self.waiting.put_nowait(seq)
+        except queue.Full:
+            raise Overloaded from None
+
+    @property
+    def running(self) -> int:
+        return self.batcher.active
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self._admit()
+                if self.batcher.active:
+                    self.batcher.step()
+                    self.steps += 1
+            except Exception:  # never let the loop die: fail what is running, keep serving
+                log.exception("engine step failed; ending the running requests")
+                for seq in [s for s in self.batcher.rows if s is not None]:
+                    self.batcher._retire(seq, "error")
+
+    def _admit(self) -> None:
+        while self.batcher.free:
+            try:
+                seq = self.waiting.get(timeout=0.05) if not self.batcher.active else self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            if seq.cancelled:
+                seq.finish("cancelled")
+                continue
+            try:
+                self.batcher.admit(seq)
+            except Exception as e:
+                log.exception("prefill failed")
+                seq.finish("error" if not isinstance(e, ValueError) else "length")
+
+
+def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
+    model = assistant.model
+    processor = copy.copy(assistant.processor)  # the same tokenizer and template, the server's media access
+    processor.media = dataclasses.replace(processor.media, access=config.media_access())
+    engine = Engine(model, config.max_batch_size, config.max_model_len, config.max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="qwen2vl", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.engine, app.state.config = engine, config
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        return JSONResponse(ApiError(e.status_code, str(e.detail), "invalid_request_error").body(), e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        log.exception("unexpected error")  # the traceback goes to the log, never to the client
+        return JSONResponse(ApiError(500, "internal error", "internal_error").body(), status_code=500)
+
+    def authorize(request: Request) -> None:
+        if config.api_key is None:
+            return
+        if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
+            raise ApiError(401, "invalid or missing API key", "authentication_error", "invalid_api_key")
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "running": engine.running, "waiting": engine.waiting.qsize()}
+
+    @app.get("/v1/models")
+    def models(request: Request) -> dict:
+        authorize(request)
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "owned_by": "qwen2vl",
+                                            "created": 0, "max_model_len": config.max_model_len}]}  # fmt: skip
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request)
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"invalid JSON body: {e}", code="invalid_json") from None
+        req = ChatRequest.parse(body)
+        if req.model is not None and req.model != config.model_name:
+            raise ApiError(404, f"model {req.model!r} does not exist; this server has {config.model_name!r}",
+                           code="model_not_found")  # fmt: skip
+        messages, counts = to_qwen_messages(req.messages)
+        for kind, n in counts.items():  # before anything is downloaded or decoded
+            if n > config.limit_mm_per_prompt.get(kind, 0):
+                raise ApiError(400, f"too many {kind}s: {n}, at most {config.limit_mm_per_prompt.get(kind, 0)} "
+                                    "per request", code="too_many_media")  # fmt: skip
+        options = req.mm_processor_kwargs.model_dump(exclude_none=True) if req.mm_processor_kwargs else {}
+        try:
+            inputs = await run_in_threadpool(processor, messages, True, **options)
+        except MediaError as e:
+            raise ApiError(400, str(e), code="invalid_media") from None
+        L = inputs["input_ids"].shape[1]
+        if L >= config.max_model_len:
+            raise ApiError(400, f"the prompt has {L} tokens; --max-model-len is {config.max_model_len}",
+                           code="context_length_exceeded")  # fmt: skip
+        limit = min(req.limit or config.max_model_len, config.max_model_len - L)
+        try:
+            params = openai_params(req.temperature, req.top_p, req.top_k, req.repetition_penalty, req.seed)
+        except ValueError as e:
+            raise ApiError(400, str(e), code="invalid_value") from None
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        media = {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in inputs.items()
+                 if k not in ("input_ids", "attention_mask")}  # fmt: skip
+        seq = Sequence(
+            inputs["input_ids"], media, limit, params,
+            emit=lambda t: loop.call_soon_threadsafe(events.put_nowait, ("token", t)),
+            finish=lambda r: loop.call_soon_threadsafe(events.put_nowait, ("finish", r)),
+            eos_token_ids=frozenset(model.config.eos_token_ids),
+        )  # fmt: skip
+        try:
+            engine.submit(seq)
+        except Overloaded:
+            raise ApiError(429, "the server is at capacity; retry later", "rate_limit_error", "overloaded") from None
+        answer = Answer(id=completion_id(), text=TextStream(processor.tokenizer, req.stops), seq=seq)
+        usage = lambda: answer.usage(L, inputs.media)  # noqa: E731
+
+        if not req.stream:
+            async for _ in answer.pieces(events, request):
+                pass
+            return completion(answer.id, config.model_name, answer.full, answer.finish_reason, usage())
+
+        async def sse():
+            def event(payload: dict) -> str:
+                return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+            yield event(chunk(answer.id, config.model_name, {"role": "assistant", "content": ""}))
+            async for piece in answer.pieces(events, request):
+                yield event(chunk(answer.id, config.model_name, {"content": piece}))
+            yield event(chunk(answer.id, config.model_name, {}, answer.finish_reason))
+            if req.stream_options and req.stream_options.include_usage:
+                yield event(chunk(answer.id, config.model_name, {}, usage=usage()))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+@dataclass
+class Answer:
+    """One request's answer as it arrives from the engine thread."""
+
+    id: str
+    text: TextStream
+    seq: Sequence
+    full: str = ""
+    finish_reason: str = "stop"
+
+    async def pieces(self, events: asyncio.Queue, request: Request):
+        """Text pieces until the sequence ends; a stop string, a disconnect or cancellation ends it early."""
+        try:
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(events.get(), timeout=1.0)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if kind == "finish":
+                    self.finish_reason = "length" if value == "length" else "stop"
+                    if value == "error":
+                        raise ApiError(500, "generation failed", "internal_error")
+                    if piece := self.text.finish():
+                        self.full += piece
+                        yield piece
+                    return
+                if piece := self.text.push(value):
+                    self.full += piece
+                    yield piece
+                if self.text.stopped:
+                    self.finish_reason = "stop"
+                    return
+        finally:
+            self.seq.cancelled = True  # a no-op once finished; frees the row after a stop string or disconnect
+
+    def usage(self, prompt_tokens: int, media) -> dict:
+        completion_tokens = self.seq.generated
+        return {
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "media": [{"type": m.kind, "index": m.index, "grid": list(m.grid), "tokens": m.tokens,
+                       "size": list(m.size), "original_size": list(m.original_size),
+                       **({"frames": m.frames} if m.kind == "video" else {})} for m in media],
+        }  # fmt: skip
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: str | None = None, device: str | None = None,
+          config: ServerConfig | None = None) -> None:  # fmt: skip
+    """Load ``model`` and serve it with uvicorn until interrupted."""
+    import uvicorn
+
+    from .. import load
+
+    config = config or ServerConfig()
+    assistant = load(model, dtype=dtype, device=device)
+    if config.model_name == "qwen2vl":
+        config.model_name = Path(str(model)).name or "qwen2vl"
+    config.max_model_len = min(config.max_model_len, assistant.model.config.text.max_position_embeddings)
+    torch.set_grad_enabled(False)
+    log.info("serving %s on http://%s:%d", config.model_name, host, port)
+    uvicorn.run(create_app(assistant, config), host=host, port=port, log_level="info")
