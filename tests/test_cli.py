@@ -107,3 +107,33 @@ def test_demo_runs_offline_on_the_shipped_image(tmp_path, capsys):
     assert "640x400 -> model input 644x392" in text and "322 tokens" in text
     assert "('the red ball', 70, 90, 210, 230)" in text
     assert Image.open(out).size == (640, 400)
+
+
+def test_serve_starts_on_localhost(tiny_checkpoint):
+    import re
+
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "qwen2vl", "serve", str(tiny_checkpoint), "--port", "0",
+                             "--api-key", "k"], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        for _ in range(200):
+            line = proc.stderr.readline()
+            if m := re.search(r"running on http://([\d.]+):(\d+)", line):
+                break
+        assert m and m.group(1) == "127.0.0.1"
+        base = f"http://127.0.0.1:{m.group(2)}"
+        assert httpx.get(base + "/health").json()["status"] == "ok"
+        assert httpx.get(base + "/v1/models").status_code == 401
+        models = httpx.get(base + "/v1/models", headers={"Authorization": "Bearer k"}).json()
+        assert models["data"][0]["id"] == tiny_checkpoint.name
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serve_argument_errors(tiny_checkpoint, tmp_path, capsys):
+    assert main(["serve", str(tiny_checkpoint), "--limit-mm-per-prompt", "{bad"]) == 1
+    assert "--limit-mm-per-prompt must be a JSON object" in capsys.readouterr().err
+    assert main(["serve", str(tiny_checkpoint), "--allowed-local-media-path", str(tmp_path / "none")]) == 1
+    assert "not a directory" in capsys.readouterr().err

@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -200,8 +199,7 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        media = {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in inputs.items()
-                 if k not in ("input_ids", "attention_mask")}  # fmt: skip
+        media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         seq = Sequence(
             inputs["input_ids"], media, limit, params,
             emit=lambda t: loop.call_soon_threadsafe(events.put_nowait, ("token", t)),
@@ -294,9 +292,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: str | No
 
     config = config or ServerConfig()
     assistant = load(model, dtype=dtype, device=device)
-    if config.model_name == "qwen2vl":
-        config.model_name = Path(str(model)).name or "qwen2vl"
+    if config.model_name == "qwen2vl":  # not set: the directory's name, or the hub id as given
+        config.model_name = Path(str(model)).name if Path(str(model)).expanduser().is_dir() else str(model)
     config.max_model_len = min(config.max_model_len, assistant.model.config.text.max_position_embeddings)
-    torch.set_grad_enabled(False)
     log.info("serving %s on http://%s:%d", config.model_name, host, port)
     uvicorn.run(create_app(assistant, config), host=host, port=port, log_level="info")
