@@ -238,9 +238,11 @@ def worker_timing(args) -> dict:
     ours = build_ours(cfg, dtype)
     models = {"ours": ours}
     if "hf" in impls:
-        models["hf"] = build_reference(cfg, ours)
+        models["hf"] = build_reference(cfg, ours)  # shares ours' dense tensors
     if "ours" not in impls:
         del models["ours"]
+    elif not args.no_pack:
+        ours.pack_for_cpu()  # what qwen2vl.load() gives on the CPU; the dense weights stay with the reference
     del ours
     build_s = time.perf_counter() - t0
     pd = cfg.vision.patch_dim
@@ -305,6 +307,10 @@ def worker_memory(args) -> dict:
     tower = build_ours(cfg, dtype, vision_only=True)
     if impl == "hf":
         tower = build_reference(cfg, tower, vision_only=True)
+    elif not args.no_pack:
+        from qwen2vl.model.packed import pack_linears
+
+        pack_linears(tower)
     grid = torch.tensor(MIXED_GRIDS)
     pv = pixels(MIXED_GRIDS, cfg.vision.patch_dim, dtype)
     mib, seconds = peak_rss_increase(lambda: vision_only_call(impl, tower, pv, grid))
@@ -344,6 +350,7 @@ def run_worker(kind: str, dtype: str, impls: list[str], args, parts: list[str]) 
         sys.executable, __file__, "--worker", kind, "--dtype", dtype, "--impls", ",".join(impls),
         "--only", ",".join(parts), "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
         "--preset", args.preset, "--threads", str(args.threads), "--result", result_path,
+        *(["--no-pack"] if args.no_pack else []),
     ]  # fmt: skip
     log(f"[{time.strftime('%H:%M:%S')}] {kind} {dtype} {'+'.join(impls)}")
     env = dict(os.environ)
@@ -435,6 +442,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="1 repeat and 8 decode steps (the memory part is unchanged)")
     p.add_argument("--separate", action="store_true", help="timing: one process per (implementation, dtype), not interleaved")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-pack", action="store_true", help="ours without oneDNN-packed linear weights (pack_for_cpu)")
     p.add_argument("--json", help="also write all raw numbers here")
     p.add_argument("--preset", default="2b", choices=("2b", "tiny"), help="tiny: a smoke test of this script only")
     p.add_argument("--worker", choices=("timing", "memory"), help=argparse.SUPPRESS)

@@ -21,11 +21,21 @@ from .processing.processor import BatchInputs, Processor
 from .processing.tokenizer import TextStream
 
 
-def load(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None) -> Assistant:
+def load(
+    path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    *,
+    pack: bool = True,
+) -> Assistant:
     """A checkpoint directory (weights, config, tokenizer, preprocessor and chat template) ready to chat; a hub
-    id (``Qwen/Qwen2-VL-2B-Instruct``) is downloaded first when huggingface_hub is installed and online."""
+    id (``Qwen/Qwen2-VL-2B-Instruct``) is downloaded first when huggingface_hub is installed and online.
+    On the CPU the linear layers are packed for oneDNN (``Qwen2VL.pack_for_cpu``: inference only, faster);
+    ``pack=False`` keeps the plain model (to train or save it)."""
     path = resolve_model(path)
     model = Qwen2VL.from_pretrained(path, dtype=dtype, device=device).eval()
+    if pack:
+        model.pack_for_cpu()
     return Assistant(model, Processor.from_pretrained(path))
 
 

@@ -139,3 +139,23 @@ def test_rotary_is_bit_identical_to_reference(dtype):
     rq, rk = apply_rotary_pos_emb(q, k, cos, sin)
     assert torch.equal(apply_rotary(q, cos[:, None], sin[:, None]), rq)
     assert torch.equal(apply_rotary(k, cos[:, None], sin[:, None]), rk)
+
+
+@pytest.fixture(scope="module")
+def packed(tiny_dir):
+    import qwen2vl
+
+    return qwen2vl.Qwen2VL.from_pretrained(tiny_dir[0]).eval().pack_for_cpu()
+
+
+@pytest.mark.parametrize("case", ["multi_turn", "image_and_video"])
+def test_packed_for_cpu_matches_transformers(packed, tiny_ref, case, tmp_path):
+    from qwen2vl.model.packed import PackedLinear
+
+    assert packed.packed and isinstance(packed.lm_head, PackedLinear)
+    assert isinstance(packed.visual.blocks[0].attn.qkv, PackedLinear)
+    ids, ig, vg = prompt(*CASES[case])
+    o, r = run_both(packed, tiny_ref, torch.tensor([ids]), None, ig, vg)
+    assert (o - r).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="packed for CPU inference"):
+        packed.save_pretrained(tmp_path)

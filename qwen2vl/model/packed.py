@@ -1,0 +1,56 @@
+"""CPU inference with the linear layers' weights in oneDNN's blocked layout.
+
+On the CPU, PyTorch's ``F.linear`` calls MKL's GEMM on the weight as stored. Reordered once into oneDNN's blocked
+layout (what torch.compile's CPU "freezing" does), the same products run much faster here (2-core AVX-512 EPYC,
+torch 2.14.1, a 1536 -> 8960 projection): fp32 2.6x for one row (decoding), 3.6x for eight rows (batched
+decoding), 1.5x for 278 rows (a prefill), 1.2x for 1024 (the vision tower); bf16 1.7x for one row. Results
+differ from ``F.linear`` by float rounding only (another summation order).
+
+Inference only: the dense weights are dropped (the packed copy replaces them, so memory stays the same, except
+for a tied LM head, whose embedding keeps its dense copy), so a packed model can no longer be trained or saved.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class PackedLinear(nn.Module):
+    """``nn.Linear`` for CPU inference: ``y = x W^T + b`` with W in oneDNN's layout."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # a plain attribute, not a parameter or buffer: an opaque oneDNN tensor that state_dict cannot hold
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.bias = linear.bias
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.packed_weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+@torch.no_grad()
+def pack_linears(module: nn.Module) -> int:
+    """Replace every CPU ``nn.Linear`` under ``module`` by a :class:`PackedLinear`; the number replaced."""
+    if not available():
+        return 0
+    count = 0
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Linear and child.weight.device.type == "cpu":
+            setattr(module, name, PackedLinear(child))
+            count += 1
+        else:
+            count += pack_linears(child)
+    return count
