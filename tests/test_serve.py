@@ -307,3 +307,19 @@ def test_overload_is_answered_at_once(assistant):
         assert max(refused) < 2.0  # not queued behind the others
     finally:
         server.close()
+
+
+def test_a_video_data_url_with_per_request_fps(live, tmp_path):
+    from test_processor import write_video
+
+    clip = write_video(tmp_path / "clip.mp4").read_bytes()  # 30 frames at 10 fps: 3 s
+    url = "data:video/mp4;base64," + base64.b64encode(clip).decode()
+    part = {"type": "video_url", "video_url": {"url": url}}
+    r = live.post({"messages": user(part, text("What moves?")), "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    (video,) = r.json()["usage"]["media"]
+    assert video["type"] == "video" and video["frames"] == 6 and video["grid"][0] == 3  # 2 fps
+    r = live.post({"messages": user(part), "max_tokens": 2, "mm_processor_kwargs": {"fps": 4.0}})
+    assert r.json()["usage"]["media"][0]["frames"] == 12
+    two = live.post({"messages": user(part, part)})
+    assert "too many videos: 2, at most 1" in error_of(two, 400)

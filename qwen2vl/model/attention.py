@@ -52,16 +52,37 @@ def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tens
 
 
 def causal_attention(
-    q_BHLD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, mask_B1LS: torch.Tensor | None
+    q_BHLD: torch.Tensor,
+    k_BHSD: torch.Tensor,
+    v_BHSD: torch.Tensor,
+    mask_B1LS: torch.Tensor | None,
+    seqlens: list[int] | None = None,
 ) -> torch.Tensor:
     """Causal GQA attention. q: [B, H, L, D]; k, v: [B, KVH, S, D] with S >= L (cached keys first).
 
     ``mask_B1LS`` (bool, True = attend) already holds causality and padding; when it is None the
-    queries are the last L positions of an unpadded sequence.
+    queries are the last L positions of an unpadded sequence. ``seqlens``: one packed row (B = 1, no cache)
+    of several sequences, each attending causally to itself only (training with packing).
     """
+    if seqlens is not None:
+        return _packed_causal(q_BHLD, k_BHSD, v_BHSD, seqlens)
     L, S = q_BHLD.shape[2], k_BHSD.shape[2]
     if mask_B1LS is None and L > 1:
         if L == S:
             return F.scaled_dot_product_attention(q_BHLD, k_BHSD, v_BHSD, is_causal=True, enable_gqa=True)
         mask_B1LS = torch.ones(L, S, dtype=torch.bool, device=q_BHLD.device).tril(S - L)
     return F.scaled_dot_product_attention(q_BHLD, k_BHSD, v_BHSD, attn_mask=mask_B1LS, enable_gqa=True)
+
+
+def _packed_causal(q_1HLD: torch.Tensor, k_1HLD: torch.Tensor, v_1HLD: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+    """Block-diagonal causal attention over one packed row, one SDPA call per run of equal-length sequences."""
+    if q_1HLD.shape[0] != 1 or sum(seqlens) != q_1HLD.shape[2] or k_1HLD.shape[2] != q_1HLD.shape[2]:
+        raise ValueError(f"packed attention takes one row of {sum(seqlens)} tokens and no cache")
+    out = torch.empty_like(q_1HLD)
+    for offset, count, n in segment_runs(seqlens):
+        sl = slice(offset, offset + count * n)
+        # [1, H, count*n, D] -> [count, H, n, D]
+        q, k, v = (x[0, :, sl].unflatten(1, (count, n)).transpose(0, 1) for x in (q_1HLD, k_1HLD, v_1HLD))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out[0, :, sl] = o.transpose(0, 1).flatten(1, 2)
+    return out

@@ -166,13 +166,33 @@ class Qwen2VL(nn.Module):
         video_grid_thw: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, L, V] for every position (no cache)."""
+        return self.lm_head(
+            self.hidden(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        )
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        seqlens: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states [B, L, D] (no cache), before the LM head: training computes logits only where
+        there are labels. A packed row (B = 1) of several samples passes ``seqlens`` (attention stays inside
+        each sample) and ``position_ids`` [3, 1, L] (each sample's own M-RoPE positions, see train/packing.py)."""
         h = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        pos, _ = self.positions(input_ids, attention_mask, image_grid_thw, video_grid_thw)
-        cos, sin = self._cos_sin(pos, h.dtype)
+        if position_ids is None:
+            position_ids, _ = self.positions(input_ids, attention_mask, image_grid_thw, video_grid_thw)
+        cos, sin = self._cos_sin(position_ids, h.dtype)
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = causal_padding_mask(attention_mask.bool(), 0)
-        return self.lm_head(self.model(h, cos, sin, mask))
+        return self.model(h, cos, sin, mask, seqlens=seqlens)
 
     def prefill(
         self,

@@ -44,6 +44,7 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         kv: tuple[torch.Tensor, torch.Tensor] | None,
         start: int,
+        seqlens: list[int] | None = None,
     ) -> torch.Tensor:
         B, L, _ = x_BLD.shape
         q = self.q_proj(x_BLD).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, L, K]
@@ -55,7 +56,7 @@ class Attention(nn.Module):
             k_cache[:, :, start : start + L] = k
             v_cache[:, :, start : start + L] = v
             k, v = k_cache[:, :, : start + L], v_cache[:, :, : start + L]
-        out = causal_attention(q, k, v, mask)
+        out = causal_attention(q, k, v, mask, seqlens)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -78,8 +79,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, h, cos, sin, mask, kv, start):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, kv, start)
+    def forward(self, h, cos, sin, mask, kv, start, seqlens=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, kv, start, seqlens)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -99,9 +100,11 @@ class TextModel(nn.Module):
         mask: torch.Tensor | None,
         kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         start: int = 0,
+        seqlens: list[int] | None = None,
     ) -> torch.Tensor:
-        """Hidden states after the final norm. cos/sin [B, L, K] are unsqueezed once for the heads."""
+        """Hidden states after the final norm. cos/sin [B, L, K] are unsqueezed once for the heads.
+        ``seqlens``: one row packing several sequences (see ``causal_attention``)."""
         cos, sin = cos[:, None], sin[:, None]
         for i, layer in enumerate(self.layers):
-            h_BLD = layer(h_BLD, cos, sin, mask, None if kv_cache is None else kv_cache[i], start)
+            h_BLD = layer(h_BLD, cos, sin, mask, None if kv_cache is None else kv_cache[i], start, seqlens)
         return self.norm(h_BLD)

@@ -96,32 +96,38 @@ def media_parts(messages: Sequence[Mapping]) -> list[tuple[str, Mapping]]:
     return out
 
 
-def render(messages: Sequence[Mapping], *, add_generation_prompt: bool = False, add_vision_id: bool = False) -> str:
-    """The conversation as the official template writes it (byte-identical)."""
-    out: list[str] = []
+def turns(messages: Sequence[Mapping], *, add_vision_id: bool = False) -> list[tuple[str, str, str]]:
+    """(role, header, body) of every turn the template writes, the default system turn included; a turn is
+    ``header + body + "<|im_end|>\n"``. Training marks what to supervise by these pieces."""
+    out: list[tuple[str, str, str]] = []
     images = videos = 0
     for i, m in enumerate(messages):
         if i == 0 and m["role"] != "system":
-            out.append(f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n")
-        out.append(f"<|im_start|>{m['role']}\n")
+            out.append(("system", "<|im_start|>system\n", DEFAULT_SYSTEM))
         content = m["content"]
         if isinstance(content, str):
-            out.append(content)
+            body = content
         else:
+            pieces = []
             for part in content:
                 kind = part_kind(part)
                 if kind == "image":
                     images += 1
-                    out.append((f"Picture {images}: " if add_vision_id else "") + IMAGE_PLACEHOLDER)
+                    pieces.append((f"Picture {images}: " if add_vision_id else "") + IMAGE_PLACEHOLDER)
                 elif kind == "video":
                     videos += 1
-                    out.append((f"Video {videos}: " if add_vision_id else "") + VIDEO_PLACEHOLDER)
+                    pieces.append((f"Video {videos}: " if add_vision_id else "") + VIDEO_PLACEHOLDER)
                 elif kind == "text":
-                    out.append(part["text"])
-        out.append("<|im_end|>\n")
-    if add_generation_prompt:
-        out.append("<|im_start|>assistant\n")
-    return "".join(out)
+                    pieces.append(part["text"])
+            body = "".join(pieces)
+        out.append((m["role"], f"<|im_start|>{m['role']}\n", body))
+    return out
+
+
+def render(messages: Sequence[Mapping], *, add_generation_prompt: bool = False, add_vision_id: bool = False) -> str:
+    """The conversation as the official template writes it (byte-identical)."""
+    text = "".join(header + body + "<|im_end|>\n" for _, header, body in turns(messages, add_vision_id=add_vision_id))
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
 class ChatTemplate:

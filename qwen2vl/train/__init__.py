@@ -1,0 +1,1 @@
+"""Training: records -> labelled samples (data.py), packed rows and the loss (packing.py)."""

@@ -1,0 +1,200 @@
+"""Training records -> samples: token ids, labels (what is supervised) and the media's patches.
+
+Two record formats, one JSON object per line:
+  - ``{"messages": [...]}``: the Qwen message format (content parts with ``image``/``video`` paths or URLs).
+  - ``{"conversations": [{"from": "human"|"gpt"|"system", "value": "... <image> ..."}], "images": [...],
+    "videos": [...]}``: LLaVA/ShareGPT, with one ``<image>``/``<video>`` placeholder per listed file, in order.
+Either may say ``"type": "pretrain"`` (stages 1-2: captions, interleaved image-text) or ``"chat"`` (stage 3,
+the default when there is an assistant turn).
+
+Labels (the paper: loss on text tokens only):
+  - chat: the official ChatML template; only the assistant replies and their ``<|im_end|>`` are supervised.
+  - pretrain: the content parts in order with no template, then ``<|endoftext|>``; all text is supervised.
+  - vision tokens (``<|vision_start|>``, the placeholders, ``<|vision_end|>``) never are, and neither is a
+    sample's first token (nothing in the sample predicts it; with packing, the previous sample would).
+Which tokens are supervised is decided on the rendered text's characters and mapped to tokens by their offsets,
+so the ids are exactly those inference produces for the same conversation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..processing.chat import check_messages, media_parts, part_kind, turns
+from ..processing.errors import MediaError
+from ..processing.processor import Processor
+
+IGNORE = -100  # label of a token that is not supervised
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class Sample:
+    input_ids: torch.Tensor  # [L] long
+    labels: torch.Tensor  # [L] long, IGNORE where not supervised
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def supervised(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for every non-empty line; a line that is not a JSON object is a DataError."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{n}: a record is a JSON object")
+            yield n, record
+
+
+def to_messages(record: dict, where: str = "record", root: Path | None = None) -> tuple[list[dict], str]:
+    """A record in either format -> (Qwen messages, "chat" | "pretrain"). Relative media paths are taken
+    relative to ``root`` (the data file's directory)."""
+    if "messages" in record:
+        messages = record["messages"]
+    elif "conversations" in record:
+        messages = _from_sharegpt(record, where)
+    else:
+        raise DataError(f"{where}: expected a 'messages' or 'conversations' key")
+    try:
+        messages = check_messages(messages, where)
+    except MediaError as e:
+        raise DataError(str(e)) from None
+    if root is not None:
+        messages = [_rooted(m, root) for m in messages]
+    kind = record.get("type") or ("chat" if any(m["role"] == "assistant" for m in messages) else "pretrain")
+    if kind not in ("chat", "pretrain"):
+        raise DataError(f"{where}: type must be 'chat' or 'pretrain', got {kind!r}")
+    if kind == "chat" and not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: a chat record needs an assistant turn to learn from")
+    return messages, kind
+
+
+def _from_sharegpt(record: dict, where: str) -> list[dict]:
+    media = {"image": list(record.get("images") or ([record["image"]] if "image" in record else [])),
+             "video": list(record.get("videos") or ([record["video"]] if "video" in record else []))}  # fmt: skip
+    used = {"image": 0, "video": 0}
+    messages = []
+    for i, turn in enumerate(record["conversations"]):
+        role = ROLES.get(turn.get("from") or turn.get("role"))
+        value = turn.get("value", turn.get("content"))
+        if role is None or not isinstance(value, str):
+            raise DataError(f"{where}.conversations[{i}]: needs 'from' (human/gpt/system) and a string 'value'")
+        parts = []
+        for piece in re.split(r"(<image>|<video>)", value):
+            if piece in ("<image>", "<video>"):
+                kind = piece[1:-1]
+                if used[kind] >= len(media[kind]):
+                    raise DataError(f"{where}: more <{kind}> placeholders than the {len(media[kind])} {kind}s listed")
+                parts.append({"type": kind, kind: media[kind][used[kind]]})
+                used[kind] += 1
+            elif piece:
+                parts.append({"type": "text", "text": piece})
+        messages.append({"role": role, "content": parts})
+    for kind in ("image", "video"):
+        if used[kind] != len(media[kind]):
+            raise DataError(f"{where}: {len(media[kind])} {kind}s listed but {used[kind]} <{kind}> placeholders")
+    return messages
+
+
+def _rooted(message: dict, root: Path) -> dict:
+    if isinstance(message["content"], str):
+        return message
+    parts = []
+    for part in message["content"]:
+        kind = part_kind(part)
+        source = part.get(kind) if kind in ("image", "video") else None
+        if isinstance(source, str) and "://" not in source and not source.startswith(("data:", "/")):
+            part = {**part, kind: str(root / source)}
+        parts.append(part)
+    return {**message, "content": parts}
+
+
+def _pretrain_text(messages: list[dict]) -> str:
+    chunks = []
+    for m in messages:
+        if isinstance(m["content"], str):
+            chunks.append(m["content"])
+            continue
+        for part in m["content"]:
+            kind = part_kind(part)
+            if kind in ("image", "video"):
+                chunks.append(f"<|vision_start|><|{kind}_pad|><|vision_end|>")
+            elif kind == "text":
+                chunks.append(part["text"])
+    return "".join(chunks) + "<|endoftext|>"
+
+
+def encode(messages: list[dict], kind: str, processor: Processor, where: str = "record", **media_options) -> Sample:
+    """Messages -> a Sample: ids as inference tokenizes them, labels, and the media's patches."""
+    tok = processor.tokenizer
+    if kind == "chat":
+        text, spans, pos = "", [], 0
+        for role, header, body in turns(messages):
+            turn = header + body + "<|im_end|>\n"
+            if role == "assistant":  # the reply and its <|im_end|>, not the header or the newline after
+                spans.append((pos + len(header), pos + len(turn) - 1))
+            text, pos = text + turn, pos + len(turn)
+    else:
+        text = _pretrain_text(messages)
+        spans = [(0, len(text))]
+    ids, offsets = tok.encode_with_offsets(text)
+    supervised = np.zeros(len(ids), dtype=bool)
+    for a, b in spans:
+        supervised |= np.array([a <= s < b for s, _ in offsets], dtype=bool)
+    vision = {tok.token_id(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
+    labels = [i if ok and i not in vision else IGNORE for i, ok in zip(ids, supervised)]
+
+    # load the media and expand each placeholder to its token count (never supervised)
+    loaded = {"image": [], "video": []}
+    for k, part in media_parts(messages):
+        try:
+            loaded[k].append(processor.media.load(k, part, f"{where} {k} {len(loaded[k]) + 1}", media_options))
+        except MediaError as e:
+            raise DataError(str(e)) from None
+    for k, token in (("image", processor.image_token_id), ("video", processor.video_token_id)):
+        if ids.count(token) != len(loaded[k]):
+            raise DataError(f"{where}: {ids.count(token)} {k} placeholder tokens for {len(loaded[k])} {k}s "
+                            "(a literal placeholder token in the text?)")  # fmt: skip
+    pads = {processor.image_token_id: iter(loaded["image"]), processor.video_token_id: iter(loaded["video"])}
+    out_ids, out_labels = [], []
+    for i, label in zip(ids, labels):
+        if i in pads:
+            info, _ = next(pads[i])
+            out_ids += [i] * info.tokens
+            out_labels += [IGNORE] * info.tokens
+        else:
+            out_ids.append(i)
+            out_labels.append(label)
+    out_labels[0] = IGNORE
+    sample = Sample(torch.tensor(out_ids), torch.tensor(out_labels))
+    for k, key, grid_key in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos",
+                                                                            "video_grid_thw")):  # fmt: skip
+        if loaded[k]:
+            setattr(sample, key, torch.from_numpy(np.concatenate([values for _, values in loaded[k]])))
+            setattr(sample, grid_key, torch.tensor([info.grid for info, _ in loaded[k]]))
+    return sample

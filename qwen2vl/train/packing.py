@@ -1,0 +1,88 @@
+"""Packing: several samples in one row up to a token budget, each attending only to itself (in the LLM through
+``seqlens``; the ViT already attends within each image and frame pair) and keeping its own M-RoPE positions.
+The loss is summed over supervised tokens, so that a window of rows can be normalised by its total count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Qwen2VLConfig
+from ..positions import mrope_positions
+from .data import IGNORE, Sample
+
+
+@dataclass
+class PackedRow:
+    input_ids: torch.Tensor  # [1, T]
+    labels: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [3, 1, T]: each sample's own positions, from 0
+    seqlens: list[int]  # tokens of each sample, in order
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+
+    @property
+    def supervised(self) -> int:
+        return int((self.labels[:, 1:] != IGNORE).sum())
+
+
+def plan_rows(lengths: list[int], budget: int) -> list[list[int]]:
+    """Group sample indices into rows of at most ``budget`` tokens, in order (first fit over the open rows, so
+    that data order is roughly kept and resuming is deterministic). A longer sample is an error for the caller
+    to count, not something to drop silently here."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i, n in enumerate(lengths):
+        if n > budget:
+            raise ValueError(f"sample {i} has {n} tokens, over the row budget of {budget}")
+        for r, left in enumerate(room):
+            if n <= left:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(budget - n)
+    return rows
+
+
+def pack(samples: list[Sample], config: Qwen2VLConfig) -> PackedRow:
+    """One row of these samples, in order."""
+    positions = []
+    for s in samples:
+        pos, _ = mrope_positions(
+            s.input_ids[None], s.image_grid_thw, s.video_grid_thw, None, image_token_id=config.image_token_id,
+            video_token_id=config.video_token_id, spatial_merge_size=config.vision.spatial_merge_size,
+        )  # fmt: skip
+        positions.append(pos)
+
+    def cat(key: str) -> torch.Tensor | None:
+        parts = [getattr(s, key) for s in samples if getattr(s, key) is not None]
+        return torch.cat(parts) if parts else None
+
+    return PackedRow(
+        input_ids=torch.cat([s.input_ids for s in samples])[None],
+        labels=torch.cat([s.labels for s in samples])[None],
+        position_ids=torch.cat(positions, dim=-1),
+        seqlens=[len(s) for s in samples],
+        pixel_values=cat("pixel_values"), image_grid_thw=cat("image_grid_thw"),
+        pixel_values_videos=cat("pixel_values_videos"), video_grid_thw=cat("video_grid_thw"),
+    )  # fmt: skip
+
+
+def loss_sum(model, row: PackedRow) -> tuple[torch.Tensor, int]:
+    """(sum of the cross-entropy over the row's supervised tokens, their number). Logits are computed only at
+    the positions that predict a supervised token."""
+    h = model.hidden(
+        row.input_ids, None, row.pixel_values, row.image_grid_thw, row.pixel_values_videos, row.video_grid_thw,
+        position_ids=row.position_ids, seqlens=row.seqlens if len(row.seqlens) > 1 else None,
+    )  # fmt: skip
+    targets = row.labels[0, 1:]
+    keep = targets != IGNORE
+    logits = model.lm_head(h[0, :-1][keep]).float()
+    return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())

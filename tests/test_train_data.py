@@ -1,0 +1,158 @@
+"""Training data: labels supervise exactly the assistant replies (chat) or all text (pretrain), never vision
+tokens; both record formats; packed rows give the same loss and gradients as separate samples, and a sample's
+loss equals transformers' on the same inputs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qwen2vl.train.data import IGNORE, DataError, encode, read_jsonl, to_messages
+from qwen2vl.train.packing import loss_sum, pack, plan_rows
+
+
+def noise(w, h, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def supervised_text(sample, tok):
+    """The supervised tokens, as runs of consecutive positions, decoded."""
+    runs, current = [], []
+    for i, label in zip(sample.input_ids.tolist(), sample.labels.tolist()):
+        if label != IGNORE:
+            current.append(i)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tok.decode(r, skip_special_tokens=False) for r in runs]
+
+
+CHAT = {"messages": [
+    {"role": "user", "content": [{"type": "image", "image": None}, {"type": "text", "text": "What colour?"}]},
+    {"role": "assistant", "content": "Red, mostly.\n\nAnd a bit of blue."},
+    {"role": "user", "content": "Where is the blue?"},
+    {"role": "assistant", "content": [{"type": "text", "text": "<|object_ref_start|>blue<|object_ref_end|>"
+                                                              "<|box_start|>(10,20),(300,400)<|box_end|>"}]},
+]}  # fmt: skip
+
+
+def chat_record(image):
+    record = json.loads(json.dumps(CHAT))
+    record["messages"][0]["content"][0]["image"] = image
+    return record
+
+
+def test_chat_labels_are_the_replies_and_their_im_end(processor, tmp_path):
+    noise(56, 56).save(tmp_path / "a.png")
+    messages, kind = to_messages(chat_record("a.png"), root=tmp_path)
+    sample = encode(messages, kind, processor)
+    assert kind == "chat"
+    assert supervised_text(sample, processor.tokenizer) == [
+        "Red, mostly.\n\nAnd a bit of blue.<|im_end|>",
+        "<|object_ref_start|>blue<|object_ref_end|><|box_start|>(10,20),(300,400)<|box_end|><|im_end|>",
+    ]
+    # the ids are exactly what inference tokenizes for the same conversation
+    full = processor(messages, add_generation_prompt=False)["input_ids"][0]
+    assert torch.equal(sample.input_ids, full)
+    assert sample.image_grid_thw.tolist() == [[1, 4, 4]] and sample.pixel_values.shape == (16, 1176)
+
+
+def test_pretrain_supervises_all_text_but_no_vision_token(processor, tmp_path):
+    noise(56, 56).save(tmp_path / "a.png")
+    record = {"type": "pretrain", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "A photo of"}, {"type": "image", "image": "a.png"},
+        {"type": "text", "text": " a cat on a mat."}]}]}  # fmt: skip
+    sample = encode(*to_messages(record, root=tmp_path), processor)
+    # the first token is never supervised (nothing in the sample predicts it)
+    assert supervised_text(sample, processor.tokenizer) == [" photo of", " a cat on a mat.<|endoftext|>"]
+    vision = torch.isin(sample.input_ids, torch.tensor([151652, 151653, 151655]))
+    assert vision.sum() == 4 + 2 and (sample.labels[vision] == IGNORE).all()
+
+
+def test_sharegpt_records(processor, tmp_path):
+    noise(56, 56).save(tmp_path / "a.png")
+    noise(84, 56, 1).save(tmp_path / "b.png")
+    record = {"conversations": [{"from": "human", "value": "<image>\nCompare with <image>."},
+                                {"from": "gpt", "value": "Same."}], "images": ["a.png", "b.png"]}  # fmt: skip
+    messages, kind = to_messages(record, root=tmp_path)
+    assert kind == "chat" and [p["type"] for p in messages[0]["content"]] == ["image", "text", "image", "text"]
+    sample = encode(messages, kind, processor)
+    assert supervised_text(sample, processor.tokenizer) == ["Same.<|im_end|>"]
+    assert sample.image_grid_thw.tolist() == [[1, 4, 4], [1, 4, 6]]
+    with pytest.raises(DataError, match="2 images listed but 1 <image> placeholders"):
+        to_messages({**record, "conversations": [{"from": "human", "value": "<image>"}]}, "line 3")
+    with pytest.raises(DataError, match="more <image> placeholders than the 2 images"):
+        to_messages({**record, "conversations": [{"from": "human", "value": "<image><image><image>"}]}, "line 3")
+
+
+def test_bad_records(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n\n[1, 2]\n')
+    lines = read_jsonl(tmp_path / "d.jsonl")
+    assert next(lines)[0] == 1
+    with pytest.raises(DataError, match=r"d.jsonl:3: a record is a JSON object"):
+        next(lines)
+    with pytest.raises(DataError, match="needs an assistant turn"):
+        to_messages({"type": "chat", "messages": [{"role": "user", "content": "hi"}]})
+    with pytest.raises(DataError, match="'messages' or 'conversations'"):
+        to_messages({"text": "hi"})
+
+
+def test_plan_rows():
+    assert plan_rows([5, 3, 4, 2, 6], 8) == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError, match="over the row budget"):
+        plan_rows([9], 8)
+
+
+def samples(processor, tmp_path):
+    noise(56, 84).save(tmp_path / "a.png")
+    records = [
+        chat_record("a.png"),
+        {"type": "pretrain", "messages": [{"role": "user", "content": "Just some text to continue."}]},
+        {"messages": [{"role": "user", "content": [{"type": "video", "video": [noise(56, 56, i) for i in range(4)]},
+                                                   {"type": "text", "text": "What happens?"}]},
+                      {"role": "assistant", "content": "Noise flickers."}]},
+    ]  # fmt: skip
+    return [encode(*to_messages(r, root=tmp_path), processor, min_pixels=3136) for r in records]
+
+
+def test_packed_loss_and_gradients_equal_unpacked(tiny_checkpoint, processor, tmp_path):
+    import qwen2vl
+
+    model = qwen2vl.Qwen2VL.from_pretrained(tiny_checkpoint)
+    batch = samples(processor, tmp_path)
+    config = model.config
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    total, count = 0.0, 0
+    for s in batch:
+        loss, n = loss_sum(model, pack([s], config))
+        total, count = total + loss, count + n
+    separate = grads(total / count)
+    loss, n = loss_sum(model, pack(batch, config))
+    packed = grads(loss / n)
+    assert n == count == sum(s.supervised for s in batch)
+    assert abs((loss / n).item() - (total / count).item()) < 1e-5
+    assert separate.keys() == packed.keys() and any("visual" in k for k in packed)
+    for k in packed:
+        assert torch.allclose(packed[k], separate[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_sample_loss_equals_transformers(tiny_checkpoint, tiny_ref, processor, tmp_path):
+    import qwen2vl
+    from helpers import mm_token_type_ids
+
+    model = qwen2vl.Qwen2VL.from_pretrained(tiny_checkpoint)
+    s = samples(processor, tmp_path)[0]
+    loss, n = loss_sum(model, pack([s], model.config))
+    with torch.no_grad():
+        ref = tiny_ref(input_ids=s.input_ids[None], pixel_values=s.pixel_values, image_grid_thw=s.image_grid_thw,
+                       labels=s.labels[None], mm_token_type_ids=mm_token_type_ids(s.input_ids[None])).loss  # fmt: skip
+    assert abs((loss / n).item() - float(ref)) < 1e-5
