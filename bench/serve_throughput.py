@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
-def build_assistant(dtype: torch.dtype, preset: str, directory: str):
+def build_assistant(dtype: torch.dtype, preset: str, directory: str, pack: bool = True):
     import qwen2vl
     from helpers import write_processor_files
 
@@ -39,6 +39,8 @@ def build_assistant(dtype: torch.dtype, preset: str, directory: str):
     model.tie_weights()
     model.init_weights()
     model = model.to(dtype).eval()
+    if pack:
+        model.pack_for_cpu()  # as qwen2vl.load() does on the CPU
     return qwen2vl.Assistant(model, qwen2vl.Processor.from_pretrained(directory))
 
 
@@ -81,12 +83,13 @@ def main() -> None:
     parser.add_argument("--preset", default="2b", choices=["2b", "tiny"])
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--no-pack", action="store_true", help="the plain model, without pack_for_cpu()")
     args = parser.parse_args()
     torch.set_num_threads(2)
     questions = (QUESTIONS * ((args.clients + 7) // 8))[: args.clients]
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
-        assistant = build_assistant(getattr(torch, args.dtype), args.preset, d)
+        assistant = build_assistant(getattr(torch, args.dtype), args.preset, d, pack=not args.no_pack)
         print(f"built the {args.preset} model ({args.dtype}, random weights) in {time.perf_counter() - t:.0f} s")
         server, base = start_server(assistant, max_batch_size=args.clients)
         ask(base, "warm-up", 2)
@@ -104,7 +107,8 @@ def main() -> None:
     seq_tokens, con_tokens = sum(n for n, _ in sequential), sum(n for n, _ in concurrent_)
     early = sum(reason == "stop" for _, reason in sequential + concurrent_)
     seq_rate, con_rate = seq_tokens / seq_time, con_tokens / con_time
-    print(f"\n{args.clients} requests x {args.max_tokens} tokens, {args.preset} {args.dtype}, 2 threads"
+    print(f"\n{args.clients} requests x {args.max_tokens} tokens, {args.preset} {args.dtype}"
+          f"{'' if args.no_pack else ' (packed for the CPU)'}, 2 threads"
           f"{f' ({early} ended early on eos)' if early else ''}")
     print(f"{'mode':<26} {'tokens':>7} {'wall (s)':>9} {'tokens/s':>9}")
     print(f"{'one after another':<26} {seq_tokens:>7} {seq_time:>9.1f} {seq_rate:>9.2f}")

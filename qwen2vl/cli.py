@@ -55,6 +55,38 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--device")
 
+    train = verbs.add_parser("train", help="train one of the paper's three stages (torchrun for several processes)")
+    train.add_argument("--stage", type=int, choices=[1, 2, 3])
+    train.add_argument("--model", help="checkpoint directory to start from")
+    train.add_argument("--data", help="JSONL records (messages or ShareGPT conversations)")
+    train.add_argument("--out", help="output directory: checkpoints, metrics.jsonl")
+    train.add_argument("--recipe", help="YAML file of settings; flags override it")
+    train.add_argument("--resume", action="store_true", default=None, help="continue from OUT's latest checkpoint")
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--batch-tokens", type=int, help="tokens per packed row")
+    train.add_argument("--rows-per-step", type=int, help="rows per optimizer step per process (accumulation)")
+    train.add_argument("--lr", type=float)
+    train.add_argument("--warmup-steps", type=int)
+    train.add_argument("--save-every", type=int)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--dtype", choices=["float32", "bfloat16"], help="bfloat16: autocast")
+    train.add_argument("--activation-checkpointing", action="store_true", default=None)
+    train.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun (default ddp)")
+    train.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+    export = verbs.add_parser("export", help="a training checkpoint -> a hub-layout model directory")
+    export.add_argument("checkpoint", help="OUT/checkpoint-N, or OUT (its latest checkpoint)")
+    export.add_argument("dest")
+    export.add_argument("--base", help="where the tokenizer/preprocessor files come from (default: the run's --model)")
+
+    data = verbs.add_parser("data", help="training data tools")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True)
+    check = data_verbs.add_parser("check", help="validate every record and show one with its supervised tokens")
+    check.add_argument("file")
+    check.add_argument("--model", required=True, help="checkpoint directory (its tokenizer and preprocessor)")
+    check.add_argument("--batch-tokens", type=int, default=2048, help="the length limit to check against")
+    check.add_argument("--show", type=int, default=1, help="which record to print (line number)")
+
     tokens = verbs.add_parser("tokens", help="how many tokens each image and video costs, without a model")
     add_media_arguments(tokens)
     tokens.add_argument("--model", help="checkpoint directory whose preprocessor_config.json sets the defaults")
@@ -77,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
             run_chat(args)
         elif args.verb == "serve":
             run_serve(args)
+        elif args.verb == "train":
+            run_train(args)
+        elif args.verb == "export":
+            run_export(args)
+        elif args.verb == "data" and args.data_verb == "check":
+            return run_data_check(args)
     except KeyboardInterrupt:
         return 130
     except (ValueError, OSError) as e:  # our errors are one line and name the problem
@@ -169,6 +207,32 @@ def run_chat(args: argparse.Namespace) -> None:
             draw_answer_boxes(history, "".join(answer), args.draw_boxes)
         if not interactive:
             break
+
+
+def run_train(args: argparse.Namespace) -> None:
+    import os
+
+    from .train.loop import TrainConfig, train
+
+    keys = ("stage", "model", "data", "out", "resume", "max_steps", "batch_tokens", "rows_per_step", "lr",
+            "warmup_steps", "save_every", "seed", "dtype", "activation_checkpointing", "parallel", "progress")  # fmt: skip
+    cfg = TrainConfig.from_recipe(args.recipe, **{k: getattr(args, k) for k in keys})
+    history = train(cfg)
+    if history and int(os.environ.get("RANK", "0")) == 0:
+        last = history[-1]
+        print(f"step {last['step']}: loss {last['loss']:.4f}; checkpoints and metrics.jsonl in {cfg.out}")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from .train.export import export
+
+    print(f"exported to {export(args.checkpoint, args.dest, args.base)}")
+
+
+def run_data_check(args: argparse.Namespace) -> int:
+    from .train.check import check_file
+
+    return check_file(args.file, args.model, args.batch_tokens, args.show)
 
 
 def run_serve(args: argparse.Namespace) -> None:

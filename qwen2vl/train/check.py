@@ -1,0 +1,70 @@
+"""``qwen2vl data check FILE``: every record validated (format, placeholder counts, media readable, length within
+the row budget), a summary, and one sample printed with its supervised tokens marked."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..processing.processor import Processor
+from .data import IGNORE, DataError, encode, read_jsonl, to_messages
+
+
+def render_supervised(sample, tokenizer) -> str:
+    """The sample's text with supervised spans in [[...]] and each run of vision placeholders shortened."""
+    out, run, current = [], [], None
+    ids, labels = sample.input_ids.tolist(), sample.labels.tolist()
+
+    def flush():
+        if run:
+            text = tokenizer.decode(run, skip_special_tokens=False)
+            for pad in ("<|image_pad|>", "<|video_pad|>"):
+                n = text.count(pad)
+                if n > 1:
+                    text = text.replace(pad * n, f"{pad}x{n}")
+            out.append(f"[[{text}]]" if current else text)
+            run.clear()
+
+    for i, label in zip(ids, labels):
+        supervised = label != IGNORE
+        if supervised != current:
+            flush()
+            current = supervised
+        run.append(i)
+    flush()
+    return "".join(out)
+
+
+def check_file(path: str, model: str, batch_tokens: int, show: int = 1) -> int:
+    """0 when every record is usable, 1 otherwise (each problem printed with its line)."""
+    processor = Processor.from_pretrained(model)
+    root = Path(path).resolve().parent
+    good, problems, shown, lengths = 0, [], None, []
+    try:
+        records = list(read_jsonl(path))
+    except (DataError, OSError) as e:
+        print(f"qwen2vl: error: {e}", file=sys.stderr)
+        return 1
+    for line, record in records:
+        where = f"{path}:{line}"
+        try:
+            sample = encode(*to_messages(record, where, root), processor, where)
+            if len(sample) > batch_tokens:
+                raise DataError(f"{where}: {len(sample)} tokens, over batch_tokens={batch_tokens}")
+            if sample.supervised == 0:
+                raise DataError(f"{where}: no supervised token")
+        except ValueError as e:  # DataError and MediaError
+            problems.append(str(e))
+            continue
+        good += 1
+        lengths.append(len(sample))
+        if line == show or shown is None:
+            shown = (line, sample)
+    for p in problems:
+        print(p)
+    total = good + len(problems)
+    print(f"{good} of {total} records usable" + (f"; tokens per sample {min(lengths)}-{max(lengths)}, "
+          f"mean {sum(lengths) / len(lengths):.0f}" if lengths else ""))  # fmt: skip
+    if shown:
+        print(f"\nline {shown[0]}, supervised tokens in [[...]]:\n{render_supervised(shown[1], processor.tokenizer)}")
+    return 0 if not problems else 1

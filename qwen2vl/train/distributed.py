@@ -1,0 +1,90 @@
+"""torch.distributed around the model, from outside (the model knows nothing of it): process group from
+torchrun's environment (gloo on the CPU, nccl on CUDA), DDP or FSDP2 (``fully_shard`` on every decoder layer and
+ViT block, then the root), and the few collective helpers the loop needs. A single process needs none of it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import save_checkpoint
+
+
+def init() -> tuple[int, int]:
+    """(rank, world size); starts the process group when launched by torchrun with more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def wrap(objective: nn.Module, kind: str, world: int) -> nn.Module:
+    if world == 1:
+        return objective
+    if kind == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(objective)
+    if kind == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        model = objective.model
+        for block in [*model.visual.blocks, *model.model.layers]:
+            fully_shard(block)
+        fully_shard(objective)
+        return objective
+    raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {kind!r}")
+
+
+def inner(objective: nn.Module):
+    """The Qwen2VL inside the (possibly wrapped) objective."""
+    return (objective.module if hasattr(objective, "module") else objective).model
+
+
+def no_sync(objective: nn.Module, last: bool):
+    """DDP: synchronise gradients only on the window's last backward."""
+    if not last and hasattr(objective, "no_sync"):
+        return objective.no_sync()
+    return contextlib.nullcontext()
+
+
+def clip_grad_norm(objective: nn.Module, max_norm: float) -> torch.Tensor:
+    params = [p for p in objective.parameters() if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save(objective: nn.Module, optimizer, out: Path, step: int, state: dict, rank: int) -> None:
+    """Rank 0 writes the checkpoint (FSDP2: the full state gathered first; the optimizer state is then saved per
+    rank shard, which resumes on the same number of processes)."""
+    model = inner(objective)
+    if dist.is_initialized() and any(hasattr(p, "full_tensor") for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            plain = type(model)(model.config)
+            plain.load_state_dict(full)
+            save_checkpoint(out, step, plain, optimizer, state)
+    elif rank == 0:
+        save_checkpoint(out, step, model, optimizer, state)
+    barrier()

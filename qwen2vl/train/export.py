@@ -1,0 +1,44 @@
+"""A training checkpoint -> a complete model directory in the hub layout: the checkpoint's weights and config
+plus the tokenizer, preprocessor and chat template of the model the run started from. Written to a temporary
+directory and renamed into place."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .checkpoint import latest_checkpoint, load_state
+
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json",
+                   "chat_template.jinja", "special_tokens_map.json", "vocab.json", "merges.txt")  # fmt: skip
+MODEL_FILES = ("config.json", "generation_config.json")
+
+
+def export(checkpoint: str | Path, dest: str | Path, base: str | Path | None = None) -> Path:
+    checkpoint, dest = Path(checkpoint), Path(dest)
+    if not (checkpoint / "trainer_state.json").is_file():  # OUT itself: its latest checkpoint
+        latest = latest_checkpoint(checkpoint)
+        if latest is None:
+            raise ValueError(f"{checkpoint}: neither a checkpoint nor a training output with one")
+        checkpoint = latest
+    base = Path(base or load_state(checkpoint)["config"]["model"])
+    if not (base / "tokenizer.json").is_file():
+        raise ValueError(f"{base}: no tokenizer.json to ship with the model (give --base)")
+    if dest.exists():
+        raise ValueError(f"{dest} exists; export writes a new directory")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        for f in checkpoint.iterdir():
+            if f.name in MODEL_FILES or f.name.startswith("model") and f.suffix in (".safetensors", ".json"):
+                shutil.copy2(f, tmp / f.name)
+        for name in PROCESSOR_FILES:
+            if (base / name).is_file():
+                shutil.copy2(base / name, tmp / name)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest

@@ -1,0 +1,243 @@
+"""One training loop for the three stages: packed rows, gradient accumulation normalised over the supervised
+tokens of the whole window (equal to one bigger batch), AdamW with warmup then cosine, gradient clipping, bf16
+autocast, optional activation checkpointing, atomic checkpoints with exact resume, metrics.jsonl, and
+torch.distributed (DDP or FSDP2 under torchrun) wrapped around the model from outside.
+
+Data order is a pure function of (seed, epoch), so the data position is just (epoch, row): a resumed run, or a
+run on N processes, sees the same global batches as an uninterrupted single-process run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..model.qwen2vl import Qwen2VL
+from ..processing.processor import Processor
+from . import distributed as dist_utils
+from .checkpoint import latest_checkpoint, load_state, save_checkpoint
+from .data import DataError, Sample, encode, read_jsonl, to_messages
+from .packing import PackedRow, loss_sum, pack, plan_rows
+from .stages import param_groups, stage
+
+
+@dataclass
+class TrainConfig:
+    stage: int
+    model: str  # checkpoint directory to start from (hub layout, with tokenizer and preprocessor files)
+    data: str  # JSONL
+    out: str
+    max_steps: int = 100
+    batch_tokens: int = 2048  # tokens per packed row
+    rows_per_step: int = 1  # rows per optimizer step on each process (gradient accumulation)
+    lr: float | None = None  # None: the stage's
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    dtype: str = "float32"  # "bfloat16": autocast (weights and optimizer stay fp32)
+    activation_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = 50
+    max_overlong: float = 0.01  # fraction of samples over batch_tokens that fails the run
+    parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp"
+    media: dict = field(default_factory=dict)  # preprocessing options (min_pixels, max_pixels, fps, ...)
+    resume: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_recipe(cls, path: str | None, **overrides) -> TrainConfig:
+        """A YAML recipe, then command-line overrides (None means "not given")."""
+        values: dict = {}
+        if path:
+            import yaml
+
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: a recipe is a mapping of settings")
+            values.update(loaded)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        missing = [k for k in ("stage", "model", "data", "out") if values.get(k) is None]
+        if missing:
+            raise ValueError(f"missing training settings: {', '.join(missing)}")
+        return cls(**values)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine down to min_lr_ratio at max_steps (step counts from 0)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Objective(nn.Module):
+    """The thing DDP/FSDP wrap: one packed row -> (summed loss, supervised tokens). When the row has no media
+    but the vision tower trains, a zero-weighted pass over a dummy image keeps every process's graph the same,
+    so a step where one rank has no image does not hang the others."""
+
+    def __init__(self, model: Qwen2VL):
+        super().__init__()
+        self.model = model
+
+    def forward(self, row: PackedRow) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, n = loss_sum(self.model, row)
+        vision = self.model.visual
+        if row.pixel_values is None and row.pixel_values_videos is None and any(
+            p.requires_grad for p in vision.parameters()
+        ):
+            c = self.model.config.vision
+            grid = torch.tensor([[1, 2, 2]])
+            dummy = torch.zeros(4, c.patch_dim, device=row.input_ids.device)
+            loss = loss + 0.0 * vision(dummy, grid).sum()
+        return loss, torch.tensor(n)
+
+
+def use_activation_checkpointing(model: Qwen2VL) -> None:
+    """Recompute each decoder layer and ViT block in the backward pass instead of keeping its activations
+    (set on the instances, so parameter names and checkpoints do not change)."""
+    for block in [*model.model.layers, *model.visual.blocks]:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def prepare_samples(cfg: TrainConfig, processor: Processor, log) -> list[Sample]:
+    """Every record encoded; samples longer than a row are counted and reported, and fail the run past
+    ``max_overlong``; a bad record fails it at once, naming its line."""
+    root = Path(cfg.data).resolve().parent
+    samples, overlong = [], []
+    for line, record in read_jsonl(cfg.data):
+        where = f"{cfg.data}:{line}"
+        sample = encode(*to_messages(record, where, root), processor, where, **cfg.media)
+        if len(sample) > cfg.batch_tokens:
+            overlong.append((line, len(sample)))
+            continue
+        if sample.supervised == 0:
+            raise DataError(f"{where}: nothing to learn from (no supervised token)")
+        samples.append(sample)
+    total = len(samples) + len(overlong)
+    if not total:
+        raise DataError(f"{cfg.data}: no records")
+    if overlong:
+        lines = ", ".join(f"line {n} ({k} tokens)" for n, k in overlong[:5])
+        log(f"{len(overlong)} of {total} samples are longer than batch_tokens={cfg.batch_tokens} and are left out: "
+            f"{lines}{' ...' if len(overlong) > 5 else ''}")  # fmt: skip
+        if len(overlong) / total > cfg.max_overlong:
+            raise DataError(f"{len(overlong)} of {total} samples exceed batch_tokens={cfg.batch_tokens} "
+                            f"(more than max_overlong={cfg.max_overlong:.0%}); raise batch_tokens")  # fmt: skip
+    return samples
+
+
+def epoch_rows(samples: list[Sample], epoch: int, cfg: TrainConfig) -> list[list[int]]:
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+    rows = plan_rows([len(samples[i]) for i in order], cfg.batch_tokens)
+    return [[order[i] for i in row] for row in rows]
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """Run (or resume) a training run; the metrics of the steps run by this call."""
+    rank, world = dist_utils.init()
+    out = Path(cfg.out)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
+    torch.manual_seed(cfg.seed)
+    st = stage(cfg.stage)
+
+    start_from = latest_checkpoint(out) if cfg.resume else None
+    state = load_state(start_from) if start_from else {"step": 0, "epoch": 0, "row": 0}
+    model = Qwen2VL.from_pretrained(start_from or cfg.model, dtype=torch.float32)
+    processor = Processor.from_pretrained(cfg.model)
+    if start_from:
+        log(f"resuming from {start_from} (step {state['step']})")
+        torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+    if cfg.activation_checkpointing:
+        use_activation_checkpointing(model)
+    groups = param_groups(model, st, cfg.lr, cfg.weight_decay)
+    objective = dist_utils.wrap(Objective(model), cfg.parallel, world)
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
+    if start_from:
+        optimizer.load_state_dict(torch.load(start_from / "optimizer.pt", weights_only=True))
+
+    samples = prepare_samples(cfg, processor, log)
+    trainable = sum(p.numel() for g in groups for p in g["params"])
+    log(f"stage {cfg.stage} ({st.name}): {trainable:,} trainable parameters; {len(samples)} samples; "
+        f"{world} process(es) x {cfg.rows_per_step} row(s) of <= {cfg.batch_tokens} tokens per step")  # fmt: skip
+
+    metrics_path = out / "metrics.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # drop what a killed run logged after its last checkpoint
+        kept = [l for l in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
+                if json.loads(l)["step"] <= state["step"]] if start_from else []  # fmt: skip
+        metrics_path.write_text("".join(l + "\n" for l in kept))
+    autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
+                              enabled=cfg.dtype == "bfloat16")  # fmt: skip
+    epoch, row_index = state["epoch"], state["row"]
+    rows = epoch_rows(samples, epoch, cfg)
+    per_step = cfg.rows_per_step * world
+    history, t_start = [], time.perf_counter()
+    for step in range(state["step"], cfg.max_steps):
+        t0 = time.perf_counter()
+        window = []
+        while len(window) < per_step:
+            if row_index >= len(rows):
+                epoch, row_index = epoch + 1, 0
+                rows = epoch_rows(samples, epoch, cfg)
+            window.append(rows[row_index])
+            row_index += 1
+        packed = [pack([samples[i] for i in r], model.config) for r in window]
+        count = sum(p.supervised for p in packed)  # the whole window's supervised tokens, all ranks
+        factor = lr_factor(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        optimizer.zero_grad(set_to_none=True)
+        local_sum = torch.zeros(())
+        mine = packed[rank::world]
+        for i, row in enumerate(mine):
+            with dist_utils.no_sync(objective, last=i == len(mine) - 1), autocast:
+                loss, _ = objective(row)
+            (loss * world / count).backward()  # DDP/FSDP average over ranks: * world gives the window's mean
+            local_sum += loss.detach().float()
+        grad_norm = dist_utils.clip_grad_norm(objective, cfg.grad_clip)
+        optimizer.step()
+        total = dist_utils.all_reduce_sum(local_sum)
+        seconds = time.perf_counter() - t0
+        entry = {"step": step + 1, "loss": float(total) / count, "lr": optimizer.param_groups[0]["lr"],
+                 "grad_norm": float(grad_norm), "tokens": sum(int(p.input_ids.shape[1]) for p in packed),
+                 "seconds": round(seconds, 4)}  # fmt: skip
+        history.append(entry)
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            if cfg.progress:
+                _progress(entry, cfg.max_steps, time.perf_counter() - t_start, step + 1 - state["step"])
+        done = step + 1 == cfg.max_steps
+        if (step + 1) % cfg.save_every == 0 or done:
+            new_state = {"step": step + 1, "epoch": epoch, "row": row_index, "rng": torch.get_rng_state().tolist(),
+                         "config": asdict(cfg)}  # fmt: skip
+            dist_utils.save(objective, optimizer, out, step + 1, new_state, rank)
+    if rank == 0 and cfg.progress:
+        print(file=sys.stderr)
+    dist_utils.barrier()
+    return history
+
+
+def _progress(entry: dict, max_steps: int, elapsed: float, steps_here: int) -> None:
+    rate = entry["tokens"] / max(entry["seconds"], 1e-9)
+    eta = elapsed / steps_here * (max_steps - entry["step"])
+    width = 24
+    done = int(width * entry["step"] / max_steps)
+    bar = "#" * done + "-" * (width - done)
+    print(f"\r[{bar}] step {entry['step']}/{max_steps} loss {entry['loss']:.4f} lr {entry['lr']:.2e} "
+          f"{rate:,.0f} tok/s ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", end="", file=sys.stderr, flush=True)
