@@ -50,6 +50,24 @@ def weights(out):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def test_recipe_then_flags(tmp_path):
+    (tmp_path / "r.yaml").write_text("stage: 3\nmodel: base\ndata: d.jsonl\nout: o\nlr: 0.0001\nmax_steps: 7\n")
+    cfg = TrainConfig.from_recipe(str(tmp_path / "r.yaml"), lr=0.01, max_steps=None)
+    assert (cfg.stage, cfg.lr, cfg.max_steps) == (3, 0.01, 7)
+    (tmp_path / "bad.yaml").write_text("stage: 3\nlearning_rate: 1\n")
+    with pytest.raises(ValueError, match="unknown training settings \\['learning_rate'\\]"):
+        TrainConfig.from_recipe(str(tmp_path / "bad.yaml"))
+    with pytest.raises(ValueError, match="missing training settings: model, data, out"):
+        TrainConfig.from_recipe(None, stage=1)
+
+
+def test_overlong_samples_are_counted_and_fail_past_the_threshold(tiny_checkpoint, dataset, tmp_path, capsys):
+    with pytest.raises(ValueError, match="4 of 6 samples exceed batch_tokens=30"):
+        train(config(tiny_checkpoint, dataset, tmp_path / "o", batch_tokens=30))
+    train(config(tiny_checkpoint, dataset, tmp_path / "o", batch_tokens=30, max_overlong=0.9, max_steps=1))
+    assert "4 of 6 samples are longer than batch_tokens=30 and are left out" in capsys.readouterr().err
+
+
 def test_lr_schedule():
     cfg = TrainConfig(stage=3, model="m", data="d", out="o", max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
@@ -132,7 +150,8 @@ def test_the_tiny_model_learns(tiny_checkpoint, dataset, tmp_path):
     assert history[0]["loss"] > 5 and history[-1]["loss"] < 0.05
 
 
-def test_two_processes_match_one(tiny_checkpoint, dataset, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(tiny_checkpoint, dataset, tmp_path, parallel):
     """torchrun, gloo, 2 processes x 1 row == 1 process x 2 rows: the same global batches. Rows hold one sample
     each, so some steps give one rank the text-only sample and no image: it must not hang."""
     common = ["--stage", "2", "--model", str(tiny_checkpoint), "--data", str(dataset), "--batch-tokens", "40",
@@ -141,7 +160,8 @@ def test_two_processes_match_one(tiny_checkpoint, dataset, tmp_path):
     assert single.wait(timeout=300) == 0, single.stderr.read()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "qwen2vl", "train", *common, "--out", str(tmp_path / "two"), "--rows-per-step", "1"],
+                           "-m", "qwen2vl", "train", *common, "--out", str(tmp_path / "two"), "--rows-per-step", "1",
+                           "--parallel", parallel],
                           capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert dist.returncode == 0, dist.stderr[-3000:]
     a = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]

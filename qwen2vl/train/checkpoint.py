@@ -33,14 +33,14 @@ def _write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(out: Path, step: int, model, optimizer_state: dict, state: dict, keep: int = 2) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     final = out / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".checkpoint-{step}."))
     try:
         model.save_pretrained(tmp)
         with open(tmp / "optimizer.pt", "wb") as f:
-            torch.save(optimizer.state_dict(), f)
+            torch.save(optimizer_state, f)
             f.flush()
             os.fsync(f.fileno())
         _write_atomic(tmp / "trainer_state.json", json.dumps(state, indent=1).encode())

@@ -1,6 +1,6 @@
 """torch.distributed around the model, from outside (the model knows nothing of it): process group from
-torchrun's environment (gloo on the CPU, nccl on CUDA), DDP or FSDP2 (``fully_shard`` on every decoder layer and
-ViT block, then the root), and the few collective helpers the loop needs. A single process needs none of it."""
+torchrun's environment (gloo on the CPU, nccl on CUDA), DDP or FSDP2 (``fully_shard`` on the ViT, every decoder
+layer, then the root), and the few collective helpers the loop needs. A single process needs none of it."""
 
 from __future__ import annotations
 
@@ -34,8 +34,11 @@ def wrap(objective: nn.Module, kind: str, world: int) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
 
         model = objective.model
-        for block in [*model.visual.blocks, *model.model.layers]:
-            fully_shard(block)
+        # The ViT is one unit kept gathered through the forward: a row may call it twice (images, then videos)
+        # or, with no media, once on a dummy (Objective), and every rank must gather in the same order.
+        fully_shard(model.visual, reshard_after_forward=False)
+        for layer in model.model.layers:
+            fully_shard(layer)
         fully_shard(objective)
         return objective
     raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {kind!r}")
@@ -73,18 +76,38 @@ def barrier() -> None:
         dist.barrier()
 
 
-def save(objective: nn.Module, optimizer, out: Path, step: int, state: dict, rank: int) -> None:
-    """Rank 0 writes the checkpoint (FSDP2: the full state gathered first; the optimizer state is then saved per
-    rank shard, which resumes on the same number of processes)."""
-    model = inner(objective)
-    if dist.is_initialized() and any(hasattr(p, "full_tensor") for p in model.parameters()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def sharded(model: nn.Module) -> bool:
+    return dist.is_initialized() and any(hasattr(p, "full_tensor") for p in model.parameters())
 
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+def save(objective: nn.Module, optimizer, out: Path, step: int, state: dict, rank: int) -> None:
+    """Rank 0 writes the checkpoint; under FSDP2 the full model and optimizer states are gathered first, so the
+    checkpoint is the same whatever the number of processes."""
+    model = inner(objective)
+    if sharded(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(model, options=options)
+        optim = get_optimizer_state_dict(model, optimizer, options=options)
         if rank == 0:
             plain = type(model)(model.config)
             plain.load_state_dict(full)
-            save_checkpoint(out, step, plain, optimizer, state)
+            save_checkpoint(out, step, plain, optim, state)
     elif rank == 0:
-        save_checkpoint(out, step, model, optimizer, state)
+        save_checkpoint(out, step, model, optimizer.state_dict(), state)
     barrier()
+
+
+def load_optimizer(objective: nn.Module, optimizer, saved: dict) -> None:
+    model = inner(objective)
+    if sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(saved)

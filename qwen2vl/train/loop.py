@@ -95,15 +95,16 @@ class Objective(nn.Module):
         self.model = model
 
     def forward(self, row: PackedRow) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, n = loss_sum(self.model, row)
-        vision = self.model.visual
+        vision, unused = self.model.visual, None
         if row.pixel_values is None and row.pixel_values_videos is None and any(
             p.requires_grad for p in vision.parameters()
-        ):
+        ):  # first, as a row with media runs the ViT first: the same order of collectives on every rank
             c = self.model.config.vision
-            grid = torch.tensor([[1, 2, 2]])
             dummy = torch.zeros(4, c.patch_dim, device=row.input_ids.device)
-            loss = loss + 0.0 * vision(dummy, grid).sum()
+            unused = vision(dummy, torch.tensor([[1, 2, 2]])).sum()
+        loss, n = loss_sum(self.model, row)
+        if unused is not None:
+            loss = loss + 0.0 * unused
         return loss, torch.tensor(n)
 
 
@@ -164,11 +165,13 @@ def train(cfg: TrainConfig) -> list[dict]:
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
     if cfg.activation_checkpointing:
         use_activation_checkpointing(model)
-    groups = param_groups(model, st, cfg.lr, cfg.weight_decay)
+    param_groups(model, st, cfg.lr, cfg.weight_decay)  # freeze before wrapping: FSDP shards what trains
     objective = dist_utils.wrap(Objective(model), cfg.parallel, world)
+    model = dist_utils.inner(objective)
+    groups = param_groups(model, st, cfg.lr, cfg.weight_decay)  # FSDP2 replaced the parameters: take the new ones
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
     if start_from:
-        optimizer.load_state_dict(torch.load(start_from / "optimizer.pt", weights_only=True))
+        dist_utils.load_optimizer(objective, optimizer, torch.load(start_from / "optimizer.pt", weights_only=True))
 
     samples = prepare_samples(cfg, processor, log)
     trainable = sum(p.numel() for g in groups for p in g["params"])
@@ -213,7 +216,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         optimizer.step()
         total = dist_utils.all_reduce_sum(local_sum)
         seconds = time.perf_counter() - t0
-        entry = {"step": step + 1, "loss": float(total) / count, "lr": optimizer.param_groups[0]["lr"],
+        entry = {"step": step + 1, "loss": float(total) / count, "lr": max(g["lr"] for g in optimizer.param_groups),
                  "grad_norm": float(grad_norm), "tokens": sum(int(p.input_ids.shape[1]) for p in packed),
                  "seconds": round(seconds, 4)}  # fmt: skip
         history.append(entry)
