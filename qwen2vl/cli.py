@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--activation-checkpointing", action="store_true", default=None)
     train.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun (default ddp)")
     train.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    train.add_argument("--tensorboard", action="store_true", default=None, help="also log to OUT/tensorboard")
 
     export = verbs.add_parser("export", help="a training checkpoint -> a hub-layout model directory")
     export.add_argument("checkpoint", help="OUT/checkpoint-N, or OUT (its latest checkpoint)")
@@ -215,7 +216,8 @@ def run_train(args: argparse.Namespace) -> None:
     from .train.loop import TrainConfig, train
 
     keys = ("stage", "model", "data", "out", "resume", "max_steps", "batch_tokens", "rows_per_step", "lr",
-            "warmup_steps", "save_every", "seed", "dtype", "activation_checkpointing", "parallel", "progress")  # fmt: skip
+            "warmup_steps", "save_every", "seed", "dtype", "activation_checkpointing", "parallel", "progress",
+            "tensorboard")  # fmt: skip
     cfg = TrainConfig.from_recipe(args.recipe, **{k: getattr(args, k) for k in keys})
     history = train(cfg)
     if history and int(os.environ.get("RANK", "0")) == 0:

@@ -186,3 +186,14 @@ def test_data_check(tiny_checkpoint, dataset, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "bad.jsonl:7" in out and "no such file" in out
     assert "bad.jsonl:8" in out and "more <image> placeholders" in out and "6 of 8 records usable" in out
+
+
+def test_bf16_autocast_checkpointing_and_tensorboard(tiny_checkpoint, dataset, tmp_path):
+    plain = train(config(tiny_checkpoint, dataset, tmp_path / "plain", max_steps=2))
+    recomputed = train(config(tiny_checkpoint, dataset, tmp_path / "ckpt", max_steps=2, activation_checkpointing=True,
+                              tensorboard=True))  # fmt: skip
+    assert [m["loss"] for m in recomputed] == pytest.approx([m["loss"] for m in plain], rel=1e-5)
+    assert any((tmp_path / "ckpt" / "tensorboard").glob("events.out.tfevents.*"))
+    bf16 = train(config(tiny_checkpoint, dataset, tmp_path / "bf16", max_steps=2, dtype="bfloat16"))
+    assert [m["loss"] for m in bf16] == pytest.approx([m["loss"] for m in plain], rel=2e-2)
+    assert bf16[0]["loss"] != plain[0]["loss"]  # it did run in bf16

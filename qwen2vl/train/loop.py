@@ -53,6 +53,7 @@ class TrainConfig:
     media: dict = field(default_factory=dict)  # preprocessing options (min_pixels, max_pixels, fps, ...)
     resume: bool = False
     progress: bool = True
+    tensorboard: bool = False  # also log to OUT/tensorboard (needs the tensorboard package)
 
     @classmethod
     def from_recipe(cls, path: str | None, **overrides) -> TrainConfig:
@@ -184,6 +185,13 @@ def train(cfg: TrainConfig) -> list[dict]:
         kept = [l for l in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
                 if json.loads(l)["step"] <= state["step"]] if start_from else []  # fmt: skip
         metrics_path.write_text("".join(l + "\n" for l in kept))
+    writer = None
+    if cfg.tensorboard and rank == 0:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("tensorboard logging needs the tensorboard package: pip install tensorboard") from None
+        writer = SummaryWriter(str(out / "tensorboard"))
     autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
                               enabled=cfg.dtype == "bfloat16")  # fmt: skip
     epoch, row_index = state["epoch"], state["row"]
@@ -225,6 +233,10 @@ def train(cfg: TrainConfig) -> list[dict]:
                 f.write(json.dumps(entry) + "\n")
             if cfg.progress:
                 _progress(entry, cfg.max_steps, time.perf_counter() - t_start, step + 1 - state["step"])
+            if writer is not None:
+                for key in ("loss", "lr", "grad_norm"):
+                    writer.add_scalar(f"train/{key}", entry[key], entry["step"])
+                writer.add_scalar("train/tokens_per_second", entry["tokens"] / max(seconds, 1e-9), entry["step"])
         done = step + 1 == cfg.max_steps
         if (step + 1) % cfg.save_every == 0 or done:
             new_state = {"step": step + 1, "epoch": epoch, "row": row_index, "rng": torch.get_rng_state().tolist(),
@@ -232,6 +244,8 @@ def train(cfg: TrainConfig) -> list[dict]:
             dist_utils.save(objective, optimizer, out, step + 1, new_state, rank)
     if rank == 0 and cfg.progress:
         print(file=sys.stderr)
+    if writer is not None:
+        writer.close()
     dist_utils.barrier()
     return history
 
