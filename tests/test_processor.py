@@ -175,6 +175,10 @@ def test_images_from_urls_with_a_fetch_policy(processor_dir, tmp_path):
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
+    class QuietServer(ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            pass
+
     from qwen2vl.processing.fetch import FetchPolicy
     from qwen2vl.processing.processor import Processor
     from qwen2vl.processing.sources import MediaAccess
@@ -182,7 +186,7 @@ def test_images_from_urls_with_a_fetch_policy(processor_dir, tmp_path):
     noise(100, 80).save(tmp_path / "cat.png")
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
     handler.log_message = lambda *a: None
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd = QuietServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{httpd.server_address[1]}"
     one = lambda url: [{"role": "user", "content": [image(url), text("?")]}]  # noqa: E731
