@@ -80,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("dest")
     export.add_argument("--base", help="where the tokenizer/preprocessor files come from (default: the run's --model)")
 
+    ev = verbs.add_parser("eval", help="answer a JSONL of questions and score them per task")
+    ev.add_argument("model", help="a checkpoint directory, or a hub id (fetched when online)")
+    ev.add_argument("--data", required=True, help="JSONL: messages + answer(s), optional task and metric")
+    ev.add_argument("--metric", help="default scorer: exact, vqa, anls, relaxed, box, choice")
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--limit", type=int, help="only the first N records")
+    ev.add_argument("--out", help="write the JSON report here")
+
     data = verbs.add_parser("data", help="training data tools")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
     check = data_verbs.add_parser("check", help="validate every record and show one with its supervised tokens")
@@ -114,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             run_train(args)
         elif args.verb == "export":
             run_export(args)
+        elif args.verb == "eval":
+            run_eval(args)
         elif args.verb == "data" and args.data_verb == "check":
             return run_data_check(args)
     except KeyboardInterrupt:
@@ -229,6 +239,18 @@ def run_export(args: argparse.Namespace) -> None:
     from .train.export import export
 
     print(f"exported to {export(args.checkpoint, args.dest, args.base)}")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from . import load
+    from .eval.run import evaluate, markdown, write_report
+
+    report = evaluate(load(args.model), args.data, args.metric, max_new_tokens=args.max_new_tokens, limit=args.limit)
+    print(markdown(report))
+    print(f"{report['n']} records in {report['seconds']:.0f} s")
+    if args.out:
+        write_report(report, args.out)
+        print(f"report: {args.out}")
 
 
 def run_data_check(args: argparse.Namespace) -> int:

@@ -1,0 +1,76 @@
+"""``qwen2vl eval MODEL --data FILE.jsonl``: answer every record, score it, report per task.
+
+A record: ``{"task": "colour", "metric": "exact", "messages": [...user turn(s)...], "answer": "red"}`` (or
+``"answers": [...]`` for several references; ``metric`` defaults to the ``--metric`` given, else ``exact``). Media
+paths are relative to the data file. The report is a JSON file (per task and per record, written atomically) and
+a markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..train.data import read_jsonl, to_messages
+from .metrics import SCORERS
+
+
+def evaluate(assistant, data: str | Path, metric: str | None = None, *, max_new_tokens: int = 64,
+             limit: int | None = None, progress: bool = True) -> dict:  # fmt: skip
+    if metric is not None and metric not in SCORERS:
+        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(SCORERS)}")
+    root = Path(data).resolve().parent
+    records = list(read_jsonl(data))[:limit]
+    if not records:
+        raise ValueError(f"{data}: no records")
+    results, t0 = [], time.perf_counter()
+    for k, (line, record) in enumerate(records, 1):
+        where = f"{data}:{line}"
+        reference = record.get("answers", record.get("answer"))
+        if reference is None:
+            raise ValueError(f"{where}: needs 'answer' or 'answers'")
+        name = record.get("metric") or metric or "exact"
+        if name not in SCORERS:
+            raise ValueError(f"{where}: unknown metric {name!r}")
+        messages, _ = to_messages({"messages": record["messages"], "type": "pretrain"}, where, root)
+        prediction = assistant.chat(messages, max_new_tokens=max_new_tokens)
+        score = SCORERS[name](prediction, reference)
+        results.append({"line": line, "task": record.get("task", "all"), "metric": name, "prediction": prediction,
+                        "reference": reference, "score": score})  # fmt: skip
+        if progress:
+            elapsed = time.perf_counter() - t0
+            mean = sum(r["score"] for r in results) / len(results)
+            print(f"\r{k}/{len(records)} score {mean:.3f} ETA {elapsed / k * (len(records) - k):.0f} s",
+                  end="", file=sys.stderr, flush=True)  # fmt: skip
+    if progress:
+        print(file=sys.stderr)
+    tasks: dict[str, dict] = {}
+    for r in results:
+        t = tasks.setdefault(r["task"], {"metric": r["metric"], "n": 0, "score": 0.0})
+        t["n"] += 1
+        t["score"] += r["score"]
+    for t in tasks.values():
+        t["score"] /= t["n"]
+    return {"data": str(data), "n": len(results), "seconds": round(time.perf_counter() - t0, 2),
+            "tasks": dict(sorted(tasks.items())), "records": results}  # fmt: skip
+
+
+def markdown(report: dict) -> str:
+    lines = ["| task | metric | n | score |", "|---|---|---:|---:|"]
+    for name, t in report["tasks"].items():
+        lines.append(f"| {name} | {t['metric']} | {t['n']} | {100 * t['score']:.1f}% |")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        json.dump(report, f, indent=1, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f.name, path)
