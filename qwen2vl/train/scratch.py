@@ -1,0 +1,108 @@
+"""Starting from nothing: a small byte-level BPE tokenizer trained on a corpus (with the Qwen2-VL special tokens
+after its vocabulary), and a randomly initialised model directory in the hub layout around it, ready for
+``qwen2vl train --stage 1``.
+
+The tokenizer keeps Qwen2's pre-tokenizer (the same split regex, digits one by one, NFC), so it behaves like the
+real one on the same text, only with a vocabulary sized for the corpus: a 150k-row embedding and LM head would be
+most of a small model's parameters and time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from ..config import Qwen2VLConfig, TextConfig, VisionConfig
+from ..processing.chat import OFFICIAL_TEMPLATE
+from ..processing.tokenizer import SPECIAL_TOKENS
+
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
+    """A byte-level BPE with ``vocab_size`` regular tokens, then the 14 Qwen2-VL special tokens (in Qwen's order,
+    so ``<|endoftext|>`` is ``vocab_size`` and ``<|video_pad|>`` is ``vocab_size + 13``)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])  # fmt: skip
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        special_tokens=[],
+    )  # fmt: skip
+    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS])
+    return tok
+
+
+def small_config(vocab: int, *, vision_depth: int = 4, vision_width: int = 128, width: int = 256, layers: int = 4,
+                 heads: int = 4, kv_heads: int = 2) -> Qwen2VLConfig:  # fmt: skip
+    """A Qwen2-VL-architecture config sized for a CPU (same patch 14, temporal 2, merge 2, M-RoPE split 1:1.5:1.5)."""
+    head_dim = width // heads
+    quarter = head_dim // 2
+    mrope = (quarter // 4, (quarter - quarter // 4) // 2, quarter - quarter // 4 - (quarter - quarter // 4) // 2)
+    specials = {t: vocab + i for i, t in enumerate(SPECIAL_TOKENS)}
+    return Qwen2VLConfig(
+        vision=VisionConfig(depth=vision_depth, embed_dim=vision_width, num_heads=max(1, vision_width // 32),
+                            hidden_size=width),  # fmt: skip
+        text=TextConfig(
+            vocab_size=vocab + len(SPECIAL_TOKENS), hidden_size=width, intermediate_size=width * 8 // 3 // 16 * 16,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, mrope_section=mrope,
+            max_position_embeddings=4096,
+        ),  # fmt: skip
+        tie_word_embeddings=True,
+        image_token_id=specials["<|image_pad|>"], video_token_id=specials["<|video_pad|>"],
+        vision_start_token_id=specials["<|vision_start|>"], vision_end_token_id=specials["<|vision_end|>"],
+        bos_token_id=specials["<|endoftext|>"], pad_token_id=specials["<|endoftext|>"],
+        eos_token_ids=(specials["<|im_end|>"], specials["<|endoftext|>"]),
+    )  # fmt: skip
+
+
+def init_model_dir(out: str | Path, texts: Iterable[str], *, vocab_size: int = 1024, seed: int = 0,
+                   min_pixels: int = 4 * 28 * 28, max_pixels: int = 256 * 28 * 28, **config_kwargs) -> Path:  # fmt: skip
+    """Tokenizer + config + random weights + preprocessor/chat files, written atomically into ``out``."""
+    from ..model.qwen2vl import Qwen2VL
+
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"{out} exists")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        tok = train_tokenizer(texts, vocab_size)
+        vocab = tok.get_vocab_size(with_added_tokens=False)
+        config = small_config(vocab, **config_kwargs)
+        torch.manual_seed(seed)
+        Qwen2VL(config).save_pretrained(tmp)
+        tok.save(str(tmp / "tokenizer.json"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>", "padding_side": "left", "model_max_length": 4096,
+            "clean_up_tokenization_spaces": False, "split_special_tokens": False,
+        }))  # fmt: skip
+        (tmp / "chat_template.json").write_text(json.dumps({"chat_template": OFFICIAL_TEMPLATE}))
+        (tmp / "preprocessor_config.json").write_text(json.dumps({
+            "min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": 14, "temporal_patch_size": 2,
+            "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "Qwen2VLImageProcessor",
+            "processor_class": "Qwen2VLProcessor",
+        }))  # fmt: skip
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+__all__ = ["init_model_dir", "small_config", "train_tokenizer"]
