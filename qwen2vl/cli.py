@@ -88,8 +88,21 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--limit", type=int, help="only the first N records")
     ev.add_argument("--out", help="write the JSON report here")
 
+    cur = verbs.add_parser("curriculum", help="from scratch through the three stages on synthetic data, then eval")
+    cur.add_argument("--out", required=True)
+    cur.add_argument("--seed", type=int, default=0)
+    cur.add_argument("--train-examples", type=int, default=4000)
+    cur.add_argument("--test-examples", type=int, default=300)
+    cur.add_argument("--steps", type=int, nargs=3, default=[300, 600, 600], metavar=("S1", "S2", "S3"))
+    cur.add_argument("--batch-tokens", type=int, default=2048)
+
     data = verbs.add_parser("data", help="training data tools")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
+    synth = data_verbs.add_parser("synth", help="write the synthetic curriculum (train and held-out splits)")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--train", type=int, default=4000)
+    synth.add_argument("--test", type=int, default=300)
     check = data_verbs.add_parser("check", help="validate every record and show one with its supervised tokens")
     check.add_argument("file")
     check.add_argument("--model", required=True, help="checkpoint directory (its tokenizer and preprocessor)")
@@ -124,6 +137,17 @@ def main(argv: list[str] | None = None) -> int:
             run_export(args)
         elif args.verb == "eval":
             run_eval(args)
+        elif args.verb == "curriculum":
+            from .train.curriculum import Curriculum, run
+
+            run(Curriculum(out=args.out, seed=args.seed, train_examples=args.train_examples,
+                           test_examples=args.test_examples, steps=tuple(args.steps), batch_tokens=args.batch_tokens))  # fmt: skip
+        elif args.verb == "data" and args.data_verb == "synth":
+            from .train.synth import synthesize
+
+            counts = synthesize(args.out, args.seed, args.train, args.test)
+            for split, tasks in counts.items():
+                print(f"{split}: " + ", ".join(f"{k} {v}" for k, v in tasks.items()))
         elif args.verb == "data" and args.data_verb == "check":
             return run_data_check(args)
     except KeyboardInterrupt:

@@ -1,0 +1,356 @@
+"""A deterministic synthetic curriculum for training a tiny Qwen2-VL from scratch on a laptop-class CPU.
+
+Six tasks, each probing one ability of the architecture, on pictures simple enough that a model of a few million
+parameters can learn them in minutes:
+
+  colour     one shape                      "What colour is the shape?"             -> "red"
+  shape      one shape                      "What shape is it?"                     -> "circle"
+  counting   1-6 shapes, never touching     "How many shapes are there?"            -> "4"
+  grounding  2-3 shapes, distinct kinds     "Where is the red circle?"              -> <|object_ref_start|>... box
+  ocr        2-4 characters, centred        "What does the text say?"               -> "KQ7"
+  direction  an 8-frame clip of one ball    "Which direction does the ball move?"   -> "left"
+
+Why it is shaped this way: every answer must follow from the pixels without doubt, or the model learns noise.
+So shapes are flat, aliased (every pixel is exactly its colour or the background's), drawn from a palette of six
+colours far apart in RGB on one near-black background, and never overlap or touch the border; text is black on
+white from an alphabet without look-alikes (no I, O, 0, 1); each task has one fixed question and answer template.
+Image sides vary (multiples of 28 in [min_side, max_side]) because dynamic resolution is what is being exercised,
+but stay small so that an image costs 16-144 tokens. Each video part carries ``min_pixels`` so that the loader
+keeps clips at their 112x112 size (32 tokens) instead of upscaling them to its video minimum of 128 tokens/frame.
+
+Files written into ``out`` (paths in the records are relative to it, as the training loader expects):
+  images/{split}-{index:06d}.png, videos/{split}-{index:06d}.mp4 (H.264, lossless, 8 frames at 4 fps)
+  pretrain.jsonl  one caption per train image/video (stages 1-2)
+  train.jsonl     one ChatML question/answer per train image/video (stage 3)
+  test.jsonl      held-out questions with reference answers: {"task", "metric", "messages", "answer", "image_size"}
+
+Determinism: every example draws from its own ``numpy.random.default_rng([seed, split, index, attempt])``, so the
+same seed gives byte-identical files and the test split (another seed stream) never shares a scene with train.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from ..processing.grounding import Box, format_box
+
+TASKS = ("colour", "shape", "counting", "grounding", "ocr", "direction")
+IMAGE_TASKS = TASKS[:5]
+QUESTIONS = {
+    "colour": "What colour is the shape?",
+    "shape": "What shape is it?",
+    "counting": "How many shapes are there?",
+    "grounding": "Where is the {}?",
+    "ocr": "What does the text say?",
+    "direction": "Which direction does the ball move?",
+}
+# Pairwise RGB distances are all > 95, and every colour stands out from the near-black background.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30), "green": (40, 180, 60), "blue": (40, 80, 230),
+    "yellow": (245, 225, 30), "purple": (150, 50, 200), "orange": (250, 130, 0),
+}  # fmt: skip
+SHAPES = ("circle", "square", "triangle", "cross")  # each fills its square bounding box edge to edge
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+BACKGROUND = (30, 30, 30)
+TEXT_BACKGROUND, TEXT_INK = (255, 255, 255), (0, 0, 0)
+ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no I/O/0/1: nothing two readers could read differently
+DIRECTIONS = ("left", "right", "up", "down")
+DIRECTION_CAPTION = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
+VIDEO_SIDE, VIDEO_FRAMES, VIDEO_FPS = 112, 8, 4.0  # 2 s; the loader's 2 fps sampling keeps frames 0, 2, 5, 7
+VIDEO_MIN_PIXELS = 4 * 28 * 28  # per-part loader option: keeps a 112x112 clip at 112x112
+MARGIN, GAP = 4, 4  # pixels between a shape and the border / between two shapes, so blobs never touch
+NUMBER_WORDS = ("one", "two", "three", "four", "five", "six")
+_SPLITS = {"train": 0, "test": 1}
+
+
+@dataclass(frozen=True)
+class Shape:
+    colour: str
+    kind: str
+    x: int  # top-left pixel
+    y: int
+    size: int  # side of the square bounding box, in pixels
+
+    @property
+    def box(self) -> Box:
+        """The bounding box in pixel-edge coordinates: the drawn pixels span [x, x + size)."""
+        return Box(self.x, self.y, self.x + self.size, self.y + self.size)
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.kind}"
+
+
+@dataclass
+class Example:
+    task: str
+    key: tuple  # everything that determines the media: equal keys mean equal pictures
+    question: str
+    answer: str
+    caption: str
+    image: Image.Image | None = None
+    frames: list[np.ndarray] | None = None
+
+
+# -- drawing -----------------------------------------------------------------------------------------------
+
+
+def _draw(draw: ImageDraw.ImageDraw, s: Shape) -> None:
+    fill, x, y, n = COLOURS[s.colour], s.x, s.y, s.size
+    x2, y2 = x + n - 1, y + n - 1  # PIL's coordinates are inclusive
+    if s.kind == "square":
+        draw.rectangle((x, y, x2, y2), fill=fill)
+    elif s.kind == "circle":
+        draw.ellipse((x, y, x2, y2), fill=fill)
+    elif s.kind == "triangle":  # apex up, base on the bottom edge
+        draw.polygon([(x + n // 2, y), (x, y2), (x2, y2)], fill=fill)
+    else:  # cross: a plus sign with arms a third of the side thick
+        t = max(3, round(n / 3))
+        o = (n - t) // 2
+        draw.rectangle((x + o, y, x + o + t - 1, y2), fill=fill)
+        draw.rectangle((x, y + o, x2, y + o + t - 1), fill=fill)
+
+
+def _canvas(shapes: list[Shape], w: int, h: int) -> Image.Image:
+    image = Image.new("RGB", (w, h), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for s in shapes:
+        _draw(draw, s)
+    return image
+
+
+def _side(rng: np.random.Generator, lo: int, hi: int) -> int:
+    """A side length, uniform over the multiples of 28 in [lo, hi] (patch 14 x merge 2: no resize needed)."""
+    return int(rng.integers(-(-lo // 28), hi // 28 + 1)) * 28
+
+
+def _place(rng: np.random.Generator, w: int, h: int, n: int, lo: float, hi: float) -> list[tuple[int, int, int]]:
+    """n non-overlapping (x, y, size) squares, at least GAP apart and MARGIN from the border. Sizes are fractions
+    of the shorter side; when a layout does not fit (many shapes, small canvas), retry with smaller shapes."""
+    short = min(w, h)
+    for _ in range(100):
+        placed: list[tuple[int, int, int]] = []
+        for _ in range(n):
+            size = int(rng.integers(max(10, int(lo * short)), max(10, int(hi * short)) + 1))
+            for _ in range(50):
+                x = int(rng.integers(MARGIN, w - MARGIN - size + 1))
+                y = int(rng.integers(MARGIN, h - MARGIN - size + 1))
+                if all(x + size + GAP <= px or px + ps + GAP <= x or y + size + GAP <= py or py + ps + GAP <= y
+                       for px, py, ps in placed):  # fmt: skip
+                    placed.append((x, y, size))
+                    break
+            else:
+                break
+        if len(placed) == n:
+            return placed
+        lo, hi = lo * 0.9, hi * 0.9
+    raise RuntimeError(f"cannot place {n} shapes on {w}x{h}")  # unreachable for n <= 6 and sides >= 56
+
+
+def _article(phrase: str) -> str:
+    return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
+
+
+def _describe(shapes: list[Shape]) -> str:
+    """'A red circle, two blue squares and a green triangle.': groups of equal shapes, in order of appearance."""
+    groups: dict[str, int] = {}
+    for s in shapes:
+        groups[s.name] = groups.get(s.name, 0) + 1
+    phrases = []
+    for name, count in groups.items():
+        colour, kind = name.split()
+        phrases.append(_article(name) if count == 1 else f"{NUMBER_WORDS[count - 1]} {colour} {PLURAL[kind]}")
+    text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return text[0].upper() + text[1:] + "."
+
+
+# -- one example per task ----------------------------------------------------------------------------------
+
+
+def _pick(rng: np.random.Generator, options) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _shapes_example(task: str, rng: np.random.Generator, min_side: int, max_side: int) -> Example:
+    w, h = _side(rng, min_side, max_side), _side(rng, min_side, max_side)
+    if task in ("colour", "shape"):  # one large shape: these tasks are about recognition, not search
+        layout = _place(rng, w, h, 1, 0.3, 0.6)
+        shapes = [Shape(_pick(rng, list(COLOURS)), _pick(rng, SHAPES), *layout[0])]
+    elif task == "counting":
+        n = int(rng.integers(1, 7))
+        shapes = [Shape(_pick(rng, list(COLOURS)), _pick(rng, SHAPES), *p) for p in _place(rng, w, h, n, 0.15, 0.3)]
+    else:  # grounding: distinct (colour, kind) pairs, so that "the red circle" names exactly one shape
+        n = int(rng.integers(2, 4))
+        pairs = [(c, k) for c in COLOURS for k in SHAPES]
+        chosen = [pairs[i] for i in rng.choice(len(pairs), n, replace=False)]
+        shapes = [Shape(c, k, *p) for (c, k), p in zip(chosen, _place(rng, w, h, n, 0.2, 0.35))]
+    caption = _describe(shapes)
+    key = (task, w, h, tuple(shapes))
+    if task == "colour":
+        return Example(task, key, QUESTIONS[task], shapes[0].colour, caption, _canvas(shapes, w, h))
+    if task == "shape":
+        return Example(task, key, QUESTIONS[task], shapes[0].kind, caption, _canvas(shapes, w, h))
+    if task == "counting":
+        return Example(task, key, QUESTIONS[task], str(len(shapes)), caption, _canvas(shapes, w, h))
+    target = shapes[int(rng.integers(n))]
+    label = f"the {target.name}"
+    answer = format_box(target.box, w, h, label=label)
+    return Example(task, key + (target.name,), QUESTIONS[task].format(target.name), answer, caption,
+                   _canvas(shapes, w, h))  # fmt: skip
+
+
+def _ocr_example(rng: np.random.Generator, min_side: int, max_side: int) -> Example:
+    w, h = _side(rng, min_side, max_side), _side(rng, min_side, max_side)
+    text = "".join(_pick(rng, ALPHABET) for _ in range(int(rng.integers(2, 5))))
+    image = Image.new("RGB", (w, h), TEXT_BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    draw.fontmode = "1"  # no anti-aliasing: two colours only, like the shapes
+    size = int(h * rng.uniform(0.4, 0.6))
+    while True:  # as large as asked, but shrunk until the text fits with a margin (narrow images)
+        font = ImageFont.load_default(size=size)
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        if (right - left <= 0.9 * w and bottom - top <= 0.9 * h) or size <= 10:
+            break
+        size -= 2
+    draw.text(((w - (right - left)) // 2 - left, (h - (bottom - top)) // 2 - top), text, fill=TEXT_INK, font=font)
+    return Example("ocr", ("ocr", w, h, text, size), QUESTIONS["ocr"], text, f"The text says {text}.", image)
+
+
+def _video_example(rng: np.random.Generator) -> Example:
+    """One ball crossing much of the frame in a straight line at constant speed."""
+    colour, direction = _pick(rng, list(COLOURS)), _pick(rng, DIRECTIONS)
+    r = int(rng.integers(9, 15))
+    lo, hi = MARGIN + r, VIDEO_SIDE - 1 - MARGIN - r  # the ball's centre stays in [lo, hi]
+    travel = int(rng.integers(48, hi - lo + 1))  # >= 48 px: >= 13 px between consecutive sampled frames
+    start = int(rng.integers(lo, hi - travel + 1))
+    across = int(rng.integers(lo, hi + 1))
+    path = [start + round(travel * i / (VIDEO_FRAMES - 1)) for i in range(VIDEO_FRAMES)]
+    if direction in ("left", "up"):
+        path.reverse()
+    frames = []
+    for p in path:
+        cx, cy = (p, across) if direction in ("left", "right") else (across, p)
+        image = Image.new("RGB", (VIDEO_SIDE, VIDEO_SIDE), BACKGROUND)
+        ImageDraw.Draw(image).ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[colour])
+        frames.append(np.asarray(image))
+    caption = f"{_article(colour).capitalize()} ball moves {DIRECTION_CAPTION[direction]}."
+    key = ("direction", colour, direction, r, start, travel, across)
+    return Example("direction", key, QUESTIONS["direction"], direction, caption, frames=frames)
+
+
+def _example(task: str, rng: np.random.Generator, min_side: int, max_side: int) -> Example:
+    if task == "ocr":
+        return _ocr_example(rng, min_side, max_side)
+    if task == "direction":
+        return _video_example(rng)
+    return _shapes_example(task, rng, min_side, max_side)
+
+
+# -- writing -----------------------------------------------------------------------------------------------
+
+
+def _write_mp4(path: Path, frames: list[np.ndarray]) -> None:
+    """Lossless H.264 (qp 0, 4:4:4), so decoded frames keep the flat colours; one thread for identical bytes."""
+    with av.open(str(path), "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=int(VIDEO_FPS), options={"qp": "0", "threads": "1"})
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv444p"
+        for a in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24").reformat(format="yuv444p")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def _task_list(n: int, video_fraction: float | None) -> list[str]:
+    """n task names: with ``video_fraction``, that share are videos and the rest split evenly over the image
+    tasks (videos are the costliest examples to train on); without, all six tasks equally (the test split, so
+    that each metric is measured on as many examples)."""
+    if video_fraction is None:
+        tasks, n_video = TASKS, 0
+    else:
+        tasks, n_video = IMAGE_TASKS, round(n * video_fraction)
+    rest = n - n_video
+    out = ["direction"] * n_video
+    for i, t in enumerate(tasks):
+        out += [t] * (rest // len(tasks) + (i < rest % len(tasks)))
+    return out
+
+
+def _split(out: Path, split: str, n: int, seed: int, video_fraction: float | None, min_side: int, max_side: int,
+           taken: set[tuple]) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """Generate one split; returns (question records, caption records, counts per task). Scenes whose key is in
+    ``taken`` (the other split's) are redrawn, so that the splits never share a picture."""
+    sid = _SPLITS[split]
+    tasks = _task_list(n, video_fraction)
+    order = np.random.default_rng([seed, sid]).permutation(len(tasks))  # mix tasks, in case nothing shuffles
+    records, captions = [], []
+    counts = {t: 0 for t in TASKS}
+    for index, i in enumerate(order):
+        task = tasks[int(i)]
+        for attempt in range(1000):
+            ex = _example(task, np.random.default_rng([seed, sid, index, attempt]), min_side, max_side)
+            if ex.key not in taken:
+                break
+        taken.add(ex.key)
+        counts[task] += 1
+        if ex.frames is not None:
+            rel = f"videos/{split}-{index:06d}.mp4"
+            _write_mp4(out / rel, ex.frames)
+            part = {"type": "video", "video": rel, "min_pixels": VIDEO_MIN_PIXELS}
+            size = [VIDEO_SIDE, VIDEO_SIDE]
+        else:
+            rel = f"images/{split}-{index:06d}.png"
+            ex.image.save(out / rel, format="PNG", optimize=False)
+            part = {"type": "image", "image": rel}
+            size = list(ex.image.size)
+        user = {"role": "user", "content": [part, {"type": "text", "text": ex.question}]}
+        if split == "train":
+            records.append({"task": task, "messages": [user, {"role": "assistant", "content": ex.answer}]})
+            captions.append({"type": "pretrain", "messages": [
+                {"role": "user", "content": [part, {"type": "text", "text": ex.caption}]}]})  # fmt: skip
+        else:
+            metric = "box" if task == "grounding" else "exact"
+            records.append({"task": task, "metric": metric, "messages": [user], "answer": ex.answer,
+                            "image_size": size})  # fmt: skip
+    return records, captions, counts
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 300, *, video_fraction: float = 0.1,
+               min_side: int = 112, max_side: int = 336) -> dict:
+    """Write the curriculum into ``out`` (created; a ValueError if it exists and is not empty) and return the
+    number of examples per split and task: ``{"train": {"colour": n, ...}, "test": {...}}``.
+
+    ``video_fraction`` is the share of train examples that are videos (the rest are spread evenly over the five
+    image tasks); the test split is spread evenly over all six tasks. Image sides are multiples of 28 drawn
+    uniformly from [min_side, max_side]."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not an empty directory")
+    if train < 0 or test < 0 or seed < 0:
+        raise ValueError("train, test and seed must be non-negative")
+    if not 0 <= video_fraction <= 1:
+        raise ValueError(f"video_fraction must be in [0, 1], got {video_fraction}")
+    if not 56 <= min_side <= max_side or -(-min_side // 28) * 28 > max_side:
+        raise ValueError(f"need 56 <= min_side <= max_side with a multiple of 28 between, got {min_side}, {max_side}")
+    for sub in ("images", "videos"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    taken: set[tuple] = set()
+    train_records, captions, train_counts = _split(out, "train", train, seed, video_fraction, min_side, max_side,
+                                                   taken)  # fmt: skip
+    test_records, _, test_counts = _split(out, "test", test, seed, None, min_side, max_side, taken)
+    _write_jsonl(out / "pretrain.jsonl", captions)
+    _write_jsonl(out / "train.jsonl", train_records)
+    _write_jsonl(out / "test.jsonl", test_records)
+    return {"train": train_counts, "test": test_counts}

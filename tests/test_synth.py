@@ -1,0 +1,235 @@
+"""The synthetic curriculum: deterministic, every answer follows from the pixels, and every record loads.
+
+The answers are checked against the pictures themselves (connected regions of non-background pixels, their colours,
+bounding boxes and a crude shape classifier), not against the generator's own bookkeeping."""
+
+import hashlib
+import re
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwen2vl.processing.grounding import Box, parse_boxes
+from qwen2vl.processing.video import load_video
+from qwen2vl.train.data import IGNORE, encode, read_jsonl, to_messages
+from qwen2vl.train.synth import ALPHABET, BACKGROUND, COLOURS, NUMBER_WORDS, SHAPES, TASKS, synthesize
+
+TRAIN, TEST = 60, 30
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "data"
+    counts = synthesize(out, seed=0, train=TRAIN, test=TEST)
+    return out, counts
+
+
+def records(out: Path, name: str) -> list[dict]:
+    return [r for _, r in read_jsonl(out / name)]
+
+
+def media(record: dict) -> dict:
+    return record["messages"][0]["content"][0]
+
+
+def question(record: dict) -> str:
+    return record["messages"][0]["content"][1]["text"]
+
+
+def answer(record: dict) -> str:
+    return record["answer"] if "answer" in record else record["messages"][1]["content"]
+
+
+def components(mask: np.ndarray) -> list[np.ndarray]:
+    """The 8-connected regions of a boolean mask, as (N, 2) arrays of (y, x)."""
+    seen = np.zeros_like(mask)
+    h, w = mask.shape
+    regions = []
+    for y0, x0 in np.argwhere(mask):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        queue, pixels = deque([(y0, x0)]), []
+        while queue:
+            y, x = queue.popleft()
+            pixels.append((y, x))
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    ny, nx = y + dy, x + dx
+                    if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        queue.append((ny, nx))
+        regions.append(np.array(pixels))
+    return regions
+
+
+def shapes_in(path: Path) -> list[tuple[str, str, Box]]:
+    """(colour, kind, box in pixel edges) of every blob in a shapes picture; asserts the picture is clean."""
+    a = np.asarray(Image.open(path).convert("RGB"))
+    h, w, _ = a.shape
+    found = []
+    for region in components((a != BACKGROUND).any(-1)):
+        ys, xs = region[:, 0], region[:, 1]
+        assert ys.min() > 0 and xs.min() > 0 and ys.max() < h - 1 and xs.max() < w - 1, "a shape touches the border"
+        colours = {tuple(c) for c in a[ys, xs]}
+        assert len(colours) == 1, "a shape is not one flat colour"
+        colour = colours.pop()
+        name = next(n for n, c in COLOURS.items() if c == colour)
+        crop = np.zeros((ys.max() - ys.min() + 1, xs.max() - xs.min() + 1), bool)
+        crop[ys - ys.min(), xs - xs.min()] = True
+        assert abs(crop.shape[0] - crop.shape[1]) <= 1, "every shape fills a square box"
+        fill, bottom = crop.mean(), crop[-1].mean()
+        kind = "square" if fill > 0.95 else "triangle" if bottom > 0.8 else "circle" if fill > 0.68 else "cross"
+        found.append((name, kind, Box(xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)))
+    return found
+
+
+def test_counts_layout_and_paths(data):
+    out, counts = data
+    train, test, pretrain = records(out, "train.jsonl"), records(out, "test.jsonl"), records(out, "pretrain.jsonl")
+    assert sum(counts["train"].values()) == len(train) == len(pretrain) == TRAIN
+    assert sum(counts["test"].values()) == len(test) == TEST
+    for split, recs in (("train", train), ("test", test)):
+        assert {r["task"] for r in recs} == set(TASKS)
+        assert {t: sum(r["task"] == t for r in recs) for t in TASKS} == counts[split]
+    assert set(counts["test"].values()) == {TEST // 6}  # the test split is balanced
+    assert counts["train"]["direction"] == round(TRAIN * 0.1)
+    for r in test:
+        assert set(r) == {"task", "metric", "messages", "answer", "image_size"} and len(r["messages"]) == 1
+        assert r["metric"] == ("box" if r["task"] == "grounding" else "exact")
+    for r, caption in zip(train, pretrain):  # one caption per train picture, in the same order
+        assert media(caption) == media(r)
+    for r in train + test:
+        part = media(r)
+        path = out / part[part["type"]]
+        assert path.is_file() and path.name.startswith("train-" if "answer" not in r else "test-")
+        assert (part["type"] == "video") == (r["task"] == "direction")
+    for r in test:
+        part = media(r)
+        if part["type"] == "image":
+            assert list(Image.open(out / part["image"]).size) == r["image_size"]
+
+
+def test_same_seed_same_bytes_other_seed_other_data(data, tmp_path):
+    out, _ = data
+    synthesize(tmp_path / "again", seed=0, train=TRAIN, test=TEST)
+    synthesize(tmp_path / "other", seed=1, train=TRAIN, test=TEST)
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*") if p.is_file())
+    for f in files:  # jsonl, PNG and mp4 alike
+        assert (out / f).read_bytes() == (tmp_path / "again" / f).read_bytes(), f
+    for name in ("pretrain.jsonl", "train.jsonl", "test.jsonl"):
+        assert (out / name).read_bytes() != (tmp_path / "other" / name).read_bytes()
+
+
+def test_splits_share_no_picture(data):
+    out, _ = data
+
+    def digests(name: str) -> set[str]:
+        found = set()
+        for r in records(out, name):
+            part = media(r)
+            if part["type"] == "image":
+                found.add(hashlib.sha1(np.asarray(Image.open(out / part["image"])).tobytes()).hexdigest())
+            else:
+                frames = load_video(out / part["video"], min_pixels=part["min_pixels"]).frames
+                found.add(hashlib.sha1(frames).hexdigest())
+        return found
+
+    assert not digests("train.jsonl") & digests("test.jsonl")
+
+
+def test_answers_follow_from_the_pixels(data):
+    out, _ = data
+    captions = {media(c)["image"]: question(c) for c in records(out, "pretrain.jsonl") if "image" in media(c)}
+    seen = set()
+    for r in records(out, "train.jsonl") + records(out, "test.jsonl"):
+        task, ans, path = r["task"], answer(r), out / media(r).get("image", "")
+        if task == "direction":
+            continue
+        seen.add(task)
+        if task == "ocr":
+            assert question(r) == "What does the text say?"
+            assert re.fullmatch(f"[{ALPHABET}]{{2,4}}", ans)
+            a = np.asarray(Image.open(path).convert("L"))
+            assert (a < 64).sum() > 50 and (a > 192).mean() > 0.5  # dark text on a light page
+            assert captions.get(media(r)["image"], f"The text says {ans}.") == f"The text says {ans}."
+            continue
+        found = shapes_in(path)
+        if task == "colour":
+            assert question(r) == "What colour is the shape?" and len(found) == 1 and found[0][0] == ans
+        elif task == "shape":
+            assert question(r) == "What shape is it?" and len(found) == 1 and found[0][1] == ans
+            assert ans in SHAPES
+        elif task == "counting":
+            assert question(r) == "How many shapes are there?" and ans == str(len(found)) and 1 <= len(found) <= 6
+            caption = captions.get(media(r)["image"])
+            if caption is not None:  # the caption names every shape: its counts add up to the answer
+                words = re.findall(r"(?:^|, | and )(\w+) ", caption)
+                numbers = [1 if w.lower() in ("a", "an") else NUMBER_WORDS.index(w.lower()) + 1 for w in words]
+                assert sum(numbers) == len(found)
+        else:
+            name = re.fullmatch(r"Where is the (\w+ \w+)\?", question(r))[1]
+            assert 2 <= len(found) <= 3 and len({(c, k) for c, k, _ in found}) == len(found)
+            target = [b for c, k, b in found if f"{c} {k}" == name]
+            assert len(target) == 1, "the question names exactly one shape"
+            w, h = Image.open(path).size
+            boxes = parse_boxes(ans, w, h)
+            assert len(boxes) == 1 and boxes[0].label == f"the {name}"
+            assert ans.startswith(f"<|object_ref_start|>the {name}<|object_ref_end|><|box_start|>(")
+            assert boxes[0].iou(target[0]) > 0.9
+    assert seen == set(TASKS) - {"direction"}
+
+
+def test_videos_show_the_stated_motion(data):
+    out, _ = data
+    clips = [r for r in records(out, "train.jsonl") + records(out, "test.jsonl") if r["task"] == "direction"]
+    assert clips
+    for r in clips:
+        assert question(r) == "Which direction does the ball move?"
+        part = media(r)
+        assert len(load_video(out / part["video"]).indices) >= 4  # the loader's defaults work too
+        video = load_video(out / part["video"], min_pixels=part["min_pixels"])  # what the model sees
+        assert video.indices == [0, 2, 5, 7] and video.frames.shape[1:3] == (112, 112)
+        centres = []
+        for frame in video.frames:
+            ys, xs = np.nonzero(np.abs(frame.astype(int) - BACKGROUND).sum(-1) > 150)
+            centres.append((xs.mean(), ys.mean()))
+        c = np.array(centres)
+        axis, sign = {"left": (0, -1), "right": (0, 1), "up": (1, -1), "down": (1, 1)}[answer(r)]
+        steps = np.diff(c[:, axis]) * sign
+        assert (steps > 5).all(), (answer(r), c)
+        assert np.abs(c[:, 1 - axis] - c[0, 1 - axis]).max() < 1.5  # a straight line along the axis
+
+
+def test_records_load_with_the_training_loader(data, processor):
+    out, _ = data
+    for name, kind in (("train.jsonl", "chat"), ("pretrain.jsonl", "pretrain")):
+        for n, record in read_jsonl(out / name):
+            assert to_messages(record, f"{name}:{n}", root=out)[1] == kind
+    done = set()
+    for r in records(out, "train.jsonl"):  # one per task through the whole encoder: ids, labels, patches
+        if r["task"] in done:
+            continue
+        done.add(r["task"])
+        sample = encode(*to_messages(r, r["task"], root=out), processor)
+        supervised = [i for i, label in zip(sample.input_ids.tolist(), sample.labels.tolist()) if label != IGNORE]
+        assert processor.tokenizer.decode(supervised, skip_special_tokens=False) == answer(r) + "<|im_end|>"
+        if r["task"] == "direction":
+            assert sample.video_grid_thw.tolist() == [[2, 8, 8]]  # 4 frames of 112x112: 32 tokens
+    assert done == set(TASKS)
+
+
+def test_refuses_a_non_empty_directory(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not an empty directory"):
+        synthesize(tmp_path / "full", train=6, test=6)
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["x.txt"]
+    (tmp_path / "empty").mkdir()
+    counts = synthesize(tmp_path / "empty", train=0, test=0)
+    assert counts == {"train": dict.fromkeys(TASKS, 0), "test": dict.fromkeys(TASKS, 0)}
+    assert (tmp_path / "empty" / "train.jsonl").read_text() == ""
