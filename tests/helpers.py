@@ -81,9 +81,6 @@ def ref_logits(ref, ids, mask=None, pv=None, ig=None, pvv=None, vg=None):
 
 # -- the genuine Qwen2 tokenizer, built offline (REFERENCE §1.3) --------------------------------------------
 
-QWEN2_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
     "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
@@ -106,7 +103,9 @@ def qwen2_tokenizer_json() -> str:
         import base64
         from importlib.resources import files
 
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+        from tokenizers import AddedToken, Tokenizer, models, processors
+
+        from qwen2vl.train.scratch import qwen2_pipeline
 
         ranks = {}
         for line in files("dashscope").joinpath("resources/qwen.tiktoken").read_bytes().splitlines():
@@ -126,12 +125,7 @@ def qwen2_tokenizer_json() -> str:
             if t[:i] in ranks and t[i:] in ranks
         )
         tok = Tokenizer(models.BPE({text(t): r for t, r in ranks.items()}, [m[3:] for m in merges], fuse_unk=False))
-        tok.normalizer = normalizers.NFC()
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ])  # fmt: skip
-        tok.decoder = decoders.ByteLevel()
+        qwen2_pipeline(tok)  # NFC, the Qwen2 split regex, byte-level
         tok.post_processor = processors.ByteLevel(trim_offsets=False, add_prefix_space=False)
         tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS])
         _TOKENIZER_JSON = tok.to_str()

@@ -25,18 +25,25 @@ from ..processing.tokenizer import SPECIAL_TOKENS
 QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
-    """A byte-level BPE with ``vocab_size`` regular tokens, then the 14 Qwen2-VL special tokens (in Qwen's order,
-    so ``<|endoftext|>`` is ``vocab_size`` and ``<|video_pad|>`` is ``vocab_size + 13``)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+def qwen2_pipeline(tok) -> None:
+    """Qwen2's normaliser, pre-tokenizer and decoder on a byte-level BPE ``tokenizers.Tokenizer``."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
 
-    tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
     ])  # fmt: skip
     tok.decoder = decoders.ByteLevel()
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
+    """A byte-level BPE with ``vocab_size`` regular tokens, then the 14 Qwen2-VL special tokens (in Qwen's order,
+    so ``<|endoftext|>`` is ``vocab_size`` and ``<|video_pad|>`` is ``vocab_size + 13``)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    qwen2_pipeline(tok)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
         special_tokens=[],
