@@ -96,30 +96,38 @@ def media_parts(messages: Sequence[Mapping]) -> list[tuple[str, Mapping]]:
     return out
 
 
+def bodies(messages: Sequence[Mapping], *, add_vision_id: bool = False) -> list[str]:
+    """Each message's content as the template writes it: text as is, an image or video part as its placeholder
+    (prefixed ``Picture N: ``/``Video N: `` with ``add_vision_id``, counted over the whole conversation)."""
+    out: list[str] = []
+    images = videos = 0
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            out.append(content)
+            continue
+        pieces = []
+        for part in content:
+            kind = part_kind(part)
+            if kind == "image":
+                images += 1
+                pieces.append((f"Picture {images}: " if add_vision_id else "") + IMAGE_PLACEHOLDER)
+            elif kind == "video":
+                videos += 1
+                pieces.append((f"Video {videos}: " if add_vision_id else "") + VIDEO_PLACEHOLDER)
+            elif kind == "text":
+                pieces.append(part["text"])
+        out.append("".join(pieces))
+    return out
+
+
 def turns(messages: Sequence[Mapping], *, add_vision_id: bool = False) -> list[tuple[str, str, str]]:
     """(role, header, body) of every turn the template writes, the default system turn included; a turn is
     ``header + body + "<|im_end|>\n"``. Training marks what to supervise by these pieces."""
     out: list[tuple[str, str, str]] = []
-    images = videos = 0
-    for i, m in enumerate(messages):
-        if i == 0 and m["role"] != "system":
-            out.append(("system", "<|im_start|>system\n", DEFAULT_SYSTEM))
-        content = m["content"]
-        if isinstance(content, str):
-            body = content
-        else:
-            pieces = []
-            for part in content:
-                kind = part_kind(part)
-                if kind == "image":
-                    images += 1
-                    pieces.append((f"Picture {images}: " if add_vision_id else "") + IMAGE_PLACEHOLDER)
-                elif kind == "video":
-                    videos += 1
-                    pieces.append((f"Video {videos}: " if add_vision_id else "") + VIDEO_PLACEHOLDER)
-                elif kind == "text":
-                    pieces.append(part["text"])
-            body = "".join(pieces)
+    if messages and messages[0]["role"] != "system":
+        out.append(("system", "<|im_start|>system\n", DEFAULT_SYSTEM))
+    for m, body in zip(messages, bodies(messages, add_vision_id=add_vision_id)):
         out.append((m["role"], f"<|im_start|>{m['role']}\n", body))
     return out
 

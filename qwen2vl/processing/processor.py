@@ -42,9 +42,6 @@ class MediaInfo:
     frame_indices: list[int] = field(default_factory=list)  # source frames sampled (video)
     sample_fps: float | None = None
 
-    def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v not in (None, [])}
-
 
 class BatchInputs(dict):
     """The model inputs (``input_ids``, ``attention_mask``, and ``pixel_values``/``image_grid_thw``,
@@ -53,9 +50,6 @@ class BatchInputs(dict):
 
     media: list[MediaInfo]
     texts: list[str]
-
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        return dict(self)
 
 
 @dataclass
@@ -167,7 +161,7 @@ class Processor:
             text = self.chat_template(
                 conversation, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id
             )
-            counts = {"image": [], "video": []}
+            counts = {"image": (self.image_token_id, []), "video": (self.video_token_id, [])}
             for kind, part in media_parts(conversation):
                 n = sum(m.kind == kind for m in media)
                 label = f"{kind} {n + 1}" + ("" if len(batch) == 1 else f" (conversation {c})")
@@ -175,9 +169,10 @@ class Processor:
                 info.index, info.conversation = n, c
                 media.append(info)
                 pixels[kind].append(values)
-                counts[kind].append(info.tokens)
+                counts[kind][1].append(info.tokens)
             texts.append(text)
-            rows.append(self._expand(self.tokenizer.encode(text), counts, name))
+            ids = self.tokenizer.encode(text)
+            rows.append(np.repeat(ids, placeholder_repeats(ids, counts, name)).tolist())
         out = BatchInputs(self._pad(rows))
         for kind, key, grid_key in (("image", "pixel_values", "image_grid_thw"),
                                     ("video", "pixel_values_videos", "video_grid_thw")):  # fmt: skip
@@ -185,26 +180,6 @@ class Processor:
                 out[key] = torch.from_numpy(np.concatenate(pixels[kind]))
                 out[grid_key] = torch.tensor([m.grid for m in media if m.kind == kind], dtype=torch.long)
         out.media, out.texts = media, texts
-        return out
-
-    def _expand(self, ids: list[int], counts: dict[str, list[int]], name: str) -> list[int]:
-        """Each image/video placeholder token -> as many copies as the item has tokens."""
-        pads = {self.image_token_id: ("image", counts["image"]), self.video_token_id: ("video", counts["video"])}
-        found = {tid: sum(1 for i in ids if i == tid) for tid in pads}
-        for tid, (kind, sizes) in pads.items():
-            if found[tid] != len(sizes):
-                raise MediaError(
-                    f"{name}: the prompt has {found[tid]} {kind} placeholder(s) for {len(sizes)} {kind}(s) "
-                    "(is there a literal placeholder token in the text, or does the chat template drop media?)"
-                )
-        out: list[int] = []
-        seen = {tid: 0 for tid in pads}
-        for i in ids:
-            if i in pads:
-                out += [i] * pads[i][1][seen[i]]
-                seen[i] += 1
-            else:
-                out.append(i)
         return out
 
     def _pad(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -215,6 +190,22 @@ class Processor:
             ids[b, L - len(r) :] = torch.tensor(r, dtype=torch.long)
             mask[b, L - len(r) :] = 1
         return {"input_ids": ids, "attention_mask": mask}
+
+
+def placeholder_repeats(ids: list[int], items: dict[str, tuple[int, list[int]]], name: str) -> list[int]:
+    """How many times each token of ``ids`` stands in the expanded prompt. ``items`` maps a kind ("image",
+    "video") to (its placeholder token id, the token count of each of its items in order): the i-th placeholder
+    of a kind stands for its i-th item's tokens, every other token for itself."""
+    per_token = {}
+    for kind, (token, sizes) in items.items():
+        found = ids.count(token)
+        if found != len(sizes):
+            raise MediaError(
+                f"{name}: the prompt has {found} {kind} placeholder(s) for {len(sizes)} {kind}(s) "
+                "(is there a literal placeholder token in the text, or does the chat template drop media?)"
+            )
+        per_token[token] = iter(sizes)
+    return [next(per_token[i]) if i in per_token else 1 for i in ids]
 
 
 def media_settings(path: Path) -> dict:

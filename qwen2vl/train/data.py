@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..processing.chat import check_messages, media_parts, part_kind, turns
+from ..processing.chat import bodies, check_messages, media_parts, part_kind, turns
 from ..processing.errors import MediaError
-from ..processing.processor import Processor
+from ..processing.processor import Processor, placeholder_repeats
 
 IGNORE = -100  # label of a token that is not supervised
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -134,21 +134,6 @@ def _rooted(message: dict, root: Path) -> dict:
     return {**message, "content": parts}
 
 
-def _pretrain_text(messages: list[dict]) -> str:
-    chunks = []
-    for m in messages:
-        if isinstance(m["content"], str):
-            chunks.append(m["content"])
-            continue
-        for part in m["content"]:
-            kind = part_kind(part)
-            if kind in ("image", "video"):
-                chunks.append(f"<|vision_start|><|{kind}_pad|><|vision_end|>")
-            elif kind == "text":
-                chunks.append(part["text"])
-    return "".join(chunks) + "<|endoftext|>"
-
-
 def encode(messages: list[dict], kind: str, processor: Processor, where: str = "record", **media_options) -> Sample:
     """Messages -> a Sample: ids as inference tokenizes them, labels, and the media's patches."""
     tok = processor.tokenizer
@@ -159,15 +144,17 @@ def encode(messages: list[dict], kind: str, processor: Processor, where: str = "
             if role == "assistant":  # the reply and its <|im_end|>, not the header or the newline after
                 spans.append((pos + len(header), pos + len(turn) - 1))
             text, pos = text + turn, pos + len(turn)
-    else:
-        text = _pretrain_text(messages)
+    else:  # the content parts in order, no template, then <|endoftext|>
+        text = "".join(bodies(messages)) + "<|endoftext|>"
         spans = [(0, len(text))]
     ids, offsets = tok.encode_with_offsets(text)
+    starts = np.array([s for s, _ in offsets], dtype=np.int64)
     supervised = np.zeros(len(ids), dtype=bool)
     for a, b in spans:
-        supervised |= np.array([a <= s < b for s, _ in offsets], dtype=bool)
-    vision = {tok.token_id(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
-    labels = [i if ok and i not in vision else IGNORE for i, ok in zip(ids, supervised)]
+        supervised |= (starts >= a) & (starts < b)
+    vision = [tok.token_id(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")]
+    ids_np = np.array(ids, dtype=np.int64)
+    labels = np.where(supervised & ~np.isin(ids_np, vision), ids_np, IGNORE)
 
     # load the media and expand each placeholder to its token count (never supervised)
     loaded = {"image": [], "video": []}
@@ -176,22 +163,15 @@ def encode(messages: list[dict], kind: str, processor: Processor, where: str = "
             loaded[k].append(processor.media.load(k, part, f"{where} {k} {len(loaded[k]) + 1}", media_options))
         except MediaError as e:
             raise DataError(str(e)) from None
-    for k, token in (("image", processor.image_token_id), ("video", processor.video_token_id)):
-        if ids.count(token) != len(loaded[k]):
-            raise DataError(f"{where}: {ids.count(token)} {k} placeholder tokens for {len(loaded[k])} {k}s "
-                            "(a literal placeholder token in the text?)")  # fmt: skip
-    pads = {processor.image_token_id: iter(loaded["image"]), processor.video_token_id: iter(loaded["video"])}
-    out_ids, out_labels = [], []
-    for i, label in zip(ids, labels):
-        if i in pads:
-            info, _ = next(pads[i])
-            out_ids += [i] * info.tokens
-            out_labels += [IGNORE] * info.tokens
-        else:
-            out_ids.append(i)
-            out_labels.append(label)
+    counts = {"image": (processor.image_token_id, [info.tokens for info, _ in loaded["image"]]),
+              "video": (processor.video_token_id, [info.tokens for info, _ in loaded["video"]])}  # fmt: skip
+    try:
+        repeats = placeholder_repeats(ids, counts, where)
+    except MediaError as e:
+        raise DataError(str(e)) from None
+    out_ids, out_labels = np.repeat(ids_np, repeats), np.repeat(labels, repeats)  # placeholders are IGNORE
     out_labels[0] = IGNORE
-    sample = Sample(torch.tensor(out_ids), torch.tensor(out_labels))
+    sample = Sample(torch.from_numpy(out_ids), torch.from_numpy(out_labels))
     for k, key, grid_key in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos",
                                                                             "video_grid_thw")):  # fmt: skip
         if loaded[k]:
