@@ -136,13 +136,10 @@ def _preprocessor_dir() -> str:
     if _PRE_DIR is None:
         import json
 
+        from qwen2vl.processing.processor import preprocessor_config
+
         _PRE_DIR = tempfile.mkdtemp()
-        Path(_PRE_DIR, "preprocessor_config.json").write_text(json.dumps({
-            "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
-            "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-            "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "Qwen2VLImageProcessor",
-            "processor_class": "Qwen2VLProcessor",
-        }))  # fmt: skip
+        Path(_PRE_DIR, "preprocessor_config.json").write_text(json.dumps(preprocessor_config()))
     return _PRE_DIR
 
 

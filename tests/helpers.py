@@ -81,16 +81,6 @@ def ref_logits(ref, ids, mask=None, pv=None, ig=None, pvv=None, vg=None):
 
 # -- the genuine Qwen2 tokenizer, built offline (REFERENCE §1.3) --------------------------------------------
 
-SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-    "<|image_pad|>", "<|video_pad|>",
-]  # fmt: skip
-PREPROCESSOR_CONFIG = {
-    "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
-}  # fmt: skip
 _TOKENIZER_JSON = None
 
 
@@ -105,6 +95,7 @@ def qwen2_tokenizer_json() -> str:
 
         from tokenizers import AddedToken, Tokenizer, models, processors
 
+        from qwen2vl.processing.tokenizer import SPECIAL_TOKENS
         from qwen2vl.train.scratch import qwen2_pipeline
 
         ranks = {}
@@ -133,23 +124,10 @@ def qwen2_tokenizer_json() -> str:
 
 
 def write_processor_files(path) -> None:
-    """tokenizer.json, tokenizer_config.json, chat_template.json (the official template) and
-    preprocessor_config.json of a Qwen2-VL-Instruct checkpoint, into ``path``."""
-    import json
-    from pathlib import Path
+    """The tokenizer, chat template and preprocessor files of a Qwen2-VL-Instruct checkpoint, into ``path``."""
+    from qwen2vl.processing.processor import save_processor_files
 
-    from qwen2vl.processing.chat import OFFICIAL_TEMPLATE
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "tokenizer.json").write_text(qwen2_tokenizer_json())
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "padding_side": "left", "model_max_length": 32768, "clean_up_tokenization_spaces": False,
-        "split_special_tokens": False, "errors": "replace",
-    }))  # fmt: skip
-    (path / "chat_template.json").write_text(json.dumps({"chat_template": OFFICIAL_TEMPLATE}))
-    (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG))
+    save_processor_files(path, qwen2_tokenizer_json())
 
 
 def hf_processor(path):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import image as img
-from .chat import ChatTemplate, check_messages, media_parts, media_source
+from .chat import OFFICIAL_TEMPLATE, ChatTemplate, check_messages, media_parts, media_source
 from .errors import MediaError, describe
 from .sources import TRUST_LOCAL, MediaAccess
 from .tokenizer import Tokenizer
@@ -206,6 +206,30 @@ def placeholder_repeats(ids: list[int], items: dict[str, tuple[int, list[int]]],
             )
         per_token[token] = iter(sizes)
     return [next(per_token[i]) if i in per_token else 1 for i in ids]
+
+
+def preprocessor_config(min_pixels: int = img.IMAGE_MIN_PIXELS, max_pixels: int = img.IMAGE_MAX_PIXELS) -> dict:
+    """The Qwen2-VL ``preprocessor_config.json`` (the same for 2B, 7B and 72B: REFERENCE §4)."""
+    return {
+        "min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": 14, "temporal_patch_size": 2,
+        "merge_size": 2, "image_mean": list(img.CLIP_MEAN), "image_std": list(img.CLIP_STD),
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
+    }  # fmt: skip
+
+
+def save_processor_files(path: str | Path, tokenizer_json: str, *, model_max_length: int = 32768, **pixels) -> None:
+    """tokenizer.json, tokenizer_config.json (REFERENCE §1.3), chat_template.json (the official template) and
+    preprocessor_config.json (``pixels``: min_pixels, max_pixels) of a Qwen2-VL-Instruct checkpoint."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.json").write_text(tokenizer_json)
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "padding_side": "left", "model_max_length": model_max_length, "clean_up_tokenization_spaces": False,
+        "split_special_tokens": False, "errors": "replace",
+    }))  # fmt: skip
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": OFFICIAL_TEMPLATE}))
+    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(**pixels)))
 
 
 def media_settings(path: Path) -> dict:

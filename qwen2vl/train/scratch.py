@@ -9,7 +9,6 @@ most of a small model's parameters and time.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import Qwen2VLConfig, TextConfig, VisionConfig
-from ..processing.chat import OFFICIAL_TEMPLATE
+from ..processing.processor import save_processor_files
 from ..processing.tokenizer import SPECIAL_TOKENS
 
 QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -92,19 +91,7 @@ def init_model_dir(out: str | Path, texts: Iterable[str], *, vocab_size: int = 1
         config = small_config(vocab, **config_kwargs)
         torch.manual_seed(seed)
         Qwen2VL(config).save_pretrained(tmp)
-        tok.save(str(tmp / "tokenizer.json"))
-        (tmp / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
-            "pad_token": "<|endoftext|>", "padding_side": "left", "model_max_length": 4096,
-            "clean_up_tokenization_spaces": False, "split_special_tokens": False,
-        }))  # fmt: skip
-        (tmp / "chat_template.json").write_text(json.dumps({"chat_template": OFFICIAL_TEMPLATE}))
-        (tmp / "preprocessor_config.json").write_text(json.dumps({
-            "min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": 14, "temporal_patch_size": 2,
-            "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-            "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "Qwen2VLImageProcessor",
-            "processor_class": "Qwen2VLProcessor",
-        }))  # fmt: skip
+        save_processor_files(tmp, tok.to_str(), model_max_length=4096, min_pixels=min_pixels, max_pixels=max_pixels)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
