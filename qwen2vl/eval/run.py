@@ -15,7 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..train.data import read_jsonl, to_messages
+from ..processing.chat import check_messages
+from ..train.data import read_jsonl, with_root
 from .metrics import SCORERS
 
 
@@ -36,7 +37,7 @@ def evaluate(assistant, data: str | Path, metric: str | None = None, *, max_new_
         name = record.get("metric") or metric or "exact"
         if name not in SCORERS:
             raise ValueError(f"{where}: unknown metric {name!r}")
-        messages, _ = to_messages({"messages": record["messages"], "type": "pretrain"}, where, root)
+        messages = with_root(check_messages(record.get("messages"), where), root)
         prediction = assistant.chat(messages, max_new_tokens=max_new_tokens)
         score = SCORERS[name](prediction, reference)
         results.append({"line": line, "task": record.get("task", "all"), "metric": name, "prediction": prediction,

@@ -85,7 +85,7 @@ def to_messages(record: dict, where: str = "record", root: Path | None = None) -
     except MediaError as e:
         raise DataError(str(e)) from None
     if root is not None:
-        messages = [_rooted(m, root) for m in messages]
+        messages = with_root(messages, root)
     kind = record.get("type") or ("chat" if any(m["role"] == "assistant" for m in messages) else "pretrain")
     if kind not in ("chat", "pretrain"):
         raise DataError(f"{where}: type must be 'chat' or 'pretrain', got {kind!r}")
@@ -121,17 +121,22 @@ def _from_sharegpt(record: dict, where: str) -> list[dict]:
     return messages
 
 
-def _rooted(message: dict, root: Path) -> dict:
-    if isinstance(message["content"], str):
-        return message
-    parts = []
-    for part in message["content"]:
-        kind = part_kind(part)
-        source = part.get(kind) if kind in ("image", "video") else None
-        if isinstance(source, str) and "://" not in source and not source.startswith(("data:", "/")):
-            part = {**part, kind: str(root / source)}
-        parts.append(part)
-    return {**message, "content": parts}
+def with_root(messages: list[dict], root: Path) -> list[dict]:
+    """The messages with relative media paths made relative to ``root`` (a data file's directory)."""
+    out = []
+    for message in messages:
+        if isinstance(message["content"], str):
+            out.append(message)
+            continue
+        parts = []
+        for part in message["content"]:
+            kind = part_kind(part)
+            source = part.get(kind) if kind in ("image", "video") else None
+            if isinstance(source, str) and "://" not in source and not source.startswith(("data:", "/")):
+                part = {**part, kind: str(root / source)}
+            parts.append(part)
+        out.append({**message, "content": parts})
+    return out
 
 
 def encode(messages: list[dict], kind: str, processor: Processor, where: str = "record", **media_options) -> Sample:

@@ -207,14 +207,15 @@ def train(cfg: TrainConfig) -> list[dict]:
                 rows = epoch_rows(samples, epoch, cfg)
             window.append(rows[row_index])
             row_index += 1
-        packed = [pack([samples[i] for i in r], model.config) for r in window]
-        count = sum(p.supervised for p in packed)  # the whole window's supervised tokens, all ranks
+        # the whole window's supervised tokens (all ranks); a sample's first token is never supervised, so a row's
+        # count is the sum of its samples'
+        count = sum(samples[i].supervised for r in window for i in r)
         factor = lr_factor(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
         optimizer.zero_grad(set_to_none=True)
         local_sum = torch.zeros(())
-        mine = packed[rank::world]
+        mine = [pack([samples[i] for i in r], model.config) for r in window[rank::world]]  # only this rank's rows
         for i, row in enumerate(mine):
             with dist_utils.no_sync(objective, last=i == len(mine) - 1), autocast:
                 loss, _ = objective(row)
@@ -225,7 +226,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         total = dist_utils.all_reduce_sum(local_sum)
         seconds = time.perf_counter() - t0
         entry = {"step": step + 1, "loss": float(total) / count, "lr": max(g["lr"] for g in optimizer.param_groups),
-                 "grad_norm": float(grad_norm), "tokens": sum(int(p.input_ids.shape[1]) for p in packed),
+                 "grad_norm": float(grad_norm), "tokens": sum(len(samples[i]) for r in window for i in r),
                  "seconds": round(seconds, 4)}  # fmt: skip
         history.append(entry)
         if rank == 0:
