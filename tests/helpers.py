@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 import qwen2vl
@@ -138,3 +140,22 @@ def hf_processor(path):
     return transformers.Qwen2VLProcessor.from_pretrained(
         path, image_processor=Qwen2VLImageProcessorPil.from_pretrained(path)
     )
+
+
+@contextlib.contextmanager
+def loopback_server(handler):
+    """An HTTP server on 127.0.0.1 (a port the OS picks) in a thread, for as long as the block runs; it stays
+    quiet when a client hangs up on purpose (size caps, timeouts). Yields its base URL."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    class Quiet(ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            pass
+
+    httpd = Quiet(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()

@@ -2,20 +2,15 @@
 the resolved address before any connection (the resolver is stubbed; only loopback traffic leaves a test)."""
 
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
+from helpers import loopback_server
 from qwen2vl.processing import fetch
 from qwen2vl.processing.errors import MediaError
 from qwen2vl.processing.fetch import FetchPolicy, fetch_url
-
-
-class QuietServer(ThreadingHTTPServer):
-    def handle_error(self, request, client_address):
-        pass  # a client that hangs up on purpose (size cap, timeout) is not an error here
 
 
 BODY = b"x" * 5000
@@ -52,10 +47,8 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = QuietServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with loopback_server(Handler) as base:
+        yield base
 
 
 LOOPBACK_OK = FetchPolicy(allow_private=True, max_bytes=100_000, timeout=1.0)

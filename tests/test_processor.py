@@ -172,25 +172,17 @@ def test_images_from_urls_with_a_fetch_policy(processor_dir, tmp_path):
     """An http URL served on loopback: refused by the default policy, fetched with one that allows it; a
     failing URL is named."""
     import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import SimpleHTTPRequestHandler
 
-    class QuietServer(ThreadingHTTPServer):
-        def handle_error(self, request, client_address):
-            pass
-
+    from helpers import loopback_server
     from qwen2vl.processing.fetch import FetchPolicy
     from qwen2vl.processing.processor import Processor
     from qwen2vl.processing.sources import MediaAccess
 
     noise(100, 80).save(tmp_path / "cat.png")
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
-    handler.log_message = lambda *a: None
-    httpd = QuietServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{httpd.server_address[1]}"
     one = lambda url: [{"role": "user", "content": [image(url), text("?")]}]  # noqa: E731
-    try:
+    with loopback_server(handler) as base:
         default = Processor.from_pretrained(processor_dir)
         with pytest.raises(MediaError, match=r"image 1 \('http://127.0.0.1:\d+/cat.png'\): .*non-public address"):
             default(one(base + "/cat.png"))
@@ -198,5 +190,3 @@ def test_images_from_urls_with_a_fetch_policy(processor_dir, tmp_path):
         assert trusting(one(base + "/cat.png"))["image_grid_thw"].tolist() == [[1, 6, 8]]
         with pytest.raises(MediaError, match=r"image 1 \('http://127.0.0.1:\d+/dog.png'\): HTTP 404"):
             trusting(one(base + "/dog.png"))
-    finally:
-        httpd.shutdown()

@@ -9,7 +9,7 @@ import json
 import os
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 import numpy as np
@@ -19,13 +19,9 @@ import uvicorn
 from PIL import Image
 
 import qwen2vl
+from helpers import loopback_server
 from qwen2vl.processing import fetch
 from qwen2vl.serve.app import ServerConfig, create_app
-
-
-class QuietServer(ThreadingHTTPServer):
-    def handle_error(self, request, client_address):
-        pass  # a client that hangs up on purpose (size cap, timeout) is not an error here
 
 
 KEY = "test-key"
@@ -260,11 +256,9 @@ class Media(BaseHTTPRequestHandler):
 
 
 def test_allowed_domain_fetches_with_limits(live, monkeypatch):
-    httpd = QuietServer(("127.0.0.1", 0), Media)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    port = httpd.server_address[1]
     monkeypatch.setattr(fetch, "resolve", lambda host, p: ["127.0.0.1"] if host == "cdn.media.test" else ["10.0.0.1"])
-    try:
+    with loopback_server(Media) as base:
+        port = base.rsplit(":", 1)[1]
         ok = live.post({"messages": user(image_url(f"http://cdn.media.test:{port}/cat.png")), "max_tokens": 1})
         assert ok.status_code == 200 and ok.json()["usage"]["media"][0]["original_size"] == [48, 64]
         redirect = live.post({"messages": user(image_url(f"http://cdn.media.test:{port}/moved.png"))})
@@ -273,8 +267,6 @@ def test_allowed_domain_fetches_with_limits(live, monkeypatch):
         assert "more than the limit of 100000 bytes" in error_of(big, 400)
         other = live.post({"messages": user(image_url(f"http://other.test:{port}/cat.png"))})
         assert "non-public" in error_of(other, 400)
-    finally:
-        httpd.shutdown()
 
 
 def test_a_disconnected_stream_stops_its_generation(live):
