@@ -22,4 +22,5 @@ test-all: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/preprocess_speed.py
+	$(BIN)/python bench/linear_speed.py
 	$(BIN)/python bench/model_speed.py
