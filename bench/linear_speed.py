@@ -12,23 +12,12 @@ the largest difference between the two outputs.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from qwen2vl.model.packed import PackedLinear, available
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from timing import timed  # bench/timing.py
 
 
 def main() -> None:
@@ -47,8 +36,8 @@ def main() -> None:
         with torch.inference_mode():
             for rows in (1, 8, 278, 1024):
                 x = torch.randn(rows, 1536).to(dtype)
-                plain = timed(lambda: F.linear(x, dense.weight, dense.bias), args.repeats)
-                fast = timed(lambda: packed(x), args.repeats)
+                plain = timed(lambda: F.linear(x, dense.weight, dense.bias), args.repeats)[0]
+                fast = timed(lambda: packed(x), args.repeats)[0]
                 diff = (packed(x).float() - F.linear(x, dense.weight, dense.bias).float()).abs().max().item()
                 name = str(dtype).removeprefix("torch.")
                 print(f"{name:<6} {rows:>5} {plain * 1e3:>14.2f} {fast * 1e3:>12.2f} {plain / fast:>6.2f} {diff:>11.2e}")

@@ -22,13 +22,14 @@ Threads: torch.set_num_threads(2) (this machine's cores) for both.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from timing import timed  # bench/timing.py
 
 CAP_PIXELS = 16384 * 28 * 28
 
@@ -59,16 +60,6 @@ def make_video(path: Path, seconds: int = 60, fps: int = 30, w: int = 1280, h: i
         for packet in stream.encode():
             out.mux(packet)
     return path
-
-
-def timed(fn, repeats: int) -> tuple[float, object]:
-    result = fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), result
 
 
 def bench_image(path: Path, repeats: int) -> list[tuple[str, float, float, str]]:

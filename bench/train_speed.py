@@ -19,9 +19,7 @@ after a warm-up step. Ratios are ours-packed / each other (> 1: packing is faste
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import qwen2vl  # noqa: E402
+from timing import timed  # noqa: E402  (bench/timing.py)
 from qwen2vl.config import Qwen2VLConfig, TextConfig, VisionConfig  # noqa: E402
 from qwen2vl.train.data import IGNORE, Sample  # noqa: E402
 from qwen2vl.train.packing import loss_sum, pack, plan_rows  # noqa: E402
@@ -66,16 +65,6 @@ def padded(samples: list[Sample]):
     for b, s in enumerate(samples):
         ids[b, L - len(s) :], labels[b, L - len(s) :], mask[b, L - len(s) :] = s.input_ids, s.labels, 1
     return ids, labels, mask, torch.cat([s.pixel_values for s in samples]), torch.cat([s.image_grid_thw for s in samples])
-
-
-def timed(step, repeats: int) -> float:
-    step()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -128,7 +117,7 @@ def main() -> None:
 
     results = {}
     for name, step in (("packed", step_packed), ("padded", step_padded), ("hf", step_hf)):
-        results[name] = timed(step, args.repeats)
+        results[name] = timed(step, args.repeats)[0]
         print(f"  {name}: {results[name]:.2f} s/step", file=sys.stderr)
     padded_tokens = ids.numel()
     print(f"\n8 samples, {real} real tokens ({padded_tokens} when padded to the longest, {len(rows)} packed row(s) "
