@@ -107,7 +107,7 @@ def test_plan_rows():
         plan_rows([9], 8)
 
 
-def samples(processor, tmp_path):
+def samples(processor, tmp_path, **options):
     noise(56, 84).save(tmp_path / "a.png")
     records = [
         chat_record("a.png"),
@@ -116,7 +116,7 @@ def samples(processor, tmp_path):
                                                    {"type": "text", "text": "What happens?"}]},
                       {"role": "assistant", "content": "Noise flickers."}]},
     ]  # fmt: skip
-    return [encode(*to_messages(r, root=tmp_path), processor, min_pixels=3136) for r in records]
+    return [encode(*to_messages(r, root=tmp_path), processor, min_pixels=3136, **options) for r in records]
 
 
 def test_packed_loss_and_gradients_equal_unpacked(tiny_checkpoint, processor, tmp_path):
@@ -156,3 +156,20 @@ def test_sample_loss_equals_transformers(tiny_checkpoint, tiny_ref, processor, t
         ref = tiny_ref(input_ids=s.input_ids[None], pixel_values=s.pixel_values, image_grid_thw=s.image_grid_thw,
                        labels=s.labels[None], mm_token_type_ids=mm_token_type_ids(s.input_ids[None])).loss  # fmt: skip
     assert abs((loss / n).item() - float(ref)) < 1e-5
+
+
+
+def test_uint8_levels_pack_to_the_same_patches(tiny_checkpoint, processor, tmp_path):
+    """Training holds media as uint8 levels; packed, they are exactly the float patches encode gives (an image
+    and a video in one row), in at most a quarter of the memory."""
+    from qwen2vl.config import Qwen2VLConfig
+
+    config = Qwen2VLConfig.from_pretrained(tiny_checkpoint)
+    full, compact = samples(processor, tmp_path), samples(processor, tmp_path, levels=True)
+    a, b = pack(full, config), pack(compact, config)
+    for key in ("pixel_values", "pixel_values_videos"):
+        assert getattr(b, key).dtype == torch.float32 and torch.equal(getattr(a, key), getattr(b, key)), key
+    keys = ("pixel_values", "pixel_values_videos")
+    held = sum(getattr(s, k).numel() for s in compact for k in keys if getattr(s, k) is not None)  # bytes
+    floats = sum(getattr(s, k).numel() * 4 for s in full for k in keys if getattr(s, k) is not None)
+    assert 0 < held * 4 <= floats

@@ -119,20 +119,14 @@ def normalization_table(mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
     return (levels[None] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
 
 
-def to_patches(
-    frames_THWC: np.ndarray,
-    mean=CLIP_MEAN,
-    std=CLIP_STD,
-    patch_size: int = PATCH,
-    temporal_patch_size: int = 2,
-    merge_size: int = MERGE,
+def patch_levels(
+    frames_THWC: np.ndarray, patch_size: int = PATCH, temporal_patch_size: int = 2, merge_size: int = MERGE
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """uint8 frames [T, H, W, C] -> (float32 patches [t*gh*gw, C*tp*p*p], grid (t, gh, gw)), normalised, in
-    2x2-window order (REFERENCE §4): (t, gh/m, gw/m, m, m) over patches, (C, tp, p, p) within one.
-
-    An image (T = 1) fills the temporal patch with copies of itself; a clip with an odd frame count repeats its
-    last frame. The reordering is done on uint8 (a quarter of the bytes) and normalisation is a table lookup.
-    """
+    """uint8 frames [T, H, W, C] -> (uint8 levels [t*gh*gw, C, tt, p*p], grid (t, gh, gw)) in 2x2-window order
+    (REFERENCE §4): (t, gh/m, gw/m, m, m) over patches, (C, tt, p, p) within one. ``tt`` is 1 for an image (its
+    temporal patch is two copies of it, made by ``normalise_levels``) and ``temporal_patch_size`` for a clip; a
+    clip with an odd frame count repeats its last frame. Kept as uint8, a patch takes an eighth of the bytes of
+    its float32 values, which is how training holds a whole synthetic corpus in memory."""
     T, H, W, C = frames_THWC.shape
     p, m, tp = patch_size, merge_size, temporal_patch_size
     if T > 1 and T % tp:
@@ -142,17 +136,38 @@ def to_patches(
     t, tt = (1, 1) if T == 1 else (T // tp, tp)  # tt: distinct frames per temporal patch
     gh, gw = H // p, W // p
     x = frames_THWC.reshape(t, tt, gh // m, m, p, gw // m, m, p, C)
-    x = np.ascontiguousarray(x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)).reshape(t * gh * gw, C, tt, p * p)
+    return np.ascontiguousarray(x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)).reshape(t * gh * gw, C, tt, p * p), (t, gh, gw)
+
+
+def normalise_levels(levels: np.ndarray, mean=CLIP_MEAN, std=CLIP_STD, temporal_patch_size: int = 2) -> np.ndarray:
+    """uint8 levels [N, C, tt, p*p] (``patch_levels``) -> float32 patches [N, C*tp*p*p] by table lookup,
+    bit-identical to transformers' arithmetic; tt = 1 is broadcast over the temporal patch."""
+    N, C, _, pp = levels.shape
     table = normalization_table(mean, std)
-    out = np.empty((t * gh * gw, C, tp, p * p), np.float32)
+    out = np.empty((N, C, temporal_patch_size, pp), np.float32)
     for c in range(C):
-        out[:, c] = np.take(table[c], x[:, c])  # broadcasts over tp when tt == 1
-    return out.reshape(t * gh * gw, C * tp * p * p), (t, gh, gw)
+        out[:, c] = np.take(table[c], levels[:, c])
+    return out.reshape(N, C * temporal_patch_size * pp)
+
+
+def to_patches(
+    frames_THWC: np.ndarray,
+    mean=CLIP_MEAN,
+    std=CLIP_STD,
+    patch_size: int = PATCH,
+    temporal_patch_size: int = 2,
+    merge_size: int = MERGE,
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """uint8 frames [T, H, W, C] -> (float32 patches [t*gh*gw, C*tp*p*p], grid (t, gh, gw)), normalised, in
+    2x2-window order. The reordering is done on uint8 (a quarter of the bytes) and normalisation is a table
+    lookup."""
+    levels, grid = patch_levels(frames_THWC, patch_size, temporal_patch_size, merge_size)
+    return normalise_levels(levels, mean, std, temporal_patch_size), grid
 
 
 @dataclass
 class ImageInput:
-    pixel_values: np.ndarray  # float32 [gh*gw, 3*2*14*14]
+    pixel_values: np.ndarray  # float32 [gh*gw, 3*2*14*14] (uint8 [gh*gw, 3, 1, 14*14] with levels_only)
     grid: tuple[int, int, int]  # (1, gh, gw)
     size: tuple[int, int]  # (height, width) fed to the model
     original_size: tuple[int, int]  # (height, width) of the image as loaded
@@ -174,12 +189,17 @@ def preprocess_image(
     patch_size: int = PATCH,
     temporal_patch_size: int = 2,
     merge_size: int = MERGE,
+    levels_only: bool = False,
 ) -> ImageInput:
-    """An RGB PIL image -> its patches and grid."""
+    """An RGB PIL image -> its patches and grid (with ``levels_only``, the uint8 levels of ``patch_levels``
+    instead of the normalised patches)."""
     h, w = target_size(
         image.height, image.width, min_pixels=min_pixels, max_pixels=max_pixels,
         resized_height=resized_height, resized_width=resized_width, factor=patch_size * merge_size,
     )  # fmt: skip
     resized = np.asarray(image.resize((w, h), Image.Resampling.BICUBIC))
-    pixels, grid = to_patches(resized[None], mean, std, patch_size, temporal_patch_size, merge_size)
+    levels, grid = patch_levels(resized[None], patch_size, temporal_patch_size, merge_size)
+    if levels_only:
+        return ImageInput(levels, grid, (h, w), (image.height, image.width))
+    pixels = normalise_levels(levels, mean, std, temporal_patch_size)
     return ImageInput(pixels, grid, (h, w), (image.height, image.width))

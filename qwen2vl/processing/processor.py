@@ -67,7 +67,7 @@ class MediaLoader:
     video_options: dict = field(default_factory=dict)
     access: MediaAccess = TRUST_LOCAL  # which sources are allowed: local files, URLs (with limits), sizes
 
-    def image(self, part: Mapping, name: str = "image", **defaults) -> img.ImageInput:
+    def image(self, part: Mapping, name: str = "image", *, levels_only: bool = False, **defaults) -> img.ImageInput:
         options = {**defaults, **{k: part[k] for k in IMAGE_KEYS if k in part}}
         options = {k: v for k, v in options.items() if k in IMAGE_KEYS and v is not None}
         options.setdefault("min_pixels", self.min_pixels)
@@ -76,7 +76,7 @@ class MediaLoader:
         try:
             return img.preprocess_image(
                 picture, **options, mean=self.image_mean, std=self.image_std, patch_size=self.patch_size,
-                temporal_patch_size=self.temporal_patch_size, merge_size=self.merge_size,
+                temporal_patch_size=self.temporal_patch_size, merge_size=self.merge_size, levels_only=levels_only,
             )  # fmt: skip
         except MediaError as e:
             raise MediaError(f"{name} ({describe(media_source(part))}): {e}") from None
@@ -88,23 +88,31 @@ class MediaLoader:
         options = {k: v for k, v in options.items() if k in VIDEO_KEYS and v is not None}
         return load_video(media_source(part), name=name, access=self.access, **options)
 
-    def load(self, kind: str, part: Mapping, name: str, options: Mapping) -> tuple[MediaInfo, np.ndarray]:
-        """One image or video part -> (what it became, its patches)."""
+    def load(self, kind: str, part: Mapping, name: str, options: Mapping, *, levels: bool = False
+             ) -> tuple[MediaInfo, np.ndarray]:  # fmt: skip
+        """One image or video part -> (what it became, its patches); with ``levels``, the uint8 levels of
+        ``image.patch_levels`` that ``normalise`` turns into the patches."""
         source = describe(media_source(part))
         if kind == "image":
-            x = self.image(part, name, **{k: v for k, v in options.items() if k in IMAGE_KEYS})
+            x = self.image(part, name, levels_only=levels,
+                           **{k: v for k, v in options.items() if k in IMAGE_KEYS})
             info = MediaInfo("image", 0, 0, source, x.original_size, x.size, x.grid, x.tokens)
             return info, x.pixel_values
         v = self.video(part, name, **options)
-        values, grid = img.to_patches(
-            v.frames, self.image_mean, self.image_std, self.patch_size, self.temporal_patch_size, self.merge_size
-        )
+        values, grid = img.patch_levels(v.frames, self.patch_size, self.temporal_patch_size, self.merge_size)
+        if not levels:
+            values = self.normalise(values)
         tokens = grid[0] * grid[1] * grid[2] // self.merge_size**2
         info = MediaInfo(
             "video", 0, 0, source, v.original_size, tuple(v.frames.shape[1:3]), grid, tokens,
             frames=len(v.frames), frame_indices=list(v.indices), sample_fps=v.sample_fps,
         )  # fmt: skip
         return info, values
+
+
+    def normalise(self, levels: np.ndarray) -> np.ndarray:
+        """uint8 levels from ``load(..., levels=True)`` -> the float32 patches ``load`` would have returned."""
+        return img.normalise_levels(levels, self.image_mean, self.image_std, self.temporal_patch_size)
 
 
 class Processor:

@@ -9,6 +9,7 @@ run on N processes, sees the same global batches as an uninterrupted single-proc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -40,6 +41,7 @@ class TrainConfig:
     batch_tokens: int = 2048  # tokens per packed row
     rows_per_step: int = 1  # rows per optimizer step on each process (gradient accumulation)
     lr: float | None = None  # None: the stage's
+    vision_lr_scale: float | None = None  # the ViT's lr relative to lr; None: the stage's (0.1 in stage 2)
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -123,7 +125,7 @@ def prepare_samples(cfg: TrainConfig, processor: Processor, log) -> list[Sample]
     samples, overlong = [], []
     for line, record in read_jsonl(cfg.data):
         where = f"{cfg.data}:{line}"
-        sample = encode(*to_messages(record, where, root), processor, where, **cfg.media)
+        sample = encode(*to_messages(record, where, root), processor, where, levels=True, **cfg.media)
         if len(sample) > cfg.batch_tokens:
             overlong.append((line, len(sample)))
             continue
@@ -156,6 +158,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
     torch.manual_seed(cfg.seed)
     st = stage(cfg.stage)
+    if cfg.vision_lr_scale is not None:  # e.g. 1.0 from scratch, where stage 1 left the ViT far from trained
+        st = dataclasses.replace(st, vision_lr_scale=cfg.vision_lr_scale)
 
     start_from = latest_checkpoint(out) if cfg.resume else None
     state = load_state(start_from) if start_from else {"step": 0, "epoch": 0, "row": 0}

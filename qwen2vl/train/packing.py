@@ -62,7 +62,8 @@ def pack(samples: list[Sample], config: Qwen2VLConfig) -> PackedRow:
         positions.append(pos)
 
     def cat(key: str) -> torch.Tensor | None:
-        parts = [getattr(s, key) for s in samples if getattr(s, key) is not None]
+        parts = [s.patches(key) if key.startswith("pixel") else getattr(s, key) for s in samples
+                 if getattr(s, key) is not None]  # fmt: skip
         return torch.cat(parts) if parts else None
 
     return PackedRow(
