@@ -41,3 +41,34 @@ def test_init_model_dir_is_a_complete_checkpoint(tmp_path):
         assert (ours(ids) - ref(input_ids=ids).logits).abs().max() < 1e-4
     size = sum(f.stat().st_size for f in path.iterdir())
     assert size < 40 * 2**20
+
+
+def test_curriculum_tokenizer_and_pipeline(tmp_path):
+    """`qwen2vl curriculum` end to end at toy size: synth -> tokenizer and model -> stages 1-3 -> eval. Its
+    tokenizer spends one token per word of the chat template and one per OCR character."""
+    import json
+
+    from qwen2vl.processing.tokenizer import Tokenizer
+    from qwen2vl.train.curriculum import Curriculum, _texts, run
+
+    out = tmp_path / "cur"
+    report = run(Curriculum(out=str(out), train_examples=48, test_examples=12, steps=(2, 2, 2), batch_tokens=1024,
+                            warmup_steps=1))  # fmt: skip
+    assert set(report["tasks"]) == {"colour", "shape", "counting", "grounding", "ocr", "direction"}
+    assert sum(t["n"] for t in report["tasks"].values()) == 12
+    assert set(report["train_seconds"]) == {"stage1", "stage2", "stage3", "total"}
+    assert json.loads((out / "eval.json").read_text())["tasks"] == report["tasks"]
+    for stage in (1, 2, 3):
+        assert (out / f"stage{stage}-model" / "tokenizer.json").is_file()
+    shipped = qwen2vl.Qwen2VL.from_pretrained(out / "model")  # what is evaluated: the last stage, in bfloat16
+    assert {p.dtype for p in shipped.parameters()} == {torch.bfloat16}
+    tok = Tokenizer.from_file(out / "init" / "tokenizer.json")
+    header = tok.encode("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    assert len(header) <= 14  # 3 specials, then a token per word or newline (48 when spelt out)
+    data = out / "data"
+    ocr = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    ocr = [r["messages"][1]["content"] for r in ocr if r["task"] == "ocr"]
+    assert ocr and all(len(tok.encode(a)) == len(a) for a in ocr)  # one token per character
+    corpus = "\n".join(_texts([data / "pretrain.jsonl", data / "train.jsonl"]))
+    lettered = [a for a in ocr if sum(c.isalpha() for c in a) >= 2]  # all-digit ones could be in a box
+    assert lettered and not any(a in corpus for a in lettered) and "<|" not in corpus

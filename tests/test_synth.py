@@ -15,7 +15,7 @@ from PIL import Image
 from qwen2vl.processing.grounding import Box, parse_boxes
 from qwen2vl.processing.video import load_video
 from qwen2vl.train.data import IGNORE, encode, read_jsonl, to_messages
-from qwen2vl.train.synth import ALPHABET, BACKGROUND, COLOURS, NUMBER_WORDS, SHAPES, TASKS, synthesize
+from qwen2vl.train.synth import ALPHABET, BACKGROUND, COLOURS, NUMBER_WORDS, SHAPES, TASKS, TRAIN_MIX, synthesize
 
 TRAIN, TEST = 60, 30
 
@@ -41,6 +41,15 @@ def question(record: dict) -> str:
 
 def answer(record: dict) -> str:
     return record["answer"] if "answer" in record else record["messages"][1]["content"]
+
+
+def turns(record: dict) -> list[tuple[str, str]]:
+    """Every (question, answer) of a record: one for a test record, all of a train conversation."""
+    if "answer" in record:
+        return [(question(record), record["answer"])]
+    m = record["messages"]
+    assert [x["role"] for x in m] == ["user", "assistant"] * (len(m) // 2)
+    return [(question(record), m[1]["content"])] + [(m[i]["content"], m[i + 1]["content"]) for i in range(2, len(m), 2)]
 
 
 def components(mask: np.ndarray) -> list[np.ndarray]:
@@ -96,7 +105,8 @@ def test_counts_layout_and_paths(data):
         assert {r["task"] for r in recs} == set(TASKS)
         assert {t: sum(r["task"] == t for r in recs) for t in TASKS} == counts[split]
     assert set(counts["test"].values()) == {TEST // 6}  # the test split is balanced
-    assert counts["train"]["direction"] == round(TRAIN * 0.1)
+    for task, weight in TRAIN_MIX.items():  # the train split follows the mix
+        assert abs(counts["train"][task] - TRAIN * weight / sum(TRAIN_MIX.values())) < 1
     for r in test:
         assert set(r) == {"task", "metric", "messages", "answer", "image_size"} and len(r["messages"]) == 1
         assert r["metric"] == ("box" if r["task"] == "grounding" else "exact")
@@ -142,46 +152,69 @@ def test_splits_share_no_picture(data):
     assert not digests("train.jsonl") & digests("test.jsonl")
 
 
+def check_shapes_answer(q: str, ans: str, found: list, path: Path) -> None:
+    """One question about a shapes picture, answered from the blobs found in its pixels."""
+    if q == "What colour is the shape?":
+        assert len(found) == 1 and found[0][0] == ans
+    elif q == "What shape is it?":
+        assert len(found) == 1 and found[0][1] == ans and ans in SHAPES
+    elif q == "How many shapes are there?":
+        assert ans == str(len(found)) and 1 <= len(found) <= 6
+    else:
+        name = re.fullmatch(r"Where is the (\w+ \w+)\?", q)[1]
+        target = [b for c, k, b in found if f"{c} {k}" == name]
+        assert len(target) == 1, "the question names exactly one shape"
+        w, h = Image.open(path).size
+        boxes = parse_boxes(ans, w, h)
+        assert len(boxes) == 1 and boxes[0].label == f"the {name}"
+        assert ans.startswith(f"<|object_ref_start|>the {name}<|object_ref_end|><|box_start|>(")
+        assert boxes[0].iou(target[0]) > 0.9
+
+
 def test_answers_follow_from_the_pixels(data):
+    """Every question of every record (all the turns of a train conversation), and every caption."""
     out, _ = data
     captions = {media(c)["image"]: question(c) for c in records(out, "pretrain.jsonl") if "image" in media(c)}
-    seen = set()
+    seen, asked = set(), set()
     for r in records(out, "train.jsonl") + records(out, "test.jsonl"):
-        task, ans, path = r["task"], answer(r), out / media(r).get("image", "")
+        task, path = r["task"], out / media(r).get("image", "")
         if task == "direction":
             continue
         seen.add(task)
         if task == "ocr":
-            assert question(r) == "What does the text say?"
+            assert turns(r) == [("What does the text say?", answer(r))]
+            ans = answer(r)
             assert re.fullmatch(f"[{ALPHABET}]{{2,4}}", ans)
             a = np.asarray(Image.open(path).convert("L"))
             assert (a < 64).sum() > 50 and (a > 192).mean() > 0.5  # dark text on a light page
             assert captions.get(media(r)["image"], f"The text says {ans}.") == f"The text says {ans}."
             continue
         found = shapes_in(path)
-        if task == "colour":
-            assert question(r) == "What colour is the shape?" and len(found) == 1 and found[0][0] == ans
-        elif task == "shape":
-            assert question(r) == "What shape is it?" and len(found) == 1 and found[0][1] == ans
-            assert ans in SHAPES
-        elif task == "counting":
-            assert question(r) == "How many shapes are there?" and ans == str(len(found)) and 1 <= len(found) <= 6
-            caption = captions.get(media(r)["image"])
-            if caption is not None:  # the caption names every shape: its counts add up to the answer
-                words = re.findall(r"(?:^|, | and )(\w+) ", caption)
-                numbers = [1 if w.lower() in ("a", "an") else NUMBER_WORDS.index(w.lower()) + 1 for w in words]
-                assert sum(numbers) == len(found)
-        else:
-            name = re.fullmatch(r"Where is the (\w+ \w+)\?", question(r))[1]
+        first = {"colour": "What colour", "shape": "What shape", "counting": "How many", "grounding": "Where is"}
+        assert question(r).startswith(first[task])  # the task's own question comes first
+        if task in ("colour", "shape"):
+            assert len(found) == 1
+        if task == "grounding":
             assert 2 <= len(found) <= 3 and len({(c, k) for c, k, _ in found}) == len(found)
-            target = [b for c, k, b in found if f"{c} {k}" == name]
-            assert len(target) == 1, "the question names exactly one shape"
+        for q, ans in turns(r):
+            check_shapes_answer(q, ans, found, path)
+            asked.add(q.split()[0] + " " + q.split()[1])
+        if "answer" not in r:  # a train conversation asks all the generator can ask of the picture
+            names = [f"{c} {k}" for c, k, _ in found]
+            unique = sum(names.count(x) == 1 for x in names)
+            expected = {"colour": 4, "shape": 4, "grounding": len(found) + 1, "counting": 1 + min(2, unique)}[task]
+            assert len(turns(r)) == expected
+        caption = captions.get(media(r)["image"])
+        if caption is not None:  # the caption counts the shapes and boxes each one
+            n = len(found)
+            assert caption.startswith(f"{NUMBER_WORDS[n - 1].capitalize()} shape{'s' if n > 1 else ''}: ")
             w, h = Image.open(path).size
-            boxes = parse_boxes(ans, w, h)
-            assert len(boxes) == 1 and boxes[0].label == f"the {name}"
-            assert ans.startswith(f"<|object_ref_start|>the {name}<|object_ref_end|><|box_start|>(")
-            assert boxes[0].iou(target[0]) > 0.9
+            boxes = parse_boxes(caption, w, h)
+            assert len(boxes) == n
+            for c, k, b in found:
+                assert any(x.label.split(" ", 1)[1] == f"{c} {k}" and x.iou(b) > 0.9 for x in boxes), (c, k)
     assert seen == set(TASKS) - {"direction"}
+    assert asked == {"What colour", "What shape", "How many", "Where is"}
 
 
 def test_videos_show_the_stated_motion(data):
@@ -203,6 +236,11 @@ def test_videos_show_the_stated_motion(data):
         steps = np.diff(c[:, axis]) * sign
         assert (steps > 5).all(), (answer(r), c)
         assert np.abs(c[:, 1 - axis] - c[0, 1 - axis]).max() < 1.5  # a straight line along the axis
+        if "answer" not in r:  # a train conversation also asks the ball's colour
+            (q, colour), = turns(r)[1:]
+            assert q == "What colour is the ball?"
+            ys, xs = np.nonzero(np.abs(video.frames[0].astype(int) - BACKGROUND).sum(-1) > 150)
+            assert np.abs(video.frames[0][ys, xs].astype(int) - COLOURS[colour]).sum(-1).mean() < 10
 
 
 def test_records_load_with_the_training_loader(data, processor):
@@ -217,7 +255,8 @@ def test_records_load_with_the_training_loader(data, processor):
         done.add(r["task"])
         sample = encode(*to_messages(r, r["task"], root=out), processor)
         supervised = [i for i, label in zip(sample.input_ids.tolist(), sample.labels.tolist()) if label != IGNORE]
-        assert processor.tokenizer.decode(supervised, skip_special_tokens=False) == answer(r) + "<|im_end|>"
+        replies = "".join(a + "<|im_end|>" for _, a in turns(r))  # every answer of the conversation
+        assert processor.tokenizer.decode(supervised, skip_special_tokens=False) == replies
         if r["task"] == "direction":
             assert sample.video_grid_thw.tolist() == [[2, 8, 8]]  # 4 frames of 112x112: 32 tokens
     assert done == set(TASKS)

@@ -115,6 +115,13 @@ def test_metrics_and_export(tiny_checkpoint, dataset, tmp_path, tiny_ref):
     with torch.no_grad():
         assert (ours(ids) - ref(input_ids=ids).logits).abs().max() < 1e-4
     assert qwen2vl.load(tmp_path / "exported").chat("hi", max_new_tokens=2) is not None
+    assert main(["export", str(out), str(tmp_path / "half"), "--dtype", "bfloat16"]) == 0  # the weights halved
+    half = qwen2vl.Qwen2VL.from_pretrained(tmp_path / "half", dtype=None)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    for (name, a), b in zip(ours.state_dict().items(), half.state_dict().values()):
+        assert torch.equal(a.to(torch.bfloat16), b), name
+    tokenizer = (tmp_path / "exported" / "tokenizer.json").read_bytes()
+    assert (tmp_path / "half" / "tokenizer.json").read_bytes() == tokenizer
 
 
 def run_cli(args, **kw):

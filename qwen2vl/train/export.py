@@ -1,6 +1,7 @@
 """A training checkpoint -> a complete model directory in the hub layout: the checkpoint's weights and config
 plus the tokenizer, preprocessor and chat template of the model the run started from. Written to a temporary
-directory and renamed into place."""
+directory and renamed into place. With ``dtype`` the weights are stored in that type (bfloat16 halves a model
+that ships in the repository)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,13 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_conf
 MODEL_FILES = ("config.json", "generation_config.json")
 
 
-def export(checkpoint: str | Path, dest: str | Path, base: str | Path | None = None) -> Path:
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def export(checkpoint: str | Path, dest: str | Path, base: str | Path | None = None, dtype: str | None = None) -> Path:
     checkpoint, dest = Path(checkpoint), Path(dest)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if not (checkpoint / "trainer_state.json").is_file():  # OUT itself: its latest checkpoint
         latest = latest_checkpoint(checkpoint)
         if latest is None:
@@ -31,9 +37,16 @@ def export(checkpoint: str | Path, dest: str | Path, base: str | Path | None = N
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
     try:
-        for f in checkpoint.iterdir():
-            if f.name in MODEL_FILES or f.name.startswith("model") and f.suffix in (".safetensors", ".json"):
-                shutil.copy2(f, tmp / f.name)
+        if dtype is None:
+            for f in checkpoint.iterdir():
+                if f.name in MODEL_FILES or f.name.startswith("model") and f.suffix in (".safetensors", ".json"):
+                    shutil.copy2(f, tmp / f.name)
+        else:
+            import torch
+
+            from ..model.qwen2vl import Qwen2VL
+
+            Qwen2VL.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).save_pretrained(tmp)
         for name in PROCESSOR_FILES:
             if (base / name).is_file():
                 shutil.copy2(base / name, tmp / name)

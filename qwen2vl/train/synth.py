@@ -7,21 +7,26 @@ parameters can learn them in minutes:
   shape      one shape                      "What shape is it?"                     -> "circle"
   counting   1-6 shapes, never touching     "How many shapes are there?"            -> "4"
   grounding  2-3 shapes, distinct kinds     "Where is the red circle?"              -> <|object_ref_start|>... box
-  ocr        2-4 characters, centred        "What does the text say?"               -> "KQ7"
+  ocr        2-4 characters on a strip      "What does the text say?"               -> "KQ7"
   direction  an 8-frame clip of one ball    "Which direction does the ball move?"   -> "left"
+
+In the train split a picture comes with every question that can be asked of it (the task's first, then the
+others shuffled: the one shape's colour, kind, count and box; where the shapes are that have a name of their own;
+a ball's colour), so the picture and the chat template are paid for once per several answers. Captions (stages
+1-2) count the shapes and give each one's box in the grounding format, as the paper's grounding pretraining does.
 
 Why it is shaped this way: every answer must follow from the pixels without doubt, or the model learns noise.
 So shapes are flat, aliased (every pixel is exactly its colour or the background's), drawn from a palette of six
 colours far apart in RGB on one near-black background, and never overlap or touch the border; text is black on
 white from an alphabet without look-alikes (no I, O, 0, 1); each task has one fixed question and answer template.
 Image sides vary (multiples of 28 in [min_side, max_side]) because dynamic resolution is what is being exercised,
-but stay small so that an image costs 16-144 tokens. Each video part carries ``min_pixels`` so that the loader
+but stay small so that an image costs 16-64 tokens. Each video part carries ``min_pixels`` so that the loader
 keeps clips at their 112x112 size (32 tokens) instead of upscaling them to its video minimum of 128 tokens/frame.
 
 Files written into ``out`` (paths in the records are relative to it, as the training loader expects):
   images/{split}-{index:06d}.png, videos/{split}-{index:06d}.mp4 (H.264, lossless, 8 frames at 4 fps)
   pretrain.jsonl  one caption per train image/video (stages 1-2)
-  train.jsonl     one ChatML question/answer per train image/video (stage 3)
+  train.jsonl     one ChatML conversation per train image/video (stage 3)
   test.jsonl      held-out questions with reference answers: {"task", "metric", "messages", "answer", "image_size"}
 
 Determinism: every example draws from its own ``numpy.random.default_rng([seed, split, index, attempt])``, so the
@@ -31,7 +36,7 @@ same seed gives byte-identical files and the test split (another seed stream) ne
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import av
@@ -50,6 +55,10 @@ QUESTIONS = {
     "ocr": "What does the text say?",
     "direction": "Which direction does the ball move?",
 }
+BALL_COLOUR = "What colour is the ball?"
+# The train split's share of each task. OCR and the videos get more: reading 2-4 characters in order and telling
+# a motion apart were the slowest to learn in a trial run, and a strip of text or a clip costs only 8-32 tokens.
+TRAIN_MIX = {"colour": 1.0, "shape": 1.0, "counting": 1.0, "grounding": 1.0, "ocr": 2.0, "direction": 1.5}
 # Pairwise RGB distances are all > 95, and every colour stands out from the near-black background.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (40, 180, 60), "blue": (40, 80, 230),
@@ -96,6 +105,7 @@ class Example:
     caption: str
     image: Image.Image | None = None
     frames: list[np.ndarray] | None = None
+    more: list[tuple[str, str]] = field(default_factory=list)  # other (question, answer) pairs about the picture
 
 
 # -- drawing -----------------------------------------------------------------------------------------------
@@ -157,17 +167,18 @@ def _article(phrase: str) -> str:
     return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
 
 
-def _describe(shapes: list[Shape]) -> str:
-    """'A red circle, two blue squares and a green triangle.': groups of equal shapes, in order of appearance."""
-    groups: dict[str, int] = {}
-    for s in shapes:
-        groups[s.name] = groups.get(s.name, 0) + 1
-    phrases = []
-    for name, count in groups.items():
-        colour, kind = name.split()
-        phrases.append(_article(name) if count == 1 else f"{NUMBER_WORDS[count - 1]} {colour} {PLURAL[kind]}")
-    text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    return text[0].upper() + text[1:] + "."
+def _describe(shapes: list[Shape], w: int, h: int) -> str:
+    """'Two shapes: <ref>a red circle</ref><box>(..),(..)</box> and <ref>a blue square</ref><box>..</box>.', the
+    shapes top to bottom, then left to right, each with its box in the grounding format: a caption that teaches
+    counting, colours, kinds and where things are at once (the paper's grounding pretraining data looks so)."""
+    n = len(shapes)
+    phrases = [format_box(s.box, w, h, label=_article(s.name)) for s in sorted(shapes, key=lambda s: (s.y, s.x))]
+    listed = phrases[0] if n == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return f"{NUMBER_WORDS[n - 1].capitalize()} shape{'s' if n > 1 else ''}: {listed}."
+
+
+def _where(target: Shape, w: int, h: int) -> tuple[str, str]:
+    return QUESTIONS["grounding"].format(target.name), format_box(target.box, w, h, label=f"the {target.name}")
 
 
 # -- one example per task ----------------------------------------------------------------------------------
@@ -190,36 +201,43 @@ def _shapes_example(task: str, rng: np.random.Generator, min_side: int, max_side
         pairs = [(c, k) for c in COLOURS for k in SHAPES]
         chosen = [pairs[i] for i in rng.choice(len(pairs), n, replace=False)]
         shapes = [Shape(c, k, *p) for (c, k), p in zip(chosen, _place(rng, w, h, n, 0.2, 0.35))]
-    caption = _describe(shapes)
+    caption = _describe(shapes, w, h)
     key = (task, w, h, tuple(shapes))
-    if task == "colour":
-        return Example(task, key, QUESTIONS[task], shapes[0].colour, caption, _canvas(shapes, w, h))
-    if task == "shape":
-        return Example(task, key, QUESTIONS[task], shapes[0].kind, caption, _canvas(shapes, w, h))
-    if task == "counting":
-        return Example(task, key, QUESTIONS[task], str(len(shapes)), caption, _canvas(shapes, w, h))
+    image = _canvas(shapes, w, h)
+    count = (QUESTIONS["counting"], str(len(shapes)))
+    unique = [s for s in shapes if sum(t.name == s.name for t in shapes) == 1]  # "the red circle" names one
+    if task in ("colour", "shape"):  # every question about the one shape
+        colour, kind = (QUESTIONS["colour"], shapes[0].colour), (QUESTIONS["shape"], shapes[0].kind)
+        first, rest = (colour, kind) if task == "colour" else (kind, colour)
+        return Example(task, key, *first, caption, image, more=[rest, count, _where(shapes[0], w, h)])
+    if task == "counting":  # and where up to two of the shapes that have a name of their own are
+        picked = [unique[i] for i in rng.permutation(len(unique))[:2]]
+        return Example(task, key, *count, caption, image, more=[_where(s, w, h) for s in picked])
     target = shapes[int(rng.integers(n))]
-    label = f"the {target.name}"
-    answer = format_box(target.box, w, h, label=label)
-    return Example(task, key + (target.name,), QUESTIONS[task].format(target.name), answer, caption,
-                   _canvas(shapes, w, h))  # fmt: skip
+    others = [_where(s, w, h) for s in shapes if s is not target]
+    return Example(task, key + (target.name,), *_where(target, w, h), caption, image, more=[*others, count])
 
 
 def _ocr_example(rng: np.random.Generator, min_side: int, max_side: int) -> Example:
-    w, h = _side(rng, min_side, max_side), _side(rng, min_side, max_side)
+    """2-4 characters on a white strip 56 or 84 px high, in a font of 28-40 px (about one token per character),
+    anywhere along the strip: the glyphs keep one scale whatever the picture's width, and a strip costs 8-24
+    tokens, so that many are seen per minute of training."""
+    w, h = _side(rng, min_side, max_side), _side(rng, 56, 84)
     text = "".join(_pick(rng, ALPHABET) for _ in range(int(rng.integers(2, 5))))
     image = Image.new("RGB", (w, h), TEXT_BACKGROUND)
     draw = ImageDraw.Draw(image)
     draw.fontmode = "1"  # no anti-aliasing: two colours only, like the shapes
-    size = int(h * rng.uniform(0.4, 0.6))
-    while True:  # as large as asked, but shrunk until the text fits with a margin (narrow images)
+    size = int(rng.integers(28, 41))
+    while True:  # shrunk until the text fits with a margin (four wide letters on a narrow strip)
         font = ImageFont.load_default(size=size)
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        if (right - left <= 0.9 * w and bottom - top <= 0.9 * h) or size <= 10:
+        if (right - left <= w - 2 * MARGIN and bottom - top <= h - 2 * MARGIN) or size <= 20:
             break
         size -= 2
-    draw.text(((w - (right - left)) // 2 - left, (h - (bottom - top)) // 2 - top), text, fill=TEXT_INK, font=font)
-    return Example("ocr", ("ocr", w, h, text, size), QUESTIONS["ocr"], text, f"The text says {text}.", image)
+    x = int(rng.integers(MARGIN, w - MARGIN - (right - left) + 1))
+    y = int(rng.integers(MARGIN, h - MARGIN - (bottom - top) + 1))
+    draw.text((x - left, y - top), text, fill=TEXT_INK, font=font)
+    return Example("ocr", ("ocr", w, h, text, size, x, y), QUESTIONS["ocr"], text, f"The text says {text}.", image)
 
 
 def _video_example(rng: np.random.Generator) -> Example:
@@ -241,7 +259,8 @@ def _video_example(rng: np.random.Generator) -> Example:
         frames.append(np.asarray(image))
     caption = f"{_article(colour).capitalize()} ball moves {DIRECTION_CAPTION[direction]}."
     key = ("direction", colour, direction, r, start, travel, across)
-    return Example("direction", key, QUESTIONS["direction"], direction, caption, frames=frames)
+    return Example("direction", key, QUESTIONS["direction"], direction, caption, frames=frames,
+                   more=[(BALL_COLOUR, colour)])  # fmt: skip
 
 
 def _example(task: str, rng: np.random.Generator, min_side: int, max_side: int) -> Example:
@@ -267,34 +286,31 @@ def _write_mp4(path: Path, frames: list[np.ndarray]) -> None:
             out.mux(packet)
 
 
-def _task_list(n: int, video_fraction: float | None) -> list[str]:
-    """n task names: with ``video_fraction``, that share are videos and the rest split evenly over the image
-    tasks (videos are the costliest examples to train on); without, all six tasks equally (the test split, so
-    that each metric is measured on as many examples)."""
-    if video_fraction is None:
-        tasks, n_video = TASKS, 0
-    else:
-        tasks, n_video = IMAGE_TASKS, round(n * video_fraction)
-    rest = n - n_video
-    out = ["direction"] * n_video
-    for i, t in enumerate(tasks):
-        out += [t] * (rest // len(tasks) + (i < rest % len(tasks)))
-    return out
+def _task_list(n: int, mix: dict[str, float] | None) -> list[str]:
+    """n task names in proportion to ``mix`` (largest remainders); without one, all six tasks equally (the test
+    split, so that each metric is measured on as many examples)."""
+    weights = np.array([1.0 if mix is None else float(mix.get(t, 0.0)) for t in TASKS])
+    exact = n * weights / weights.sum()
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]:
+        counts[i] += 1
+    return [t for t, k in zip(TASKS, counts) for _ in range(k)]
 
 
-def _split(out: Path, split: str, n: int, seed: int, video_fraction: float | None, min_side: int, max_side: int,
+def _split(out: Path, split: str, n: int, seed: int, mix: dict[str, float] | None, min_side: int, max_side: int,
            taken: set[tuple]) -> tuple[list[dict], list[dict], dict[str, int]]:
     """Generate one split; returns (question records, caption records, counts per task). Scenes whose key is in
     ``taken`` (the other split's) are redrawn, so that the splits never share a picture."""
     sid = _SPLITS[split]
-    tasks = _task_list(n, video_fraction)
+    tasks = _task_list(n, mix)
     order = np.random.default_rng([seed, sid]).permutation(len(tasks))  # mix tasks, in case nothing shuffles
     records, captions = [], []
     counts = {t: 0 for t in TASKS}
     for index, i in enumerate(order):
         task = tasks[int(i)]
         for attempt in range(1000):
-            ex = _example(task, np.random.default_rng([seed, sid, index, attempt]), min_side, max_side)
+            rng = np.random.default_rng([seed, sid, index, attempt])
+            ex = _example(task, rng, min_side, max_side)
             if ex.key not in taken:
                 break
         taken.add(ex.key)
@@ -310,9 +326,13 @@ def _split(out: Path, split: str, n: int, seed: int, video_fraction: float | Non
             part = {"type": "image", "image": rel}
             size = list(ex.image.size)
         user = {"role": "user", "content": [part, {"type": "text", "text": ex.question}]}
-        if split == "train":
-            records.append({"task": task, "messages": [user, {"role": "assistant", "content": ex.answer}]})
-            captions.append({"type": "pretrain", "messages": [
+        if split == "train":  # the task's question first, then every other one about the picture, shuffled
+            messages = [user, {"role": "assistant", "content": ex.answer}]
+            for j in rng.permutation(len(ex.more)):
+                q, a = ex.more[int(j)]
+                messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            records.append({"task": task, "messages": messages})
+            captions.append({"type": "pretrain", "task": task, "messages": [
                 {"role": "user", "content": [part, {"type": "text", "text": ex.caption}]}]})  # fmt: skip
         else:
             metric = "box" if task == "grounding" else "exact"
@@ -327,27 +347,28 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 300, *, video_fraction: float = 0.1,
-               min_side: int = 112, max_side: int = 336) -> dict:
+def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 300, *,
+               mix: dict[str, float] | None = None, min_side: int = 112, max_side: int = 224) -> dict:  # fmt: skip
     """Write the curriculum into ``out`` (created; a ValueError if it exists and is not empty) and return the
     number of examples per split and task: ``{"train": {"colour": n, ...}, "test": {...}}``.
 
-    ``video_fraction`` is the share of train examples that are videos (the rest are spread evenly over the five
-    image tasks); the test split is spread evenly over all six tasks. Image sides are multiples of 28 drawn
+    ``mix`` weighs the tasks in the train split (default ``TRAIN_MIX``); the test split is spread evenly over
+    all six tasks. Image sides are multiples of 28 drawn
     uniformly from [min_side, max_side]."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty directory")
     if train < 0 or test < 0 or seed < 0:
         raise ValueError("train, test and seed must be non-negative")
-    if not 0 <= video_fraction <= 1:
-        raise ValueError(f"video_fraction must be in [0, 1], got {video_fraction}")
+    mix = dict(TRAIN_MIX if mix is None else mix)
+    if set(mix) - set(TASKS) or any(not (v >= 0) for v in mix.values()) or not sum(mix.values()) > 0:
+        raise ValueError(f"mix weighs tasks of {TASKS} with non-negative numbers, not all zero; got {mix}")
     if not 56 <= min_side <= max_side or -(-min_side // 28) * 28 > max_side:
         raise ValueError(f"need 56 <= min_side <= max_side with a multiple of 28 between, got {min_side}, {max_side}")
     for sub in ("images", "videos"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     taken: set[tuple] = set()
-    train_records, captions, train_counts = _split(out, "train", train, seed, video_fraction, min_side, max_side,
+    train_records, captions, train_counts = _split(out, "train", train, seed, mix, min_side, max_side,
                                                    taken)  # fmt: skip
     test_records, _, test_counts = _split(out, "test", test, seed, None, min_side, max_side, taken)
     _write_jsonl(out / "pretrain.jsonl", captions)
