@@ -11,14 +11,20 @@ from pathlib import Path
 import torch
 
 
+# The model that `qwen2vl curriculum` trained from scratch on the synthetic curriculum, shipped in the repository.
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "qwen2vl-synth"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qwen2vl", description="Qwen2-VL in plain PyTorch")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    demo = verbs.add_parser("demo", help="what the model code does today, offline, with random weights")
-    demo.add_argument("--preset", default="tiny", choices=["tiny", "2b"], help="architecture to run (default tiny)")
+    demo = verbs.add_parser("demo", help="the shipped model answers about the example pictures, offline")
+    demo.add_argument("--model", default=str(SHIPPED_MODEL), help="model directory (default: the shipped one)")
+    demo.add_argument("--random", action="store_true", help="instead: an architecture walk-through, random weights")
+    demo.add_argument("--preset", choices=["tiny", "2b"], help="architecture of --random (default tiny; implies it)")
     demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    demo.add_argument("--new-tokens", type=int, default=16)
+    demo.add_argument("--new-tokens", type=int, default=16, help="tokens --random generates")
     demo.add_argument("--out", default="demo_boxes.png", help="where to save the grounding picture")
 
     verbs.add_parser("params", help="parameter counts of the presets (the paper's Table 1)")
@@ -66,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--batch-tokens", type=int, help="tokens per packed row")
     train.add_argument("--rows-per-step", type=int, help="rows per optimizer step per process (accumulation)")
     train.add_argument("--lr", type=float)
+    train.add_argument("--vision-lr-scale", type=float, help="the ViT's lr relative to --lr (default: the stage's)")
     train.add_argument("--warmup-steps", type=int)
     train.add_argument("--save-every", type=int)
     train.add_argument("--seed", type=int)
@@ -79,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("checkpoint", help="OUT/checkpoint-N, or OUT (its latest checkpoint)")
     export.add_argument("dest")
     export.add_argument("--base", help="where the tokenizer/preprocessor files come from (default: the run's --model)")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="store the weights in this type")
 
     ev = verbs.add_parser("eval", help="answer a JSONL of questions and score them per task")
     ev.add_argument("model", help="a checkpoint directory, or a hub id (fetched when online)")
@@ -87,14 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--max-new-tokens", type=int, default=64)
     ev.add_argument("--limit", type=int, help="only the first N records")
     ev.add_argument("--out", help="write the JSON report here")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute in this type (default: as stored)")
+
+    from .train.curriculum import Curriculum  # its defaults are the flags'
 
     cur = verbs.add_parser("curriculum", help="from scratch through the three stages on synthetic data, then eval")
     cur.add_argument("--out", required=True)
     cur.add_argument("--seed", type=int, default=0)
-    cur.add_argument("--train-examples", type=int, default=4000)
-    cur.add_argument("--test-examples", type=int, default=300)
-    cur.add_argument("--steps", type=int, nargs=3, default=[300, 600, 600], metavar=("S1", "S2", "S3"))
-    cur.add_argument("--batch-tokens", type=int, default=2048)
+    cur.add_argument("--train-examples", type=int, default=Curriculum.train_examples)
+    cur.add_argument("--test-examples", type=int, default=Curriculum.test_examples)
+    cur.add_argument("--steps", type=int, nargs=3, default=list(Curriculum.steps), metavar=("S1", "S2", "S3"))
+    cur.add_argument("--batch-tokens", type=int, default=Curriculum.batch_tokens)
 
     data = verbs.add_parser("data", help="training data tools")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
@@ -123,8 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "params":
             print_params()
         elif args.verb == "demo":
-            print_params()
-            run_demo(args.preset, getattr(torch, args.dtype), args.new_tokens, args.out)
+            if args.random or args.preset or not Path(args.model).is_dir():
+                if not (args.random or args.preset):
+                    print(f"(no model at {args.model}: showing the architecture with random weights instead)")
+                print_params()
+                run_demo(args.preset or "tiny", getattr(torch, args.dtype), args.new_tokens, args.out)
+            else:
+                run_trained_demo(args.model, getattr(torch, args.dtype), args.out)
         elif args.verb == "tokens":
             run_tokens(args)
         elif args.verb == "chat":
@@ -192,7 +208,7 @@ def run_tokens(args: argparse.Namespace) -> None:
     for i, part in enumerate(items):
         kind = part["type"]
         n = sum(p["type"] == kind for p in items[:i]) + 1
-        info, _ = loader.load(kind, part, f"{kind} {n}", options)
+        info, _ = loader.load(kind, part, f"{kind} {n}", options, levels=True)  # sizes only: skip normalising
         total += info.tokens
         (h0, w0), (h, w) = info.original_size, info.size
         source = info.source if len(info.source) <= 36 else "..." + info.source[-33:]
@@ -250,8 +266,8 @@ def run_train(args: argparse.Namespace) -> None:
     from .train.loop import TrainConfig, train
 
     keys = ("stage", "model", "data", "out", "resume", "max_steps", "batch_tokens", "rows_per_step", "lr",
-            "warmup_steps", "save_every", "seed", "dtype", "activation_checkpointing", "parallel", "progress",
-            "tensorboard")  # fmt: skip
+            "vision_lr_scale", "warmup_steps", "save_every", "seed", "dtype", "activation_checkpointing", "parallel",
+            "progress", "tensorboard")  # fmt: skip
     cfg = TrainConfig.from_recipe(args.recipe, **{k: getattr(args, k) for k in keys})
     history = train(cfg)
     if history and int(os.environ.get("RANK", "0")) == 0:
@@ -262,14 +278,15 @@ def run_train(args: argparse.Namespace) -> None:
 def run_export(args: argparse.Namespace) -> None:
     from .train.export import export
 
-    print(f"exported to {export(args.checkpoint, args.dest, args.base)}")
+    print(f"exported to {export(args.checkpoint, args.dest, args.base, args.dtype)}")
 
 
 def run_eval(args: argparse.Namespace) -> None:
     from . import load
     from .eval.run import evaluate, markdown, write_report
 
-    report = evaluate(load(args.model), args.data, args.metric, max_new_tokens=args.max_new_tokens, limit=args.limit)
+    report = evaluate(load(args.model, dtype=args.dtype), args.data, args.metric, max_new_tokens=args.max_new_tokens,
+                      limit=args.limit)  # fmt: skip
     print(markdown(report))
     print(f"{report['n']} records in {report['seconds']:.0f} s")
     if args.out:
@@ -337,21 +354,69 @@ def print_params() -> None:
         print(f"  {name:<6} {vis:>20,} {total - vis:>16,} {total:>16,}")
 
 
-EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "examples" / "scene.png"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLE_IMAGE = EXAMPLES / "scene.png"
 EXAMPLE_BOXES = {"the red ball": (70, 90, 210, 230), "the blue box": (300, 160, 420, 280)}  # pixels, ground truth
 
 
+# examples/make_examples.py draws these; the true boxes in pixels, [x1, x2) x [y1, y2)
+SHAPES_TRUTH = {"the red circle": (22, 30, 76, 84), "the blue square": (100, 96, 150, 146),
+                "the green triangle": (158, 22, 210, 74)}  # fmt: skip
+ONE_TRUTH = ("yellow", "square")
+TEXT_TRUTH = "KR7"
+BALL_TRUTH = "right"
+
+
+def run_trained_demo(model_dir: str, dtype: torch.dtype, out: str = "demo_boxes.png") -> None:
+    """The shipped model (or any directory) answers about examples/shapes.png, one.png, text.png and ball.mp4; the boxes
+    it gives are compared with the true ones and drawn (on a 3x enlargement) to ``out``."""
+    from . import load
+    from .processing.grounding import Box, draw_boxes, parse_boxes
+    from .processing.image import load_image
+
+    t0 = time.perf_counter()
+    assistant = load(model_dir, dtype=dtype)
+    n = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    print(f"loaded {model_dir} ({n / 2**20:.1f} MiB of weights, computing in {dtype}) in "
+          f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+    shapes, one, text, clip = (EXAMPLES / n for n in ("shapes.png", "one.png", "text.png", "ball.mp4"))
+    questions = [(shapes, "How many shapes are there?"), *((shapes, f"Where is {name}?") for name in SHAPES_TRUTH),
+                 (one, "What colour is the shape?"), (one, "What shape is it?"), (text, "What does the text say?"),
+                 (clip, "Which direction does the ball move?")]  # fmt: skip
+    picture = load_image(shapes)
+    w, h = picture.size
+    drawn = []
+    for image, question in questions:
+        t = time.perf_counter()
+        kind = "video" if image.suffix == ".mp4" else "image"
+        part = {"type": kind, kind: str(image)} | ({"min_pixels": 4 * 28 * 28} if kind == "video" else {})  # as trained
+        messages = [{"role": "user", "content": [part, {"type": "text", "text": question}]}]
+        answer = assistant.chat(messages, max_new_tokens=40)
+        ms = (time.perf_counter() - t) * 1000
+        print(f"\n{image.name}: {question}\n  -> {answer}   ({ms:.0f} ms)")
+        for box in parse_boxes(answer, w, h):
+            truth = SHAPES_TRUTH.get(box.label or "")
+            if truth is not None:
+                print(f"     IoU with the true box of {box.label}: {box.iou(Box(*truth)):.2f}")
+            drawn.append(Box(box.x1 * 3, box.y1 * 3, box.x2 * 3, box.y2 * 3, box.label))
+    big = picture.resize((w * 3, h * 3), resample=0)  # nearest: the flat shapes stay flat
+    draw_boxes(big, drawn, out)
+    print(f"\n(the truth: 3 shapes; one.png holds a {' '.join(ONE_TRUTH)}; the text says {TEXT_TRUTH}; the ball "
+          f"moves {BALL_TRUTH})")  # fmt: skip
+    print(f"the {len(drawn)} boxes drawn on {shapes.name}, 3x enlarged, in {out}")
+
+
 def run_demo(preset: str, dtype: torch.dtype, new_tokens: int, out: str = "demo_boxes.png") -> None:
-    """What the code does today with no trained weights: the shipped example image through the real
-    preprocessing, a random-weight model through save -> strict load -> vision -> M-RoPE -> cached decoding,
-    and the grounding format on the image's ground-truth boxes."""
+    """The architecture walk-through with random weights: the example image through the real preprocessing, a
+    random-weight model through save -> strict load -> vision -> M-RoPE -> cached decoding, and the grounding
+    format on the image's ground-truth boxes."""
     from . import Qwen2VL, qwen2vl_2b, tiny
     from .processing.grounding import Box, draw_boxes, format_box, parse_boxes
     from .processing.image import load_image
     from .processing.processor import MediaLoader
 
     c = config = tiny() if preset == "tiny" else qwen2vl_2b()
-    print(f"\nDemo on the {preset} architecture with random weights ({dtype}); no trained weights ship yet.")
+    print(f"\nDemo on the {preset} architecture with random weights ({dtype}); `qwen2vl demo` runs the trained one.")
 
     # 1. preprocessing of a real image: what it costs in tokens, at the default and at a smaller budget
     loader = MediaLoader()
@@ -402,7 +467,8 @@ def run_demo(preset: str, dtype: torch.dtype, new_tokens: int, out: str = "demo_
     print(f"parsed back to pixels: {[(b.label, round(b.x1), round(b.y1), round(b.x2), round(b.y2)) for b in boxes]}; "
           f"drawn to {out}")
     print("\nNext: `qwen2vl chat MODEL_DIR --image examples/scene.png \"What is in the picture?\"` with a real "
-          "checkpoint; `qwen2vl tokens --image examples/scene.png` prices any image or video.")
+          "checkpoint (or models/qwen2vl-synth and examples/shapes.png); `qwen2vl tokens --image examples/scene.png` "
+          "prices any image or video.")
 
 
 if __name__ == "__main__":

@@ -100,13 +100,18 @@ def test_console_script_runs():
     assert out.returncode == 1 and "qwen2vl: error: image 1 ('nope.png'): no such file" in out.stderr
 
 
-def test_demo_runs_offline_on_the_shipped_image(tmp_path, capsys):
+def test_random_demo_runs_offline_on_the_example_image(tmp_path, capsys):
     out = tmp_path / "boxes.png"
-    assert main(["demo", "--new-tokens", "2", "--out", str(out)]) == 0
+    assert main(["demo", "--random", "--new-tokens", "2", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "640x400 -> model input 644x392" in text and "322 tokens" in text
     assert "('the red ball', 70, 90, 210, 230)" in text
     assert Image.open(out).size == (640, 400)
+
+
+def test_demo_without_a_model_falls_back_to_random_weights(tmp_path, capsys):
+    assert main(["demo", "--model", str(tmp_path / "none"), "--new-tokens", "2", "--out", str(tmp_path / "b.png")]) == 0
+    assert "no model at" in capsys.readouterr().out
 
 
 def test_serve_starts_on_localhost(tiny_checkpoint):
