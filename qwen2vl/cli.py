@@ -368,16 +368,18 @@ BALL_TRUTH = "right"
 
 
 def run_trained_demo(model_dir: str, dtype: torch.dtype, out: str = "demo_boxes.png") -> None:
-    """The shipped model (or any directory) answers about examples/shapes.png, one.png, text.png and ball.mp4; the boxes
-    it gives are compared with the true ones and drawn (on a 3x enlargement) to ``out``."""
+    """The shipped model (or any directory) answers about examples/shapes.png, one.png, text.png and ball.mp4 (the
+    clip at the size the curriculum trains on); its boxes are compared with the true ones and drawn (on a 3x
+    enlargement) to ``out``."""
     from . import load
     from .processing.grounding import Box, draw_boxes, parse_boxes
     from .processing.image import load_image
+    from .train.synth import VIDEO_MIN_PIXELS
 
     t0 = time.perf_counter()
     assistant = load(model_dir, dtype=dtype)
-    n = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
-    print(f"loaded {model_dir} ({n / 2**20:.1f} MiB of weights, computing in {dtype}) in "
+    size = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    print(f"loaded {model_dir} ({size / 2**20:.1f} MiB of weights, computing in {dtype}) in "
           f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
     shapes, one, text, clip = (EXAMPLES / n for n in ("shapes.png", "one.png", "text.png", "ball.mp4"))
     questions = [(shapes, "How many shapes are there?"), *((shapes, f"Where is {name}?") for name in SHAPES_TRUTH),
@@ -389,7 +391,7 @@ def run_trained_demo(model_dir: str, dtype: torch.dtype, out: str = "demo_boxes.
     for image, question in questions:
         t = time.perf_counter()
         kind = "video" if image.suffix == ".mp4" else "image"
-        part = {"type": kind, kind: str(image)} | ({"min_pixels": 4 * 28 * 28} if kind == "video" else {})  # as trained
+        part = {"type": kind, kind: str(image)} | ({"min_pixels": VIDEO_MIN_PIXELS} if kind == "video" else {})
         messages = [{"role": "user", "content": [part, {"type": "text", "text": question}]}]
         answer = assistant.chat(messages, max_new_tokens=40)
         ms = (time.perf_counter() - t) * 1000

@@ -125,8 +125,8 @@ def patch_levels(
     """uint8 frames [T, H, W, C] -> (uint8 levels [t*gh*gw, C, tt, p*p], grid (t, gh, gw)) in 2x2-window order
     (REFERENCE §4): (t, gh/m, gw/m, m, m) over patches, (C, tt, p, p) within one. ``tt`` is 1 for an image (its
     temporal patch is two copies of it, made by ``normalise_levels``) and ``temporal_patch_size`` for a clip; a
-    clip with an odd frame count repeats its last frame. Kept as uint8, a patch takes an eighth of the bytes of
-    its float32 values, which is how training holds a whole synthetic corpus in memory."""
+    clip with an odd frame count repeats its last frame. Kept as uint8, an image patch takes an eighth of the bytes
+    of its float32 values and a clip's a quarter, which is how training holds a whole synthetic corpus in memory."""
     T, H, W, C = frames_THWC.shape
     p, m, tp = patch_size, merge_size, temporal_patch_size
     if T > 1 and T % tp:

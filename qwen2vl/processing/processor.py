@@ -109,7 +109,6 @@ class MediaLoader:
         )  # fmt: skip
         return info, values
 
-
     def normalise(self, levels: np.ndarray) -> np.ndarray:
         """uint8 levels from ``load(..., levels=True)`` -> the float32 patches ``load`` would have returned."""
         return img.normalise_levels(levels, self.image_mean, self.image_std, self.temporal_patch_size)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..processing.chat import DEFAULT_SYSTEM
 from .export import export
 from .loop import TrainConfig, train
 from .scratch import init_model_dir
@@ -43,7 +44,7 @@ class Curriculum:
     media: dict = field(default_factory=lambda: {"max_pixels": 256 * 28 * 28})
 
 
-TEMPLATE_TEXTS = ("system\nYou are a helpful assistant.", "\n", "user\n", "assistant\n")  # ChatML between specials
+TEMPLATE_TEXTS = (f"system\n{DEFAULT_SYSTEM}", "\n", "user\n", "assistant\n")  # ChatML between its specials
 _SPECIAL = re.compile(r"<\|[a-z_]+\|>")
 
 

@@ -151,7 +151,8 @@ def with_root(messages: list[dict], root: Path) -> list[dict]:
 def encode(messages: list[dict], kind: str, processor: Processor, where: str = "record", *, levels: bool = False,
            **media_options) -> Sample:  # fmt: skip
     """Messages -> a Sample: ids as inference tokenizes them, labels, and the media's patches (with ``levels``,
-    held as uint8 levels that ``Sample.patches`` normalises when the sample is packed: an eighth of the memory)."""
+    held as uint8 levels that ``Sample.patches`` normalises when the sample is packed: an eighth of the memory for
+    images, a quarter for videos)."""
     tok = processor.tokenizer
     if kind == "chat":
         text, spans, pos = "", [], 0

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..weights import resolve_dtype
 from .checkpoint import latest_checkpoint, load_state
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json",
@@ -17,13 +18,10 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_conf
 MODEL_FILES = ("config.json", "generation_config.json")
 
 
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def export(checkpoint: str | Path, dest: str | Path, base: str | Path | None = None, dtype: str | None = None) -> Path:
+def export(checkpoint: str | Path, dest: str | Path, base: str | Path | None = None, dtype: str | None = None
+           ) -> Path:  # fmt: skip
     checkpoint, dest = Path(checkpoint), Path(dest)
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    dtype = resolve_dtype(dtype)  # a ValueError naming the known ones
     if not (checkpoint / "trainer_state.json").is_file():  # OUT itself: its latest checkpoint
         latest = latest_checkpoint(checkpoint)
         if latest is None:
@@ -42,11 +40,9 @@ def export(checkpoint: str | Path, dest: str | Path, base: str | Path | None = N
                 if f.name in MODEL_FILES or f.name.startswith("model") and f.suffix in (".safetensors", ".json"):
                     shutil.copy2(f, tmp / f.name)
         else:
-            import torch
-
             from ..model.qwen2vl import Qwen2VL
 
-            Qwen2VL.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).save_pretrained(tmp)
+            Qwen2VL.from_pretrained(checkpoint, dtype=dtype).save_pretrained(tmp)
         for name in PROCESSOR_FILES:
             if (base / name).is_file():
                 shutil.copy2(base / name, tmp / name)

@@ -240,6 +240,13 @@ def _ocr_example(rng: np.random.Generator, min_side: int, max_side: int) -> Exam
     return Example("ocr", ("ocr", w, h, text, size, x, y), QUESTIONS["ocr"], text, f"The text says {text}.", image)
 
 
+def ball_frame(colour: str, r: int, cx: int, cy: int) -> np.ndarray:
+    """One clip frame: a ball of radius ``r`` centred at (cx, cy) on the background, uint8 [H, W, 3]."""
+    image = Image.new("RGB", (VIDEO_SIDE, VIDEO_SIDE), BACKGROUND)
+    ImageDraw.Draw(image).ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[colour])
+    return np.asarray(image)
+
+
 def _video_example(rng: np.random.Generator) -> Example:
     """One ball crossing much of the frame in a straight line at constant speed."""
     colour, direction = _pick(rng, list(COLOURS)), _pick(rng, DIRECTIONS)
@@ -251,12 +258,7 @@ def _video_example(rng: np.random.Generator) -> Example:
     path = [start + round(travel * i / (VIDEO_FRAMES - 1)) for i in range(VIDEO_FRAMES)]
     if direction in ("left", "up"):
         path.reverse()
-    frames = []
-    for p in path:
-        cx, cy = (p, across) if direction in ("left", "right") else (across, p)
-        image = Image.new("RGB", (VIDEO_SIDE, VIDEO_SIDE), BACKGROUND)
-        ImageDraw.Draw(image).ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[colour])
-        frames.append(np.asarray(image))
+    frames = [ball_frame(colour, r, *((p, across) if direction in ("left", "right") else (across, p))) for p in path]
     caption = f"{_article(colour).capitalize()} ball moves {DIRECTION_CAPTION[direction]}."
     key = ("direction", colour, direction, r, start, travel, across)
     return Example("direction", key, QUESTIONS["direction"], direction, caption, frames=frames,
