@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from ..processing.chat import check_messages
+from ..progress import end as end_progress
+from ..progress import show
 from ..train.data import read_jsonl, with_root
 from .metrics import SCORERS
 
@@ -45,10 +46,9 @@ def evaluate(assistant, data: str | Path, metric: str | None = None, *, max_new_
         if progress:
             elapsed = time.perf_counter() - t0
             mean = sum(r["score"] for r in results) / len(results)
-            print(f"\r{k}/{len(records)} score {mean:.3f} ETA {elapsed / k * (len(records) - k):.0f} s",
-                  end="", file=sys.stderr, flush=True)  # fmt: skip
+            show(f"{k}/{len(records)} score {mean:.3f} ETA {elapsed / k * (len(records) - k):.0f} s", k, len(records))
     if progress:
-        print(file=sys.stderr)
+        end_progress()
     tasks: dict[str, dict] = {}
     for r in results:
         t = tasks.setdefault(r["task"], {"metric": r["metric"], "n": 0, "score": 0.0})

@@ -24,6 +24,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..model.qwen2vl import Qwen2VL
 from ..processing.processor import Processor
+from ..progress import end as end_progress
+from ..progress import show
 from . import distributed as dist_utils
 from .checkpoint import latest_checkpoint, load_state, save_checkpoint
 from .data import DataError, Sample, encode, read_jsonl, to_messages
@@ -248,7 +250,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                          "config": asdict(cfg)}  # fmt: skip
             dist_utils.save(objective, optimizer, out, step + 1, new_state, rank)
     if rank == 0 and cfg.progress:
-        print(file=sys.stderr)
+        end_progress()
     if writer is not None:
         writer.close()
     dist_utils.barrier()
@@ -261,5 +263,5 @@ def _progress(entry: dict, max_steps: int, elapsed: float, steps_here: int) -> N
     width = 24
     done = int(width * entry["step"] / max_steps)
     bar = "#" * done + "-" * (width - done)
-    print(f"\r[{bar}] step {entry['step']}/{max_steps} loss {entry['loss']:.4f} lr {entry['lr']:.2e} "
-          f"{rate:,.0f} tok/s ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", end="", file=sys.stderr, flush=True)
+    show(f"[{bar}] step {entry['step']}/{max_steps} loss {entry['loss']:.4f} lr {entry['lr']:.2e} "
+         f"{rate:,.0f} tok/s ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", entry["step"], max_steps)
