@@ -5,10 +5,8 @@ split contains them. Run: python examples/make_examples.py"""
 
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
-
 from qwen2vl.cli import ONE_TRUTH, SHAPES_TRUTH, TEXT_TRUTH
-from qwen2vl.train.synth import TEXT_BACKGROUND, TEXT_INK, VIDEO_FRAMES, Shape, _canvas, _write_mp4, ball_frame
+from qwen2vl.train.synth import VIDEO_FRAMES, Shape, _canvas, _write_mp4, ball_frame, text_strip
 
 HERE = Path(__file__).resolve().parent
 # drawn from the boxes the demo scores against: "the red circle" (22, 30, 76, 84) is a circle filling that square
@@ -20,15 +18,7 @@ BALL = ("orange", 11, 60)  # colour, radius, row of a ball crossing from x = 22 
 def main() -> None:
     _canvas(SHAPES, 224, 168).save(HERE / "shapes.png")
     _canvas([ONE], 168, 140).save(HERE / "one.png")
-    w, h = 168, 84  # a strip as the curriculum draws them: 56 or 84 px high, a 28-40 px font
-    image = Image.new("RGB", (w, h), TEXT_BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    draw.fontmode = "1"
-    font = ImageFont.load_default(size=36)
-    left, top, right, bottom = draw.textbbox((0, 0), TEXT_TRUTH, font=font)
-    draw.text(((w - (right - left)) // 2 - left, (h - (bottom - top)) // 2 - top), TEXT_TRUTH, fill=TEXT_INK,
-              font=font)  # fmt: skip
-    image.save(HERE / "text.png")
+    text_strip(TEXT_TRUTH, 168, 84, 1, 1).save(HERE / "text.png")  # a strip as the curriculum draws them
     colour, r, y = BALL
     _write_mp4(HERE / "ball.mp4", [ball_frame(colour, r, 22 + round(68 * i / (VIDEO_FRAMES - 1)), y)
                                    for i in range(VIDEO_FRAMES)])  # fmt: skip

@@ -187,6 +187,14 @@ def test_answers_follow_from_the_pixels(data):
             assert re.fullmatch(f"[{ALPHABET}]{{2,4}}", ans)
             a = np.asarray(Image.open(path).convert("L"))
             assert (a < 64).sum() > 50 and (a > 192).mean() > 0.5  # dark text on a light page
+            # one character per 28-px cell: ink in exactly len(answer) cells, side by side in one row, and no cell's
+            # ink touches the cell's edge (so a glyph never spills into the neighbouring token)
+            ink = a < 128
+            cells = ink.reshape(a.shape[0] // 28, 28, a.shape[1] // 28, 28).transpose(0, 2, 1, 3)
+            inked = np.argwhere(cells.any(axis=(2, 3)))
+            assert len(inked) == len(ans) and len(set(inked[:, 0])) == 1
+            assert list(inked[:, 1]) == list(range(inked[0, 1], inked[0, 1] + len(ans)))
+            assert not ink[:, ::28].any() and not ink[::28, :].any()
             assert captions.get(media(r)["image"], f"The text says {ans}.") == f"The text says {ans}."
             continue
         found = shapes_in(path)
