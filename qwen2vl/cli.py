@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     cur.add_argument("--test-examples", type=int, default=Curriculum.test_examples)
     cur.add_argument("--steps", type=int, nargs=3, default=list(Curriculum.steps), metavar=("S1", "S2", "S3"))
     cur.add_argument("--batch-tokens", type=int, default=Curriculum.batch_tokens)
+    cur.add_argument("--focus-steps", type=int, default=Curriculum.focus_steps,
+                     help="stage 2 opens with this many steps on the OCR conversations alone (0: none)")
 
     data = verbs.add_parser("data", help="training data tools")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
@@ -157,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             from .train.curriculum import Curriculum, run
 
             run(Curriculum(out=args.out, seed=args.seed, train_examples=args.train_examples,
-                           test_examples=args.test_examples, steps=tuple(args.steps), batch_tokens=args.batch_tokens))  # fmt: skip
+                           test_examples=args.test_examples, steps=tuple(args.steps), batch_tokens=args.batch_tokens,
+                           focus_steps=args.focus_steps))  # fmt: skip
         elif args.verb == "data" and args.data_verb == "synth":
             from .train.synth import synthesize
 

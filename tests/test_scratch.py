@@ -53,10 +53,14 @@ def test_curriculum_tokenizer_and_pipeline(tmp_path):
 
     out = tmp_path / "cur"
     report = run(Curriculum(out=str(out), train_examples=48, test_examples=12, steps=(2, 2, 2), batch_tokens=1024,
-                            warmup_steps=1))  # fmt: skip
+                            warmup_steps=1, focus_steps=2))  # fmt: skip
     assert set(report["tasks"]) == {"colour", "shape", "counting", "grounding", "ocr", "direction"}
     assert sum(t["n"] for t in report["tasks"].values()) == 12
-    assert set(report["train_seconds"]) == {"stage1", "stage2", "stage3", "total"}
+    assert set(report["train_seconds"]) == {"stage1", "stage2-focus", "stage2", "stage3", "total"}
+    focus = [json.loads(line) for line in (out / "data" / "focus.jsonl").read_text().splitlines()]
+    assert focus and {r["task"] for r in focus} == {"ocr"}  # stage 2 opens with the reading conversations alone
+    assert (out / "stage2-focus" / "checkpoint-2" / "trainer_state.json").is_file()
+    assert (out / "stage2-focus-model" / "model.safetensors").is_file()
     assert json.loads((out / "eval.json").read_text())["tasks"] == report["tasks"]
     for stage in (1, 2, 3):
         assert (out / f"stage{stage}-model" / "tokenizer.json").is_file()
