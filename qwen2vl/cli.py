@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     cur.add_argument("--batch-tokens", type=int, default=Curriculum.batch_tokens)
     cur.add_argument("--focus-steps", type=int, default=Curriculum.focus_steps,
                      help="stage 2 opens with this many steps on the OCR conversations alone (0: none)")
+    cur.add_argument("--lr", type=float, nargs=3, default=list(Curriculum.lr), metavar=("LR1", "LR2", "LR3"),
+                     help="peak learning rate of each stage")
+    cur.add_argument("--focus-lr", type=float, default=Curriculum.focus_lr, help="peak learning rate of the focus")
 
     data = verbs.add_parser("data", help="training data tools")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run(Curriculum(out=args.out, seed=args.seed, train_examples=args.train_examples,
                            test_examples=args.test_examples, steps=tuple(args.steps), batch_tokens=args.batch_tokens,
-                           focus_steps=args.focus_steps))  # fmt: skip
+                           focus_steps=args.focus_steps, lr=tuple(args.lr), focus_lr=args.focus_lr))  # fmt: skip
         elif args.verb == "data" and args.data_verb == "synth":
             from .train.synth import synthesize
 

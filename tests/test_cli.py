@@ -142,3 +142,18 @@ def test_serve_argument_errors(tiny_checkpoint, tmp_path, capsys):
     assert "--limit-mm-per-prompt must be a JSON object" in capsys.readouterr().err
     assert main(["serve", str(tiny_checkpoint), "--allowed-local-media-path", str(tmp_path / "none")]) == 1
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_curriculum_flags_reach_the_run(monkeypatch):
+    """Every `qwen2vl curriculum` flag lands in the Curriculum it runs, and no flag means the dataclass defaults."""
+    from qwen2vl.train import curriculum
+
+    seen = []
+    monkeypatch.setattr(curriculum, "run", lambda c: seen.append(c) or {})
+    assert main(["curriculum", "--out", "x"]) == 0
+    assert seen[-1] == curriculum.Curriculum(out="x")
+    assert main(["curriculum", "--out", "y", "--seed", "3", "--steps", "1", "2", "3", "--lr", "1e-3", "2e-3",
+                 "3e-3", "--focus-steps", "5", "--focus-lr", "4e-4", "--train-examples", "10"]) == 0  # fmt: skip
+    c = seen[-1]
+    assert (c.seed, c.steps, c.lr, c.focus_steps, c.focus_lr, c.train_examples) == (
+        3, (1, 2, 3), (1e-3, 2e-3, 3e-3), 5, 4e-4, 10)  # fmt: skip

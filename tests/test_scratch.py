@@ -76,3 +76,29 @@ def test_curriculum_tokenizer_and_pipeline(tmp_path):
     corpus = "\n".join(_texts([data / "pretrain.jsonl", data / "train.jsonl"]))
     lettered = [a for a in ocr if sum(c.isalpha() for c in a) >= 2]  # all-digit ones could be in a box
     assert lettered and not any(a in corpus for a in lettered) and "<|" not in corpus
+
+
+def test_a_small_rope_theta_reaches_transformers_through_config_json(tmp_path):
+    """The curriculum's models turn M-RoPE at rope_theta 50 (not 1e6, at which a picture's columns are one place to
+    the LLM); config.json carries it, and transformers computes the same logits with a picture in the prompt, whose
+    height and width positions are what it changes."""
+    import json
+
+    import transformers
+
+    path = init_model_dir(tmp_path / "m", TEXTS, vocab_size=300, rope_theta=50.0)
+    assert json.loads((path / "config.json").read_text())["rope_theta"] == 50.0
+    ours = qwen2vl.Qwen2VL.from_pretrained(path)
+    ref = transformers.Qwen2VLForConditionalGeneration.from_pretrained(path).eval()
+    c = ours.config
+    grid = torch.tensor([[1, 6, 8]])  # 3 x 4 merged tokens
+    ids = torch.tensor([[5, 7, c.vision_start_token_id] + [c.image_token_id] * 12 + [c.vision_end_token_id, 9, 11]])
+    pv = torch.randn(48, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        o = ours(ids, None, pv, grid)
+        r = ref(input_ids=ids, pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=(ids == c.image_token_id).long())
+    assert (o - r.logits).abs().max() < 1e-4
+    theta_1e6 = qwen2vl.Qwen2VL.from_pretrained(init_model_dir(tmp_path / "d", TEXTS, vocab_size=300))
+    theta_1e6.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        assert (theta_1e6(ids, None, pv, grid) - o).abs().max() > 1e-3  # the same weights, other positions

@@ -53,7 +53,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
 
 
 def small_config(vocab: int, *, vision_depth: int = 4, vision_width: int = 128, width: int = 256, layers: int = 4,
-                 heads: int = 4, kv_heads: int = 2) -> Qwen2VLConfig:  # fmt: skip
+                 heads: int = 4, kv_heads: int = 2, rope_theta: float = 1_000_000.0) -> Qwen2VLConfig:  # fmt: skip
     """A Qwen2-VL-architecture config sized for a CPU (same patch 14, temporal 2, merge 2, M-RoPE split 1:1.5:1.5)."""
     head_dim = width // heads
     quarter = head_dim // 2
@@ -65,7 +65,7 @@ def small_config(vocab: int, *, vision_depth: int = 4, vision_width: int = 128, 
         text=TextConfig(
             vocab_size=vocab + len(SPECIAL_TOKENS), hidden_size=width, intermediate_size=width * 8 // 3 // 16 * 16,
             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, mrope_section=mrope,
-            max_position_embeddings=4096,
+            max_position_embeddings=4096, rope_theta=rope_theta,
         ),  # fmt: skip
         tie_word_embeddings=True,
         image_token_id=specials["<|image_pad|>"], video_token_id=specials["<|video_pad|>"],
