@@ -15,6 +15,20 @@ import torch
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "qwen2vl-synth"
 
 
+def _mix(text: str | None) -> dict[str, float] | None:
+    """``--mix colour=1,ocr=2`` -> {"colour": 1.0, "ocr": 2.0}; synthesize checks the task names and weights."""
+    if text is None:
+        return None
+    mix = {}
+    for item in text.split(","):
+        task, _, weight = item.partition("=")
+        try:
+            mix[task.strip()] = float(weight)
+        except ValueError:
+            raise ValueError(f"--mix wants TASK=WEIGHT pairs separated by commas, got {item!r}") from None
+    return mix
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qwen2vl", description="Qwen2-VL in plain PyTorch")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -111,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     cur.add_argument("--lr", type=float, nargs=3, default=list(Curriculum.lr), metavar=("LR1", "LR2", "LR3"),
                      help="peak learning rate of each stage")
     cur.add_argument("--focus-lr", type=float, default=Curriculum.focus_lr, help="peak learning rate of the focus")
+    cur.add_argument("--rope-theta", type=float, default=Curriculum(out="").model["rope_theta"],
+                     help="the LLM's rotary base (Qwen2-VL's own is 1e6; the curriculum's pictures want far less)")
 
     data = verbs.add_parser("data", help="training data tools")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
@@ -119,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--train", type=int, default=4000)
     synth.add_argument("--test", type=int, default=300)
+    synth.add_argument("--mix", metavar="TASK=W,...", help="weigh the train split's tasks, e.g. ocr=1 or "
+                       "colour=1,grounding=2 (tasks left out get none; default: the curriculum's mix)")
     check = data_verbs.add_parser("check", help="validate every record and show one with its supervised tokens")
     check.add_argument("file")
     check.add_argument("--model", required=True, help="checkpoint directory (its tokenizer and preprocessor)")
@@ -163,11 +181,12 @@ def main(argv: list[str] | None = None) -> int:
 
             run(Curriculum(out=args.out, seed=args.seed, train_examples=args.train_examples,
                            test_examples=args.test_examples, steps=tuple(args.steps), batch_tokens=args.batch_tokens,
-                           focus_steps=args.focus_steps, lr=tuple(args.lr), focus_lr=args.focus_lr))  # fmt: skip
+                           focus_steps=args.focus_steps, lr=tuple(args.lr), focus_lr=args.focus_lr,
+                           model={"rope_theta": args.rope_theta}))  # fmt: skip
         elif args.verb == "data" and args.data_verb == "synth":
             from .train.synth import synthesize
 
-            counts = synthesize(args.out, args.seed, args.train, args.test)
+            counts = synthesize(args.out, args.seed, args.train, args.test, mix=_mix(args.mix))
             for split, tasks in counts.items():
                 print(f"{split}: " + ", ".join(f"{k} {v}" for k, v in tasks.items()))
         elif args.verb == "data" and args.data_verb == "check":

@@ -153,7 +153,22 @@ def test_curriculum_flags_reach_the_run(monkeypatch):
     assert main(["curriculum", "--out", "x"]) == 0
     assert seen[-1] == curriculum.Curriculum(out="x")
     assert main(["curriculum", "--out", "y", "--seed", "3", "--steps", "1", "2", "3", "--lr", "1e-3", "2e-3",
-                 "3e-3", "--focus-steps", "5", "--focus-lr", "4e-4", "--train-examples", "10"]) == 0  # fmt: skip
+                 "3e-3", "--focus-steps", "5", "--focus-lr", "4e-4", "--train-examples", "10",
+                 "--rope-theta", "1e6"]) == 0  # fmt: skip
     c = seen[-1]
-    assert (c.seed, c.steps, c.lr, c.focus_steps, c.focus_lr, c.train_examples) == (
-        3, (1, 2, 3), (1e-3, 2e-3, 3e-3), 5, 4e-4, 10)  # fmt: skip
+    assert (c.seed, c.steps, c.lr, c.focus_steps, c.focus_lr, c.train_examples, c.model) == (
+        3, (1, 2, 3), (1e-3, 2e-3, 3e-3), 5, 4e-4, 10, {"rope_theta": 1e6})  # fmt: skip
+
+
+def test_data_synth_mix_weighs_the_train_split(tmp_path, capsys):
+    import json
+
+    assert main(["data", "synth", "--out", str(tmp_path / "a"), "--train", "9", "--test", "6",
+                 "--mix", "ocr=2, colour=1"]) == 0  # fmt: skip
+    tasks = [json.loads(line)["task"] for line in (tmp_path / "a" / "train.jsonl").read_text().splitlines()]
+    assert sorted(tasks) == ["colour"] * 3 + ["ocr"] * 6
+    assert "train: colour 3," in capsys.readouterr().out
+    for bad, named in (("ocr", "'ocr'"), ("ocr=x", "'ocr=x'"), ("ocr=1,bogus=2", "bogus")):
+        assert main(["data", "synth", "--out", str(tmp_path / "b"), "--train", "2", "--test", "0", "--mix", bad]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("qwen2vl: error:") and named in err and "Traceback" not in err
