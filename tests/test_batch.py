@@ -61,6 +61,12 @@ def test_eos_cancel_and_the_length_limit(tiny):
     batcher.step()
     assert out[0] == first[: first.index(first[2])] and done[0] == "stop"  # the eos token itself is not emitted
     assert len(out[1]) == 3 and done[1] == "cancelled"
+    again = make(b, {}, 50, out, done)
+    batcher.admit(again)
+    batcher.step()
+    batcher.end_all("error")  # what the server does after a failed step
+    assert done[2] == "error" and batcher.active == 0 and batcher.free == 2 and batcher.cache.length == 0
+    batcher.end_all("error")  # nothing live: nothing to end
     out, done = {}, {}
     long = make(b, {}, 100, out, done)
     run(Batcher(tiny, max_batch_size=1, max_len=40), [long])

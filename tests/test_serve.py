@@ -321,3 +321,38 @@ def test_a_video_data_url_with_per_request_fps(live, tmp_path):
     assert r.json()["usage"]["media"][0]["frames"] == 12
     two = live.post({"messages": user(part, part)})
     assert "too many videos: 2, at most 1" in error_of(two, 400)
+
+
+def test_a_failed_engine_step_ends_what_runs_and_the_engine_keeps_serving(tiny, monkeypatch):
+    import torch
+
+    from qwen2vl.generate.batch import Sequence
+    from qwen2vl.generate.sampling import SamplingParams
+    from qwen2vl.serve.app import Engine
+
+    engine = Engine(tiny, max_batch_size=2, max_len=64, max_queue=4)
+    real, calls = engine.batcher.step, []
+
+    def step_that_fails_once():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a step failed")
+        real()
+
+    monkeypatch.setattr(engine.batcher, "step", step_that_fails_once)
+    ends = {}
+
+    def request(key):
+        finished = threading.Event()
+        seq = Sequence(torch.tensor([[5, 6, 7]]), {}, 20, SamplingParams(), emit=lambda t: None,
+                       finish=lambda r: (ends.__setitem__(key, r), finished.set()), eos_token_ids=frozenset())  # fmt: skip
+        engine.submit(seq)
+        return finished
+
+    engine.start()
+    try:
+        assert request("first").wait(10) and ends["first"] == "error"
+        assert request("next").wait(10) and ends["next"] == "length"
+        assert engine.batcher.active == 0
+    finally:
+        engine.stop()

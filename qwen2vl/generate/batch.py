@@ -204,6 +204,12 @@ class Batcher:
             self.cache.length = 0  # nothing live: start the timeline over
         seq.finish(reason)
 
+    def end_all(self, reason: str) -> None:
+        """End every live row now (``finish(reason)`` on each) and free its slot: what a server does when a step
+        failed and the shared cache can no longer be trusted."""
+        for s in [s for s in self.rows if s is not None]:
+            self._retire(s, reason)
+
     def _retire_cancelled(self) -> None:
         for s in self.rows:
             if s is not None and s.cancelled:

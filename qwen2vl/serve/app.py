@@ -103,8 +103,7 @@ class Engine:
                     self.steps += 1
             except Exception:  # never let the loop die: fail what is running, keep serving
                 log.exception("engine step failed; ending the running requests")
-                for seq in [s for s in self.batcher.rows if s is not None]:
-                    self.batcher._retire(seq, "error")
+                self.batcher.end_all("error")
 
     def _admit(self) -> None:
         while self.batcher.free:
