@@ -179,10 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "curriculum":
             from .train.curriculum import Curriculum, run
 
+            model = {**Curriculum(out=args.out).model, "rope_theta": args.rope_theta}  # keep its other model keys
             run(Curriculum(out=args.out, seed=args.seed, train_examples=args.train_examples,
                            test_examples=args.test_examples, steps=tuple(args.steps), batch_tokens=args.batch_tokens,
                            focus_steps=args.focus_steps, lr=tuple(args.lr), focus_lr=args.focus_lr,
-                           model={"rope_theta": args.rope_theta}))  # fmt: skip
+                           model=model))  # fmt: skip
         elif args.verb == "data" and args.data_verb == "synth":
             from .train.synth import synthesize
 
