@@ -13,7 +13,11 @@ tokens), 40% of tokens supervised.
 Each: forward, backward, AdamW step. Throughput = real (non-padding) tokens / step time, median of --repeats
 after a warm-up step. Ratios are ours-packed / each other (> 1: packing is faster).
 
-    .venv/bin/python bench/train_speed.py [--repeats 3] [--budget 2048]
+    .venv/bin/python bench/train_speed.py [--repeats 3] [--budget 2048] [--device cuda] [--bf16]
+
+On a GPU (``--device cuda``) every step ends with a synchronisation, so the clock sees the work done; ``--bf16``
+runs both models' forwards under bf16 autocast (weights and AdamW stay fp32, as ``qwen2vl train --dtype
+bfloat16`` does).
 """
 
 from __future__ import annotations
@@ -71,7 +75,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.set_num_threads(2)
     import tempfile
 
@@ -81,11 +90,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         ref = make_reference(cfg, d, attn="sdpa").train()
         ours = qwen2vl.Qwen2VL.from_pretrained(d).train()
+    ref, ours = ref.to(device), ours.to(device)
     samples = make_samples()
     real = sum(len(s) for s in samples)
-    rows = [pack([samples[i] for i in r], cfg) for r in plan_rows([len(s) for s in samples], args.budget)]
+    rows = [pack([samples[i] for i in r], cfg).to(device) for r in plan_rows([len(s) for s in samples], args.budget)]
     count = sum(r.supervised for r in rows)
-    ids, labels, mask, pv, grid = padded(samples)
+    ids, labels, mask, pv, grid = (t.to(device) for t in padded(samples))
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     def optimizer_for(model):
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -95,25 +109,31 @@ def main() -> None:
     def step_packed():
         opt_ours.zero_grad(set_to_none=True)
         for row in rows:
-            loss, _ = loss_sum(ours, row)
+            with autocast:
+                loss, _ = loss_sum(ours, row)
             (loss / count).backward()
         opt_ours.step()
+        sync()
 
     def step_padded():
         opt_ours.zero_grad(set_to_none=True)
-        h = ours.hidden(ids, mask, pv, grid)
-        targets = labels[:, 1:]
-        keep = targets != IGNORE
-        loss = F.cross_entropy(ours.lm_head(h[:, :-1][keep]).float(), targets[keep])
+        with autocast:
+            h = ours.hidden(ids, mask, pv, grid)
+            targets = labels[:, 1:]
+            keep = targets != IGNORE
+            loss = F.cross_entropy(ours.lm_head(h[:, :-1][keep]).float(), targets[keep])
         loss.backward()
         opt_ours.step()
+        sync()
 
     def step_hf():
         opt_ref.zero_grad(set_to_none=True)
-        out = ref(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid, labels=labels,
-                  mm_token_type_ids=mm_token_type_ids(ids))  # fmt: skip
+        with autocast:
+            out = ref(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid, labels=labels,
+                      mm_token_type_ids=mm_token_type_ids(ids))  # fmt: skip
         out.loss.backward()
         opt_ref.step()
+        sync()
 
     results = {}
     for name, step in (("packed", step_packed), ("padded", step_padded), ("hf", step_hf)):
@@ -121,7 +141,8 @@ def main() -> None:
         print(f"  {name}: {results[name]:.2f} s/step", file=sys.stderr)
     padded_tokens = ids.numel()
     print(f"\n8 samples, {real} real tokens ({padded_tokens} when padded to the longest, {len(rows)} packed row(s) "
-          f"of <= {args.budget}); forward + backward + AdamW, fp32, 2 threads")  # fmt: skip
+          f"of <= {args.budget}); forward + backward + AdamW, {'bf16 autocast' if args.bf16 else 'fp32'}, "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else '2 threads'}")  # fmt: skip
     print(f"{'mode':<44} {'s/step':>8} {'tokens/s':>9} {'packed/x':>9}")
     names = {"packed": "ours, packed", "padded": "ours, padded to the longest",
              "hf": "transformers, padded, plain loop"}  # fmt: skip

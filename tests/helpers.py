@@ -93,7 +93,8 @@ def qwen2_tokenizer_json() -> str:
     global _TOKENIZER_JSON
     if _TOKENIZER_JSON is None:
         import base64
-        from importlib.resources import files
+        import importlib.util
+        from pathlib import Path
 
         from tokenizers import AddedToken, Tokenizer, models, processors
 
@@ -101,7 +102,12 @@ def qwen2_tokenizer_json() -> str:
         from qwen2vl.train.scratch import qwen2_pipeline
 
         ranks = {}
-        for line in files("dashscope").joinpath("resources/qwen.tiktoken").read_bytes().splitlines():
+        # found without importing dashscope, whose client pulls in cryptography, requests, ...: only this file is used
+        spec = importlib.util.find_spec("dashscope")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError("the tests build the Qwen2 tokenizer from dashscope's qwen.tiktoken: install dashscope")
+        ranks_file = Path(list(spec.submodule_search_locations)[0]) / "resources" / "qwen.tiktoken"
+        for line in ranks_file.read_bytes().splitlines():
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
         # GPT-2's byte -> printable character table

@@ -204,3 +204,20 @@ def test_bf16_autocast_checkpointing_and_tensorboard(tiny_checkpoint, dataset, t
     bf16 = train(config(tiny_checkpoint, dataset, tmp_path / "bf16", max_steps=2, dtype="bfloat16"))
     assert [m["loss"] for m in bf16] == pytest.approx([m["loss"] for m in plain], rel=2e-2)
     assert bf16[0]["loss"] != plain[0]["loss"]  # it did run in bf16
+
+
+def test_the_device_is_chosen_or_refused_by_name(tiny_checkpoint, dataset, tmp_path, capsys):
+    from qwen2vl.train.distributed import pick_device
+
+    assert pick_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="'banana'"):
+        pick_device("banana")
+    args = ["train", "--stage", "2", "--model", str(tiny_checkpoint), "--data", str(dataset), "--max-steps", "1",
+            "--no-progress"]  # fmt: skip
+    if not torch.cuda.is_available():  # asking for a GPU that is not there: one line, before any work
+        assert main([*args, "--out", str(tmp_path / "gpu"), "--device", "cuda"]) == 1
+        assert "'cuda' was asked for, but torch sees no GPU" in capsys.readouterr().err
+        assert not (tmp_path / "gpu").exists()
+    assert main([*args, "--out", str(tmp_path / "cpu"), "--device", "cpu"]) == 0
+    assert (tmp_path / "cpu" / "latest").exists()

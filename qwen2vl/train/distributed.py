@@ -1,5 +1,5 @@
 """torch.distributed around the model, from outside (the model knows nothing of it): process group from
-torchrun's environment (gloo on the CPU, nccl on CUDA), DDP or FSDP2 (``fully_shard`` on the ViT, every decoder
+torchrun's environment (gloo on the CPU, nccl between GPUs, one GPU a process), DDP or FSDP2 (``fully_shard`` on the ViT, every decoder
 layer, then the root), and the few collective helpers the loop needs. A single process needs none of it."""
 
 from __future__ import annotations
@@ -15,11 +15,30 @@ from torch import nn
 from .checkpoint import save_checkpoint
 
 
-def init() -> tuple[int, int]:
-    """(rank, world size); starts the process group when launched by torchrun with more than one process."""
+def pick_device(name: str | None) -> torch.device:
+    """The device this process trains on. None: its own GPU (``cuda:LOCAL_RANK`` under torchrun) if torch sees
+    one, else the CPU. A bare "cuda" also means the process's own GPU."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be like 'cpu', 'cuda' or 'cuda:1', got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} was asked for, but torch sees no GPU here")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)  # nccl and the caching allocator use the current device
+    return device
+
+
+def init(device: torch.device | None = None) -> tuple[int, int]:
+    """(rank, world size); starts the process group when launched by torchrun with more than one process:
+    nccl between GPUs, gloo between CPU processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device is not None and device.type == "cuda" else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 

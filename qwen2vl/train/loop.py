@@ -54,6 +54,7 @@ class TrainConfig:
     save_every: int = 50
     max_overlong: float = 0.01  # fraction of samples over batch_tokens that fails the run
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp"
+    device: str | None = None  # "cpu", "cuda", "cuda:1"; None: this process's GPU if torch sees one, else the CPU
     media: dict = field(default_factory=dict)  # preprocessing options (min_pixels, max_pixels, fps, ...)
     resume: bool = False
     progress: bool = True
@@ -155,7 +156,8 @@ def epoch_rows(samples: list[Sample], epoch: int, cfg: TrainConfig) -> list[list
 
 def train(cfg: TrainConfig) -> list[dict]:
     """Run (or resume) a training run; the metrics of the steps run by this call."""
-    rank, world = dist_utils.init()
+    device = dist_utils.pick_device(cfg.device)
+    rank, world = dist_utils.init(device)
     out = Path(cfg.out)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
     torch.manual_seed(cfg.seed)
@@ -165,7 +167,7 @@ def train(cfg: TrainConfig) -> list[dict]:
 
     start_from = latest_checkpoint(out) if cfg.resume else None
     state = load_state(start_from) if start_from else {"step": 0, "epoch": 0, "row": 0}
-    model = Qwen2VL.from_pretrained(start_from or cfg.model, dtype=torch.float32)
+    model = Qwen2VL.from_pretrained(start_from or cfg.model, dtype=torch.float32, device=device)
     processor = Processor.from_pretrained(cfg.model)
     if start_from:
         log(f"resuming from {start_from} (step {state['step']})")
@@ -178,7 +180,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     groups = param_groups(model, st, cfg.lr, cfg.weight_decay)  # FSDP2 replaced the parameters: take the new ones
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
     if start_from:
-        dist_utils.load_optimizer(objective, optimizer, torch.load(start_from / "optimizer.pt", weights_only=True))
+        dist_utils.load_optimizer(objective, optimizer, torch.load(start_from / "optimizer.pt", weights_only=True,
+                                                                       map_location=device))  # fmt: skip
 
     samples = prepare_samples(cfg, processor, log)
     trainable = sum(p.numel() for g in groups for p in g["params"])
@@ -198,8 +201,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         except ImportError:
             raise ValueError("tensorboard logging needs the tensorboard package: pip install tensorboard") from None
         writer = SummaryWriter(str(out / "tensorboard"))
-    autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
-                              enabled=cfg.dtype == "bfloat16")  # fmt: skip
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     epoch, row_index = state["epoch"], state["row"]
     rows = epoch_rows(samples, epoch, cfg)
     per_step = cfg.rows_per_step * world
@@ -220,8 +222,8 @@ def train(cfg: TrainConfig) -> list[dict]:
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
         optimizer.zero_grad(set_to_none=True)
-        local_sum = torch.zeros(())
-        mine = [pack([samples[i] for i in r], model.config) for r in window[rank::world]]  # only this rank's rows
+        local_sum = torch.zeros((), device=device)
+        mine = [pack([samples[i] for i in r], model.config).to(device) for r in window[rank::world]]  # this rank's
         for i, row in enumerate(mine):
             with dist_utils.no_sync(objective, last=i == len(mine) - 1), autocast:
                 loss, _ = objective(row)

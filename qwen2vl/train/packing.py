@@ -5,7 +5,7 @@ The loss is summed over supervised tokens, so that a window of rows can be norma
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,13 @@ class PackedRow:
     image_grid_thw: torch.Tensor | None = None
     pixel_values_videos: torch.Tensor | None = None
     video_grid_thw: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> PackedRow:
+        """The tensors the model computes with on ``device``; the grids stay on the host (read as ints)."""
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return replace(self, input_ids=move(self.input_ids), labels=move(self.labels),
+                                   position_ids=move(self.position_ids), pixel_values=move(self.pixel_values),
+                                   pixel_values_videos=move(self.pixel_values_videos))  # fmt: skip
 
     @property
     def supervised(self) -> int:
