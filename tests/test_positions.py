@@ -25,6 +25,35 @@ def test_attention_segments():
     assert segment_runs(seqlens) == [(0, 1, 24), (24, 3, 16)]
 
 
+def test_one_masked_call_equals_the_calls_per_run(monkeypatch):
+    """The GPU's single block-diagonal SDPA call (attention.py) gives what the per-run calls give, values and
+    gradients, for the ViT (non-causal) and a packed LLM row (causal, GQA). Forced here on the CPU."""
+    from qwen2vl.model import attention
+
+    seqlens = [24, 16, 16, 16, 5, 30, 30, 1]  # runs of equal lengths and singles, one of a single token
+    g = torch.Generator().manual_seed(0)
+    T = sum(seqlens)
+    vit = [torch.randn(T, 4, 8, generator=g, requires_grad=True) for _ in range(3)]  # [T, heads, D]
+    llm = [torch.randn(1, h, T, 8, generator=g, requires_grad=True) for h in (4, 2, 2)]  # GQA: 4 query heads, 2 kv
+
+    def both(fn, inputs):
+        results = []
+        for forced in (False, True):
+            monkeypatch.setattr(attention, "_one_masked_call", lambda x, s, r, forced=forced: forced)
+            out = fn(*inputs)
+            grads = torch.autograd.grad((out * torch.arange(out.numel()).reshape(out.shape).sin()).sum(), inputs)
+            results.append((out, grads))
+        return results
+
+    for fn, inputs in ((lambda q, k, v: attention.varlen_attention(q, k, v, seqlens), vit),
+                       (lambda q, k, v: attention.causal_attention(q, k, v, None, seqlens), llm)):  # fmt: skip
+        (o1, g1), (o2, g2) = both(fn, inputs)
+        assert (o1 - o2).abs().max() < 1e-5
+        assert all((a - b).abs().max() < 1e-5 for a, b in zip(g1, g2))
+    assert attention.block_mask([2, 1], torch.device("cpu"), causal=True).tolist() == [
+        [True, False, False], [True, True, False], [False, False, True]]  # fmt: skip
+
+
 def test_worked_example_item7():
     ids, ig, vg = prompt(T, T, ("image", 1, 4, 6), T, ("video", 2, 4, 4), T, T)
     pos, delta = mrope_positions(torch.tensor([ids]), ig, vg)

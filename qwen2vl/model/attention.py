@@ -4,7 +4,14 @@
   2-frame slice of a video, attends only to itself). Never builds an N x N mask: runs of equal-length
   segments become one batched SDPA call (all slices of a video, or same-size images), other segments
   get their own call. On CUDA with flash-attn installed, one varlen kernel call does it all.
-- ``causal_attention``: the LLM's attention, with GQA and an optional boolean mask for padding.
+- ``causal_attention``: the LLM's attention, with GQA and an optional boolean mask for padding, or over one
+  packed training row (each sequence causal within itself), again one call per run of equal lengths.
+
+On CUDA without flash-attn, a packed row of many short segments would cost one kernel launch chain per run: a
+training row of 2048 tokens holds some 20 samples and 20 images, and those calls, not the arithmetic, set the
+step time (the packed row was 1.6x slower than padding, bench/train_speed.py on an H200). There, up to
+``MASKED_MAX_TOKENS`` tokens go through ONE SDPA call with a block-diagonal mask instead: O(T^2) work that the GPU
+does in microseconds, against dozens of launches. The CPU keeps the per-run calls (the arithmetic dominates).
 """
 
 from __future__ import annotations
@@ -16,6 +23,19 @@ try:  # optional, CUDA only
     from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_varlen_func = None
+
+MASKED_MAX_TOKENS = 8192  # a [T, T] bool mask of 64 MiB at most
+
+
+def _one_masked_call(x: torch.Tensor, seqlens: list[int], runs: list) -> bool:
+    return x.is_cuda and len(runs) > 1 and sum(seqlens) <= MASKED_MAX_TOKENS
+
+
+def block_mask(seqlens: list[int], device: torch.device, causal: bool) -> torch.Tensor:
+    """[T, T] bool, True = attend: each segment sees only itself (and, if causal, only its past)."""
+    ids = torch.repeat_interleave(torch.arange(len(seqlens), device=device), torch.tensor(seqlens, device=device))
+    mask = ids[:, None] == ids[None, :]
+    return mask.tril() if causal else mask
 
 
 def segment_runs(seqlens: list[int]) -> list[tuple[int, int, int]]:
@@ -41,8 +61,13 @@ def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tens
         cu = torch.tensor([0, *seqlens], device=q_THD.device).cumsum(0, dtype=torch.int32)
         m = max(seqlens)
         return flash_attn_varlen_func(q_THD, k_THD, v_THD, cu, cu, m, m, causal=False)
+    runs = segment_runs(seqlens)
+    if _one_masked_call(q_THD, seqlens, runs):
+        q, k, v = (x.transpose(0, 1) for x in (q_THD, k_THD, v_THD))  # [H, T, D]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask(seqlens, q.device, causal=False))
+        return o.transpose(0, 1)
     out = torch.empty_like(q_THD)
-    for offset, count, n in segment_runs(seqlens):
+    for offset, count, n in runs:
         sl = slice(offset, offset + count * n)
         # [count*n, H, D] -> [count, H, n, D]
         q, k, v = (x[sl].unflatten(0, (count, n)).transpose(1, 2) for x in (q_THD, k_THD, v_THD))
@@ -78,8 +103,13 @@ def _packed_causal(q_1HLD: torch.Tensor, k_1HLD: torch.Tensor, v_1HLD: torch.Ten
     """Block-diagonal causal attention over one packed row, one SDPA call per run of equal-length sequences."""
     if q_1HLD.shape[0] != 1 or sum(seqlens) != q_1HLD.shape[2] or k_1HLD.shape[2] != q_1HLD.shape[2]:
         raise ValueError(f"packed attention takes one row of {sum(seqlens)} tokens and no cache")
+    runs = segment_runs(seqlens)
+    if _one_masked_call(q_1HLD, seqlens, runs):
+        groups = q_1HLD.shape[1] // k_1HLD.shape[1]  # GQA by repetition: with a mask, SDPA's GQA may fall back
+        k, v = (x.repeat_interleave(groups, dim=1) for x in (k_1HLD, v_1HLD))
+        return F.scaled_dot_product_attention(q_1HLD, k, v, attn_mask=block_mask(seqlens, q_1HLD.device, causal=True))
     out = torch.empty_like(q_1HLD)
-    for offset, count, n in segment_runs(seqlens):
+    for offset, count, n in runs:
         sl = slice(offset, offset + count * n)
         # [1, H, count*n, D] -> [count, H, n, D]
         q, k, v = (x[0, :, sl].unflatten(1, (count, n)).transpose(0, 1) for x in (q_1HLD, k_1HLD, v_1HLD))
