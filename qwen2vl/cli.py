@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     cur.add_argument("--seed", type=int, default=0)
     cur.add_argument("--train-examples", type=int, default=Curriculum.train_examples)
     cur.add_argument("--test-examples", type=int, default=Curriculum.test_examples)
+    cur.add_argument("--mix", metavar="TASK=W,...", help="weigh the train split's tasks (default: the synth mix)")
     cur.add_argument("--steps", type=int, nargs=3, default=list(Curriculum.steps), metavar=("S1", "S2", "S3"))
     cur.add_argument("--batch-tokens", type=int, default=Curriculum.batch_tokens)
     cur.add_argument("--focus-steps", type=int, default=Curriculum.focus_steps,
@@ -182,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 
             model = {**Curriculum(out=args.out).model, "rope_theta": args.rope_theta}  # keep its other model keys
             run(Curriculum(out=args.out, seed=args.seed, train_examples=args.train_examples,
-                           test_examples=args.test_examples, steps=tuple(args.steps), batch_tokens=args.batch_tokens,
+                           test_examples=args.test_examples, mix=_mix(args.mix), steps=tuple(args.steps),
+                           batch_tokens=args.batch_tokens,
                            focus_steps=args.focus_steps, lr=tuple(args.lr), focus_lr=args.focus_lr,
                            model=model))  # fmt: skip
         elif args.verb == "data" and args.data_verb == "synth":

@@ -107,7 +107,8 @@ def _packed_causal(q_1HLD: torch.Tensor, k_1HLD: torch.Tensor, v_1HLD: torch.Ten
     if _one_masked_call(q_1HLD, seqlens, runs):
         groups = q_1HLD.shape[1] // k_1HLD.shape[1]  # GQA by repetition: with a mask, SDPA's GQA may fall back
         k, v = (x.repeat_interleave(groups, dim=1) for x in (k_1HLD, v_1HLD))
-        return F.scaled_dot_product_attention(q_1HLD, k, v, attn_mask=block_mask(seqlens, q_1HLD.device, causal=True))
+        mask = block_mask(seqlens, q_1HLD.device, causal=True)
+        return F.scaled_dot_product_attention(q_1HLD, k, v, attn_mask=mask)
     out = torch.empty_like(q_1HLD)
     for offset, count, n in runs:
         sl = slice(offset, offset + count * n)

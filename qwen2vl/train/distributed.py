@@ -1,6 +1,7 @@
-"""torch.distributed around the model, from outside (the model knows nothing of it): process group from
-torchrun's environment (gloo on the CPU, nccl between GPUs, one GPU a process), DDP or FSDP2 (``fully_shard`` on the ViT, every decoder
-layer, then the root), and the few collective helpers the loop needs. A single process needs none of it."""
+"""torch.distributed around the model, from outside (the model knows nothing of it): each process's device, the
+process group from torchrun's environment (gloo on the CPU, nccl between GPUs, one GPU a process), DDP or FSDP2
+(``fully_shard`` on the ViT, every decoder layer, then the root), and the few collective helpers the loop needs.
+A single process needs none of it but the device."""
 
 from __future__ import annotations
 
