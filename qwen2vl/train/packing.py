@@ -30,8 +30,8 @@ class PackedRow:
         """The tensors the model computes with on ``device``; the grids stay on the host (read as ints)."""
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return replace(self, input_ids=move(self.input_ids), labels=move(self.labels),
-                                   position_ids=move(self.position_ids), pixel_values=move(self.pixel_values),
-                                   pixel_values_videos=move(self.pixel_values_videos))  # fmt: skip
+                       position_ids=move(self.position_ids), pixel_values=move(self.pixel_values),
+                       pixel_values_videos=move(self.pixel_values_videos))  # fmt: skip
 
     @property
     def supervised(self) -> int:
