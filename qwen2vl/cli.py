@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--dtype", choices=["float32", "bfloat16"], help="bfloat16: autocast")
     train.add_argument("--activation-checkpointing", action="store_true", default=None)
     train.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun (default ddp)")
+    train.add_argument("--loss-weighting", choices=["token", "turn"],
+                       help="token: every supervised token weighs the same (default); turn: every reply does")
     train.add_argument("--device", help="cpu, cuda, cuda:N (default: this process's GPU if there is one, else cpu)")
     train.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     train.add_argument("--tensorboard", action="store_true", default=None, help="also log to OUT/tensorboard")
@@ -296,7 +298,7 @@ def run_train(args: argparse.Namespace) -> None:
 
     keys = ("stage", "model", "data", "out", "resume", "max_steps", "batch_tokens", "rows_per_step", "lr",
             "vision_lr_scale", "warmup_steps", "save_every", "seed", "dtype", "activation_checkpointing", "parallel",
-            "device", "progress", "tensorboard")  # fmt: skip
+            "loss_weighting", "device", "progress", "tensorboard")  # fmt: skip
     cfg = TrainConfig.from_recipe(args.recipe, **{k: getattr(args, k) for k in keys})
     history = train(cfg)
     if history and int(os.environ.get("RANK", "0")) == 0:

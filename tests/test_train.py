@@ -221,3 +221,22 @@ def test_the_device_is_chosen_or_refused_by_name(tiny_checkpoint, dataset, tmp_p
         assert not (tmp_path / "gpu").exists()
     assert main([*args, "--out", str(tmp_path / "cpu"), "--device", "cpu"]) == 0
     assert (tmp_path / "cpu" / "latest").exists()
+
+
+def test_turn_loss_weighting(tiny_checkpoint, dataset, tmp_path, capsys):
+    """--loss-weighting turn: every reply here is one word and <|im_end|> (2 tokens), so the mean over replies is
+    the token mean and training takes the same steps (the window's normaliser is right); a bad name fails first.
+    (Replies of different lengths: test_train_data.py.)"""
+    token = train(config(tiny_checkpoint, dataset, tmp_path / "token", max_steps=3, batch_tokens=4096))
+    turn = train(config(tiny_checkpoint, dataset, tmp_path / "turn", max_steps=3, batch_tokens=4096,
+                        loss_weighting="turn"))  # fmt: skip
+    assert [m["loss"] for m in turn] == pytest.approx([m["loss"] for m in token], rel=1e-5)
+    assert turn[2]["loss"] < turn[0]["loss"]
+    with pytest.raises(ValueError, match="loss_weighting must be 'token' or 'turn', got 'reply'"):
+        train(config(tiny_checkpoint, dataset, tmp_path / "bad", loss_weighting="reply"))
+    assert not (tmp_path / "bad").exists()
+    args = ["train", "--stage", "2", "--model", str(tiny_checkpoint), "--data", str(dataset), "--max-steps", "1",
+            "--no-progress", "--loss-weighting", "turn", "--out", str(tmp_path / "cli")]  # fmt: skip
+    assert main(args) == 0
+    last = tmp_path / "cli" / (tmp_path / "cli" / "latest").read_text()
+    assert json.loads((last / "trainer_state.json").read_text())["config"]["loss_weighting"] == "turn"

@@ -173,3 +173,47 @@ def test_uint8_levels_pack_to_the_same_patches(tiny_checkpoint, processor, tmp_p
     held = sum(getattr(s, k).numel() for s in compact for k in keys if getattr(s, k) is not None)  # bytes
     floats = sum(getattr(s, k).numel() * 4 for s in full for k in keys if getattr(s, k) is not None)
     assert 0 < held * 4 <= floats
+
+
+def test_turn_weights_make_each_reply_weigh_one(tiny_checkpoint, processor, tmp_path):
+    """With turn_weights, a reply's tokens share a weight of 1 (the 2-token "Same." and the 20-token box alike),
+    ids and labels do not change, and the weighted loss is the mean over replies of each reply's token mean."""
+    import qwen2vl
+
+    plain, weighted = samples(processor, tmp_path), samples(processor, tmp_path, turn_weights=True)
+    replies = [2, 1, 1]  # the chat record's two replies, the caption, the video's one reply
+    for a, b, n in zip(plain, weighted, replies):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+        assert a.weights is None and a.weight == a.supervised
+        supervised = b.labels != IGNORE
+        assert (b.weights[~supervised] == 0).all() and (b.weights[supervised] > 0).all()
+        assert b.weight == pytest.approx(n)
+    chat = weighted[0]
+    sizes = [len(processor.tokenizer.encode(t)) for t in supervised_text(chat, processor.tokenizer)]
+    w = chat.weights[chat.labels != IGNORE]
+    assert w[: sizes[0]].tolist() == pytest.approx([1 / sizes[0]] * sizes[0])
+    assert w[sizes[0]:].tolist() == pytest.approx([1 / sizes[1]] * sizes[1]) and sizes[0] != sizes[1]
+
+    model = qwen2vl.Qwen2VL.from_pretrained(tiny_checkpoint)
+    row = pack(weighted, model.config)
+    loss, n = loss_sum(model, row)
+    assert n == pytest.approx(4)
+    # by hand: every supervised token's cross-entropy, averaged within its reply, then over the four replies
+    with torch.no_grad():
+        h = model.hidden(row.input_ids, None, row.pixel_values, row.image_grid_thw, row.pixel_values_videos,
+                         row.video_grid_thw, position_ids=row.position_ids, seqlens=row.seqlens)  # fmt: skip
+        ce = torch.nn.functional.cross_entropy(model.lm_head(h[0, :-1]), row.labels[0, 1:].clamp(min=0),
+                                               reduction="none")  # fmt: skip
+    means, start = [], 0
+    for s in weighted:  # reply boundaries: runs of consecutive supervised labels within each sample
+        keep = (s.labels != IGNORE).nonzero().flatten()
+        runs = torch.tensor_split(keep, (torch.diff(keep) > 1).nonzero().flatten() + 1)
+        means += [ce[start + r - 1].mean() for r in runs]
+        start += len(s)
+    assert len(means) == 4
+    assert (loss / n).item() == pytest.approx(torch.stack(means).mean().item(), rel=1e-5)
+    # a row of unweighted samples keeps the token mean
+    token_loss, count = loss_sum(model, pack(plain, model.config))
+    assert count == sum(s.supervised for s in plain) and row.weights is not None
+    assert pack(plain, model.config).weights is None
+    assert abs(token_loss.item() / count - loss.item() / n) > 1e-4  # the two means differ on these samples

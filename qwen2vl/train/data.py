@@ -12,6 +12,8 @@ Labels (the paper: loss on text tokens only):
   - pretrain: the content parts in order with no template, then ``<|endoftext|>``; all text is supervised.
   - vision tokens (``<|vision_start|>``, the placeholders, ``<|vision_end|>``) never are, and neither is a
     sample's first token (nothing in the sample predicts it; with packing, the previous sample would).
+  - with ``turn_weights``, each supervised token also gets the weight 1 / (supervised tokens of its reply): every
+    assistant reply (a caption is one) then weighs the same in the loss, whether it is "4" or a 20-token box.
 Which tokens are supervised is decided on the rendered text's characters and mapped to tokens by their offsets,
 so the ids are exactly those inference produces for the same conversation.
 """
@@ -49,6 +51,8 @@ class Sample:
     video_grid_thw: torch.Tensor | None = None
     # set when the media are held as uint8 levels (``encode(..., levels=True)``): turns them into the patches
     normalise: Callable[[np.ndarray], np.ndarray] | None = None
+    # [L] float32 loss weight of each token (0 where not supervised); None: 1 for every supervised token
+    weights: torch.Tensor | None = None
 
     def patches(self, key: str) -> torch.Tensor | None:
         """The float32 patches of ``pixel_values`` or ``pixel_values_videos`` (None when there are none)."""
@@ -63,6 +67,11 @@ class Sample:
     @property
     def supervised(self) -> int:
         return int((self.labels != IGNORE).sum())
+
+    @property
+    def weight(self) -> float:
+        """What the sample adds to a window's loss normaliser: its supervised tokens, or the sum of its weights."""
+        return float(self.supervised) if self.weights is None else float(self.weights.sum())
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
@@ -149,10 +158,10 @@ def with_root(messages: list[dict], root: Path) -> list[dict]:
 
 
 def encode(messages: list[dict], kind: str, processor: Processor, where: str = "record", *, levels: bool = False,
-           **media_options) -> Sample:  # fmt: skip
+           turn_weights: bool = False, **media_options) -> Sample:  # fmt: skip
     """Messages -> a Sample: ids as inference tokenizes them, labels, and the media's patches (with ``levels``,
     held as uint8 levels that ``Sample.patches`` normalises when the sample is packed: an eighth of the memory for
-    images, a quarter for videos)."""
+    images, a quarter for videos). ``turn_weights``: also the per-token weights that make each reply weigh 1."""
     tok = processor.tokenizer
     if kind == "chat":
         text, spans, pos = "", [], 0
@@ -166,9 +175,10 @@ def encode(messages: list[dict], kind: str, processor: Processor, where: str = "
         spans = [(0, len(text))]
     ids, offsets = tok.encode_with_offsets(text)
     starts = np.array([s for s, _ in offsets], dtype=np.int64)
-    supervised = np.zeros(len(ids), dtype=bool)
-    for a, b in spans:
-        supervised |= (starts >= a) & (starts < b)
+    turn = np.full(len(ids), -1, dtype=np.int64)  # which span (reply) each token lies in; -1: none
+    for k, (a, b) in enumerate(spans):
+        turn[(starts >= a) & (starts < b)] = k
+    supervised = turn >= 0
     vision = [tok.token_id(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")]
     ids_np = np.array(ids, dtype=np.int64)
     labels = np.where(supervised & ~np.isin(ids_np, vision), ids_np, IGNORE)
@@ -191,6 +201,11 @@ def encode(messages: list[dict], kind: str, processor: Processor, where: str = "
     out_labels[0] = IGNORE
     sample = Sample(torch.from_numpy(out_ids), torch.from_numpy(out_labels),
                     normalise=processor.media.normalise if levels else None)  # fmt: skip
+    if turn_weights:
+        out_turn = np.where(out_labels != IGNORE, np.repeat(turn, repeats), -1)
+        sizes = np.bincount(out_turn[out_turn >= 0], minlength=len(spans))
+        weights = np.where(out_turn >= 0, 1.0 / np.maximum(sizes[np.maximum(out_turn, 0)], 1), 0.0)
+        sample.weights = torch.from_numpy(weights.astype(np.float32))
     for k, key, grid_key in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos",
                                                                             "video_grid_thw")):  # fmt: skip
         if loaded[k]:

@@ -54,6 +54,9 @@ class TrainConfig:
     save_every: int = 50
     max_overlong: float = 0.01  # fraction of samples over batch_tokens that fails the run
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp"
+    # "token": every supervised token weighs the same (the usual mean); "turn": every reply weighs the same (its
+    # tokens' mean), so one-word answers are not drowned by long ones (a 20-token box, a caption)
+    loss_weighting: str = "token"
     device: str | None = None  # "cpu", "cuda", "cuda:1"; None: this process's GPU if torch sees one, else the CPU
     media: dict = field(default_factory=dict)  # preprocessing options (min_pixels, max_pixels, fps, ...)
     resume: bool = False
@@ -128,7 +131,8 @@ def prepare_samples(cfg: TrainConfig, processor: Processor, log) -> list[Sample]
     samples, overlong = [], []
     for line, record in read_jsonl(cfg.data):
         where = f"{cfg.data}:{line}"
-        sample = encode(*to_messages(record, where, root), processor, where, levels=True, **cfg.media)
+        sample = encode(*to_messages(record, where, root), processor, where, levels=True,
+                        turn_weights=cfg.loss_weighting == "turn", **cfg.media)  # fmt: skip
         if len(sample) > cfg.batch_tokens:
             overlong.append((line, len(sample)))
             continue
@@ -156,6 +160,8 @@ def epoch_rows(samples: list[Sample], epoch: int, cfg: TrainConfig) -> list[list
 
 def train(cfg: TrainConfig) -> list[dict]:
     """Run (or resume) a training run; the metrics of the steps run by this call."""
+    if cfg.loss_weighting not in ("token", "turn"):
+        raise ValueError(f"loss_weighting must be 'token' or 'turn', got {cfg.loss_weighting!r}")
     device = dist_utils.pick_device(cfg.device)
     rank, world = dist_utils.init(device)
     out = Path(cfg.out)
@@ -215,9 +221,9 @@ def train(cfg: TrainConfig) -> list[dict]:
                 rows = epoch_rows(samples, epoch, cfg)
             window.append(rows[row_index])
             row_index += 1
-        # the whole window's supervised tokens (all ranks); a sample's first token is never supervised, so a row's
-        # count is the sum of its samples'
-        count = sum(samples[i].supervised for r in window for i in r)
+        # the whole window's supervised tokens, or their weight (all ranks); a sample's first token is never
+        # supervised, so a row's count is the sum of its samples'
+        count = sum(samples[i].weight for r in window for i in r)
         factor = lr_factor(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor

@@ -1,6 +1,7 @@
 """Packing: several samples in one row up to a token budget, each attending only to itself (in the LLM through
 ``seqlens``; the ViT already attends within each image and frame pair) and keeping its own M-RoPE positions.
-The loss is summed over supervised tokens, so that a window of rows can be normalised by its total count.
+The loss is summed over supervised tokens (times their weights, when the samples carry them), so that a window of
+rows can be normalised by its total count (or weight).
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ class PackedRow:
     image_grid_thw: torch.Tensor | None = None
     pixel_values_videos: torch.Tensor | None = None
     video_grid_thw: torch.Tensor | None = None
+    weights: torch.Tensor | None = None  # [1, T] per-token loss weights; None: 1 per supervised token
 
     def to(self, device: torch.device) -> PackedRow:
         """The tensors the model computes with on ``device``; the grids stay on the host (read as ints)."""
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return replace(self, input_ids=move(self.input_ids), labels=move(self.labels),
                        position_ids=move(self.position_ids), pixel_values=move(self.pixel_values),
-                       pixel_values_videos=move(self.pixel_values_videos))  # fmt: skip
+                       pixel_values_videos=move(self.pixel_values_videos), weights=move(self.weights))  # fmt: skip
 
     @property
     def supervised(self) -> int:
@@ -73,6 +75,7 @@ def pack(samples: list[Sample], config: Qwen2VLConfig) -> PackedRow:
                  if getattr(s, key) is not None]  # fmt: skip
         return torch.cat(parts) if parts else None
 
+    weighted = any(s.weights is not None for s in samples)
     return PackedRow(
         input_ids=torch.cat([s.input_ids for s in samples])[None],
         labels=torch.cat([s.labels for s in samples])[None],
@@ -80,12 +83,15 @@ def pack(samples: list[Sample], config: Qwen2VLConfig) -> PackedRow:
         seqlens=[len(s) for s in samples],
         pixel_values=cat("pixel_values"), image_grid_thw=cat("image_grid_thw"),
         pixel_values_videos=cat("pixel_values_videos"), video_grid_thw=cat("video_grid_thw"),
+        weights=torch.cat([(s.labels != IGNORE).float() if s.weights is None else s.weights
+                           for s in samples])[None] if weighted else None,
     )  # fmt: skip
 
 
-def loss_sum(model, row: PackedRow) -> tuple[torch.Tensor, int]:
-    """(sum of the cross-entropy over the row's supervised tokens, their number). Logits are computed only at
-    the positions that predict a supervised token."""
+def loss_sum(model, row: PackedRow) -> tuple[torch.Tensor, float]:
+    """(sum of the cross-entropy over the row's supervised tokens, their number), or with ``row.weights`` (the
+    weighted sum, the sum of the weights). Logits are computed only at the positions that predict a supervised
+    token."""
     h = model.hidden(
         row.input_ids, None, row.pixel_values, row.image_grid_thw, row.pixel_values_videos, row.video_grid_thw,
         position_ids=row.position_ids, seqlens=row.seqlens if len(row.seqlens) > 1 else None,
@@ -93,4 +99,7 @@ def loss_sum(model, row: PackedRow) -> tuple[torch.Tensor, int]:
     targets = row.labels[0, 1:]
     keep = targets != IGNORE
     logits = model.lm_head(h[0, :-1][keep]).float()
-    return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+    if row.weights is None:
+        return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+    w = row.weights[0, 1:][keep].float()
+    return (F.cross_entropy(logits, targets[keep], reduction="none") * w).sum(), float(w.sum())
