@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     cur.add_argument("--train-examples", type=int, default=Curriculum.train_examples)
     cur.add_argument("--test-examples", type=int, default=Curriculum.test_examples)
     cur.add_argument("--mix", metavar="TASK=W,...", help="weigh the train split's tasks (default: the synth mix)")
+    cur.add_argument("--grid", type=int, default=Curriculum.grid, choices=[1, 2, 7, 14],
+                     help="shapes' positions and sizes are multiples of this many pixels (14: the patch grid)")
     cur.add_argument("--steps", type=int, nargs=3, default=list(Curriculum.steps), metavar=("S1", "S2", "S3"))
     cur.add_argument("--batch-tokens", type=int, default=Curriculum.batch_tokens)
     cur.add_argument("--focus-steps", type=int, default=Curriculum.focus_steps,
@@ -141,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--test", type=int, default=300)
     synth.add_argument("--mix", metavar="TASK=W,...", help="weigh the train split's tasks, e.g. ocr=1 or "
                        "colour=1,grounding=2 (tasks left out get none; default: the curriculum's mix)")
+    synth.add_argument("--grid", type=int, default=14, choices=[1, 2, 7, 14],
+                       help="shapes' positions and sizes are multiples of this many pixels (14: the patch grid)")
     check = data_verbs.add_parser("check", help="validate every record and show one with its supervised tokens")
     check.add_argument("file")
     check.add_argument("--model", required=True, help="checkpoint directory (its tokenizer and preprocessor)")
@@ -185,14 +189,14 @@ def main(argv: list[str] | None = None) -> int:
 
             model = {**Curriculum(out=args.out).model, "rope_theta": args.rope_theta}  # keep its other model keys
             run(Curriculum(out=args.out, seed=args.seed, train_examples=args.train_examples,
-                           test_examples=args.test_examples, mix=_mix(args.mix), steps=tuple(args.steps),
-                           batch_tokens=args.batch_tokens,
+                           test_examples=args.test_examples, mix=_mix(args.mix), grid=args.grid,
+                           steps=tuple(args.steps), batch_tokens=args.batch_tokens,
                            focus_steps=args.focus_steps, lr=tuple(args.lr), focus_lr=args.focus_lr,
                            model=model))  # fmt: skip
         elif args.verb == "data" and args.data_verb == "synth":
             from .train.synth import synthesize
 
-            counts = synthesize(args.out, args.seed, args.train, args.test, mix=_mix(args.mix))
+            counts = synthesize(args.out, args.seed, args.train, args.test, mix=_mix(args.mix), grid=args.grid)
             for split, tasks in counts.items():
                 print(f"{split}: " + ", ".join(f"{k} {v}" for k, v in tasks.items()))
         elif args.verb == "data" and args.data_verb == "check":
@@ -390,9 +394,10 @@ EXAMPLE_IMAGE = EXAMPLES / "scene.png"
 EXAMPLE_BOXES = {"the red ball": (70, 90, 210, 230), "the blue box": (300, 160, 420, 280)}  # pixels, ground truth
 
 
-# examples/make_examples.py draws these; the true boxes in pixels, [x1, x2) x [y1, y2)
-SHAPES_TRUTH = {"the red circle": (22, 30, 76, 84), "the blue square": (100, 96, 150, 146),
-                "the green triangle": (158, 22, 210, 74)}  # fmt: skip
+# examples/make_examples.py draws these; the true boxes in pixels, [x1, x2) x [y1, y2), on the 14-px patch grid
+# as the curriculum places its shapes
+SHAPES_TRUTH = {"the red circle": (28, 28, 84, 84), "the blue square": (98, 98, 154, 154),
+                "the green triangle": (154, 14, 210, 70)}  # fmt: skip
 ONE_TRUTH = ("yellow", "square")
 TEXT_TRUTH = "KR7"
 BALL_TRUTH = "right"

@@ -154,10 +154,10 @@ def test_curriculum_flags_reach_the_run(monkeypatch):
     assert seen[-1] == curriculum.Curriculum(out="x")
     assert main(["curriculum", "--out", "y", "--seed", "3", "--steps", "1", "2", "3", "--lr", "1e-3", "2e-3",
                  "3e-3", "--focus-steps", "5", "--focus-lr", "4e-4", "--train-examples", "10",
-                 "--rope-theta", "1e6", "--mix", "shape=2,ocr=1"]) == 0  # fmt: skip
+                 "--rope-theta", "1e6", "--mix", "shape=2,ocr=1", "--grid", "1"]) == 0  # fmt: skip
     c = seen[-1]
-    assert (c.seed, c.steps, c.lr, c.focus_steps, c.focus_lr, c.train_examples, c.model, c.mix) == (
-        3, (1, 2, 3), (1e-3, 2e-3, 3e-3), 5, 4e-4, 10, {"rope_theta": 1e6}, {"shape": 2.0, "ocr": 1.0})  # fmt: skip
+    assert (c.seed, c.steps, c.lr, c.focus_steps, c.focus_lr, c.train_examples, c.model, c.mix, c.grid) == (
+        3, (1, 2, 3), (1e-3, 2e-3, 3e-3), 5, 4e-4, 10, {"rope_theta": 1e6}, {"shape": 2.0, "ocr": 1.0}, 1)  # fmt: skip
 
 
 def test_the_curriculum_mix_reaches_the_synthesis(monkeypatch, tmp_path):
@@ -166,13 +166,13 @@ def test_the_curriculum_mix_reaches_the_synthesis(monkeypatch, tmp_path):
     class Stop(Exception):
         pass
 
-    def fake(out, seed, train, test, *, mix=None):
-        raise Stop(mix)
+    def fake(out, seed, train, test, *, mix=None, grid=None):
+        raise Stop(mix, grid)
 
     monkeypatch.setattr(synth, "synthesize", fake)
     with pytest.raises(Stop) as stopped:
         curriculum.run(curriculum.Curriculum(out=str(tmp_path), mix={"shape": 2.0}))
-    assert stopped.value.args == ({"shape": 2.0},)
+    assert stopped.value.args == ({"shape": 2.0}, 14)  # the patch grid by default
 
 
 def test_data_synth_mix_weighs_the_train_split(tmp_path, capsys):

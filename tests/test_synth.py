@@ -225,6 +225,28 @@ def test_answers_follow_from_the_pixels(data):
     assert asked == {"What colour", "What shape", "How many", "Where is"}
 
 
+def off_grid(boxes: list[Box], grid: int = 14) -> int:
+    """How many box edges lie more than a pixel from a multiple of ``grid`` (PIL may leave an edge pixel out)."""
+    return sum(min(v % grid, grid - v % grid) > 1 for b in boxes for v in (b.x1, b.y1, b.x2, b.y2))
+
+
+def test_shapes_sit_on_the_patch_grid(data, tmp_path):
+    """By default every shape's box starts and ends on the 14-px patch grid (so a shape covers whole patches), and
+    its answer boxes say so; grid=1 places them to the pixel."""
+    out, _ = data
+    pictures = [out / media(r)["image"] for r in records(out, "train.jsonl") + records(out, "test.jsonl")
+                if r["task"] in ("colour", "shape", "counting", "grounding")]  # fmt: skip
+    boxes = [b for p in pictures for _, _, b in shapes_in(p)]
+    assert len(pictures) > 20 and len(boxes) > 40 and off_grid(boxes) == 0
+    assert {round(b.x2 - b.x1) % 14 for b in boxes} <= {0, 1, 13}  # sizes too
+    synthesize(tmp_path / "free", seed=0, train=0, test=24, grid=1)
+    free = [b for r in records(tmp_path / "free", "test.jsonl") if r["task"] != "direction" and r["task"] != "ocr"
+            for _, _, b in shapes_in(tmp_path / "free" / media(r)["image"])]  # fmt: skip
+    assert off_grid(free) > len(free)  # most edges of most shapes
+    with pytest.raises(ValueError, match="grid divides the 14-px patch"):
+        synthesize(tmp_path / "bad", train=1, test=0, grid=5)
+
+
 def test_videos_show_the_stated_motion(data):
     out, _ = data
     clips = [r for r in records(out, "train.jsonl") + records(out, "test.jsonl") if r["task"] == "direction"]
