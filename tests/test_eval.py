@@ -5,7 +5,7 @@ import json
 import pytest
 
 from qwen2vl.cli import main
-from qwen2vl.eval.metrics import anls, box, choice, choice_letter, exact, relaxed, vqa
+from qwen2vl.eval.metrics import anls, box, box_iou, choice, choice_letter, exact, relaxed, vqa
 
 
 def test_exact():
@@ -43,6 +43,10 @@ def test_box_acc_at_05():
     assert box("<|box_start|>(200,200),(400,400)<|box_end|>", ref) == 0.0  # IoU 1/7
     assert box("(100,100),(300,300)", [100, 100, 300, 300]) == 1.0  # markup stripped by decoding
     assert box("no box here", ref) == 0.0
+    # the IoU behind it: 190x200 of 200x200 and 190x210
+    assert box_iou("<|box_start|>(110,100),(300,310)<|box_end|>", ref) == pytest.approx(38000 / 41900)
+    assert box_iou("<|box_start|>(200,200),(400,400)<|box_end|>", ref) == pytest.approx(1 / 7)
+    assert box_iou("no box here", ref) == 0.0 and box_iou("(0,0),(9,9)", "no box") == 0.0
 
 
 def test_multiple_choice_letter():
@@ -73,5 +77,10 @@ def test_eval_runner(tiny_checkpoint, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["n"] == 4 and set(report["tasks"]) == {"colour", "grounding", "mc"}
     assert all(0 <= r["score"] <= 1 and isinstance(r["prediction"], str) for r in report["records"])
+    grounding = [r for r in report["records"] if r["metric"] == "box"]
+    assert len(grounding) == 1 and "iou" not in report["records"][0]
+    assert report["tasks"]["grounding"]["mean_iou"] == grounding[0]["iou"] == round(
+        box_iou(grounding[0]["prediction"], "(0,0),(999,999)"), 4)  # fmt: skip
+    assert "mean_iou" not in report["tasks"]["colour"]
     assert main(["eval", str(tiny_checkpoint), "--data", str(tmp_path / "test.jsonl"), "--metric", "bleu"]) == 1
     assert "unknown metric 'bleu'" in capsys.readouterr().err

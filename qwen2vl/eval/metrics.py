@@ -98,6 +98,12 @@ def relaxed(prediction: str, reference: str | Sequence[str], tolerance: float = 
 
 def box(prediction: str, reference: str | Sequence[str] | Sequence[float], threshold: float = 0.5) -> float:
     """Reference: a box in the grounding text format or [x1, y1, x2, y2] (0-1000 coordinates)."""
+    return float(box_iou(prediction, reference) >= threshold)
+
+
+def box_iou(prediction: str, reference: str | Sequence[str] | Sequence[float]) -> float:
+    """The IoU of the prediction's first box with the best-matching reference box (0 when either has none): what
+    Acc@0.5 thresholds, kept for the report's mean IoU, which shows progress long before boxes pass 0.5."""
     if isinstance(reference, str):
         targets = parse_boxes(reference)
     elif reference and isinstance(reference[0], str):
@@ -109,7 +115,7 @@ def box(prediction: str, reference: str | Sequence[str] | Sequence[float], thres
     guesses = parse_boxes(prediction)
     if not guesses or not targets:
         return 0.0
-    return float(max(guesses[0].iou(t) for t in targets) >= threshold)
+    return max(guesses[0].iou(t) for t in targets)
 
 
 CHOICE = [

@@ -3,7 +3,7 @@
 A record: ``{"task": "colour", "metric": "exact", "messages": [...user turn(s)...], "answer": "red"}`` (or
 ``"answers": [...]`` for several references; ``metric`` defaults to the ``--metric`` given, else ``exact``). Media
 paths are relative to the data file. The report is a JSON file (per task and per record, written atomically) and
-a markdown table.
+a markdown table; for the ``box`` metric it also holds each answer's IoU and the task's mean IoU.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ..processing.chat import check_messages
 from ..progress import end as end_progress
 from ..progress import show
 from ..train.data import read_jsonl, with_root
-from .metrics import SCORERS
+from .metrics import SCORERS, box_iou
 
 
 def evaluate(assistant, data: str | Path, metric: str | None = None, *, max_new_tokens: int = 64,
@@ -43,6 +43,8 @@ def evaluate(assistant, data: str | Path, metric: str | None = None, *, max_new_
         score = SCORERS[name](prediction, reference)
         results.append({"line": line, "task": record.get("task", "all"), "metric": name, "prediction": prediction,
                         "reference": reference, "score": score})  # fmt: skip
+        if name == "box":
+            results[-1]["iou"] = round(box_iou(prediction, reference), 4)
         if progress:
             elapsed = time.perf_counter() - t0
             mean = sum(r["score"] for r in results) / len(results)
@@ -54,8 +56,12 @@ def evaluate(assistant, data: str | Path, metric: str | None = None, *, max_new_
         t = tasks.setdefault(r["task"], {"metric": r["metric"], "n": 0, "score": 0.0})
         t["n"] += 1
         t["score"] += r["score"]
+        if "iou" in r:
+            t["mean_iou"] = t.get("mean_iou", 0.0) + r["iou"]
     for t in tasks.values():
         t["score"] /= t["n"]
+        if "mean_iou" in t:
+            t["mean_iou"] = round(t["mean_iou"] / t["n"], 4)
     return {"data": str(data), "n": len(results), "seconds": round(time.perf_counter() - t0, 2),
             "tasks": dict(sorted(tasks.items())), "records": results}  # fmt: skip
 
