@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--test", type=int, default=300)
     synth.add_argument("--mix", metavar="TASK=W,...", help="weigh the train split's tasks, e.g. ocr=1 or "
                        "colour=1,grounding=2 (tasks left out get none; default: the curriculum's mix)")
-    synth.add_argument("--grid", type=int, default=14, choices=[1, 2, 7, 14],
+    synth.add_argument("--grid", type=int, default=Curriculum.grid, choices=[1, 2, 7, 14],
                        help="shapes' positions and sizes are multiples of this many pixels (14: the patch grid)")
     check = data_verbs.add_parser("check", help="validate every record and show one with its supervised tokens")
     check.add_argument("file")

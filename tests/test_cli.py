@@ -173,6 +173,7 @@ def test_the_curriculum_mix_reaches_the_synthesis(monkeypatch, tmp_path):
     with pytest.raises(Stop) as stopped:
         curriculum.run(curriculum.Curriculum(out=str(tmp_path), mix={"shape": 2.0}))
     assert stopped.value.args == ({"shape": 2.0}, 14)  # the patch grid by default
+    assert curriculum.Curriculum.grid == synth.SHAPE_GRID  # data synth's --grid defaults to it too
 
 
 def test_data_synth_mix_weighs_the_train_split(tmp_path, capsys):

@@ -148,7 +148,7 @@ def _side(rng: np.random.Generator, lo: int, hi: int) -> int:
 
 
 def _place(rng: np.random.Generator, w: int, h: int, n: int, lo: float, hi: float,
-           grid: int = 1) -> list[tuple[int, int, int]]:  # fmt: skip
+           grid: int) -> list[tuple[int, int, int]]:  # fmt: skip
     """n non-overlapping (x, y, size) squares, at least GAP apart and MARGIN from the border (and at least one
     ``grid`` step), with x, y and size multiples of ``grid``. Sizes are fractions of the shorter side; when a
     layout does not fit (many shapes, small canvas), retry with smaller shapes."""
@@ -201,7 +201,7 @@ def _pick(rng: np.random.Generator, options) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def _shapes_example(task: str, rng: np.random.Generator, min_side: int, max_side: int, grid: int = 1) -> Example:
+def _shapes_example(task: str, rng: np.random.Generator, min_side: int, max_side: int, grid: int) -> Example:
     w, h = _side(rng, min_side, max_side), _side(rng, min_side, max_side)
     if task in ("colour", "shape"):  # one large shape: these tasks are about recognition, not search
         layout = _place(rng, w, h, 1, 0.3, 0.6, grid)
@@ -285,7 +285,7 @@ def _video_example(rng: np.random.Generator) -> Example:
                    more=[(BALL_COLOUR, colour)])  # fmt: skip
 
 
-def _example(task: str, rng: np.random.Generator, min_side: int, max_side: int, grid: int = 1) -> Example:
+def _example(task: str, rng: np.random.Generator, min_side: int, max_side: int, grid: int) -> Example:
     if task == "ocr":
         return _ocr_example(rng, min_side, max_side)
     if task == "direction":
@@ -320,7 +320,7 @@ def _task_list(n: int, mix: dict[str, float] | None) -> list[str]:
 
 
 def _split(out: Path, split: str, n: int, seed: int, mix: dict[str, float] | None, min_side: int, max_side: int,
-           taken: set[tuple], grid: int = 1) -> tuple[list[dict], list[dict], dict[str, int]]:
+           taken: set[tuple], grid: int) -> tuple[list[dict], list[dict], dict[str, int]]:
     """Generate one split; returns (question records, caption records, counts per task). Scenes whose key is in
     ``taken`` (the other split's) are redrawn, so that the splits never share a picture."""
     sid = _SPLITS[split]
