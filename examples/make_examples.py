@@ -16,8 +16,8 @@ BALL = ("orange", 11, 60)  # colour, radius, row of a ball crossing from x = 22 
 
 
 def main() -> None:
-    _canvas(SHAPES, 224, 168).save(HERE / "shapes.png")
-    _canvas([ONE], 168, 140).save(HERE / "one.png")
+    _canvas(SHAPES, 224, 168, frame=False).save(HERE / "shapes.png")
+    _canvas([ONE], 168, 140, frame=False).save(HERE / "one.png")
     text_strip(TEXT_TRUTH, 168, 84, 1, 1).save(HERE / "text.png")  # a strip as the curriculum draws them
     colour, r, y = BALL
     _write_mp4(HERE / "ball.mp4", [ball_frame(colour, r, 22 + round(68 * i / (VIDEO_FRAMES - 1)), y)

@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     cur.add_argument("--mix", metavar="TASK=W,...", help="weigh the train split's tasks (default: the synth mix)")
     cur.add_argument("--grid", type=int, default=Curriculum.grid, choices=[1, 2, 7, 14],
                      help="shapes' positions and sizes are multiples of this many pixels (14: the patch grid)")
+    cur.add_argument("--frame", action=argparse.BooleanOptionalAction, default=Curriculum.frame,
+                     help="draw a grey line along the edges of the shapes pictures (default: no)")
     cur.add_argument("--steps", type=int, nargs=3, default=list(Curriculum.steps), metavar=("S1", "S2", "S3"))
     cur.add_argument("--batch-tokens", type=int, default=Curriculum.batch_tokens)
     cur.add_argument("--focus-steps", type=int, default=Curriculum.focus_steps,
@@ -145,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                        "colour=1,grounding=2 (tasks left out get none; default: the curriculum's mix)")
     synth.add_argument("--grid", type=int, default=Curriculum.grid, choices=[1, 2, 7, 14],
                        help="shapes' positions and sizes are multiples of this many pixels (14: the patch grid)")
+    synth.add_argument("--frame", action=argparse.BooleanOptionalAction, default=Curriculum.frame,
+                       help="draw a grey line along the edges of the shapes pictures (default: no)")
     check = data_verbs.add_parser("check", help="validate every record and show one with its supervised tokens")
     check.add_argument("file")
     check.add_argument("--model", required=True, help="checkpoint directory (its tokenizer and preprocessor)")
@@ -190,13 +194,14 @@ def main(argv: list[str] | None = None) -> int:
             model = {**Curriculum(out=args.out).model, "rope_theta": args.rope_theta}  # keep its other model keys
             run(Curriculum(out=args.out, seed=args.seed, train_examples=args.train_examples,
                            test_examples=args.test_examples, mix=_mix(args.mix), grid=args.grid,
-                           steps=tuple(args.steps), batch_tokens=args.batch_tokens,
+                           frame=args.frame, steps=tuple(args.steps), batch_tokens=args.batch_tokens,
                            focus_steps=args.focus_steps, lr=tuple(args.lr), focus_lr=args.focus_lr,
                            model=model))  # fmt: skip
         elif args.verb == "data" and args.data_verb == "synth":
             from .train.synth import synthesize
 
-            counts = synthesize(args.out, args.seed, args.train, args.test, mix=_mix(args.mix), grid=args.grid)
+            counts = synthesize(args.out, args.seed, args.train, args.test, mix=_mix(args.mix), grid=args.grid,
+                                frame=args.frame)
             for split, tasks in counts.items():
                 print(f"{split}: " + ", ".join(f"{k} {v}" for k, v in tasks.items()))
         elif args.verb == "data" and args.data_verb == "check":

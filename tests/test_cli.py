@@ -1,5 +1,6 @@
 """`qwen2vl chat` and `qwen2vl tokens` on a tiny random checkpoint saved with the genuine tokenizer."""
 
+import inspect
 import io
 import subprocess
 import sys
@@ -154,10 +155,10 @@ def test_curriculum_flags_reach_the_run(monkeypatch):
     assert seen[-1] == curriculum.Curriculum(out="x")
     assert main(["curriculum", "--out", "y", "--seed", "3", "--steps", "1", "2", "3", "--lr", "1e-3", "2e-3",
                  "3e-3", "--focus-steps", "5", "--focus-lr", "4e-4", "--train-examples", "10",
-                 "--rope-theta", "1e6", "--mix", "shape=2,ocr=1", "--grid", "1"]) == 0  # fmt: skip
+                 "--rope-theta", "1e6", "--mix", "shape=2,ocr=1", "--grid", "1", "--frame"]) == 0  # fmt: skip
     c = seen[-1]
-    assert (c.seed, c.steps, c.lr, c.focus_steps, c.focus_lr, c.train_examples, c.model, c.mix, c.grid) == (
-        3, (1, 2, 3), (1e-3, 2e-3, 3e-3), 5, 4e-4, 10, {"rope_theta": 1e6}, {"shape": 2.0, "ocr": 1.0}, 1)  # fmt: skip
+    assert (c.seed, c.steps, c.lr, c.focus_steps, c.focus_lr, c.train_examples, c.model, c.mix, c.grid, c.frame) == (
+        3, (1, 2, 3), (1e-3, 2e-3, 3e-3), 5, 4e-4, 10, {"rope_theta": 1e6}, {"shape": 2.0, "ocr": 1.0}, 1, True)  # fmt: skip
 
 
 def test_the_curriculum_mix_reaches_the_synthesis(monkeypatch, tmp_path):
@@ -166,14 +167,17 @@ def test_the_curriculum_mix_reaches_the_synthesis(monkeypatch, tmp_path):
     class Stop(Exception):
         pass
 
-    def fake(out, seed, train, test, *, mix=None, grid=None):
-        raise Stop(mix, grid)
+    def fake(out, seed, train, test, *, mix=None, grid=None, frame=None):
+        raise Stop(mix, grid, frame)
 
+    frame_default = inspect.signature(synth.synthesize).parameters["frame"].default
     monkeypatch.setattr(synth, "synthesize", fake)
     with pytest.raises(Stop) as stopped:
         curriculum.run(curriculum.Curriculum(out=str(tmp_path), mix={"shape": 2.0}))
-    assert stopped.value.args == ({"shape": 2.0}, 14)  # the patch grid by default
+    assert stopped.value.args == ({"shape": 2.0}, 14, False)  # the patch grid, and no frame, by default
     assert curriculum.Curriculum.grid == synth.SHAPE_GRID  # data synth's --grid defaults to it too
+    # and data synth's --frame to the curriculum's, which is synthesize's own default
+    assert curriculum.Curriculum.frame is frame_default is False
 
 
 def test_data_synth_mix_weighs_the_train_split(tmp_path, capsys):
@@ -184,6 +188,12 @@ def test_data_synth_mix_weighs_the_train_split(tmp_path, capsys):
     tasks = [json.loads(line)["task"] for line in (tmp_path / "a" / "train.jsonl").read_text().splitlines()]
     assert sorted(tasks) == ["colour"] * 3 + ["ocr"] * 6
     assert "train: colour 3," in capsys.readouterr().out
+    colour_pictures = [f"images/train-{i:06d}.png" for i in range(9) if tasks[i] == "colour"]
+    assert main(["data", "synth", "--out", str(tmp_path / "c"), "--train", "9", "--test", "0",
+                 "--mix", "ocr=2, colour=1", "--frame"]) == 0  # fmt: skip
+    for p in colour_pictures:  # the same scenes, without and with a grey frame along the edges
+        bare, framed = np.asarray(Image.open(tmp_path / "a" / p)), np.asarray(Image.open(tmp_path / "c" / p))
+        assert (framed[0] != bare[0]).any() and (framed[4:-4, 4:-4] == bare[4:-4, 4:-4]).all()
     for bad, named in (("ocr", "'ocr'"), ("ocr=x", "'ocr=x'"), ("ocr=1,bogus=2", "bogus")):
         assert main(["data", "synth", "--out", str(tmp_path / "b"), "--train", "2", "--test", "0", "--mix", bad]) == 1
         err = capsys.readouterr().err

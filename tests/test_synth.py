@@ -15,7 +15,8 @@ from PIL import Image
 from qwen2vl.processing.grounding import Box, parse_boxes
 from qwen2vl.processing.video import load_video
 from qwen2vl.train.data import IGNORE, encode, read_jsonl, to_messages
-from qwen2vl.train.synth import ALPHABET, BACKGROUND, COLOURS, NUMBER_WORDS, SHAPES, TASKS, TRAIN_MIX, synthesize
+from qwen2vl.train.synth import (ALPHABET, BACKGROUND, COLOURS, FRAME, FRAME_WIDTH, NUMBER_WORDS, SHAPES, TASKS,
+                                  TRAIN_MIX, synthesize)  # fmt: skip
 
 TRAIN, TEST = 60, 30
 
@@ -75,14 +76,25 @@ def components(mask: np.ndarray) -> list[np.ndarray]:
     return regions
 
 
-def shapes_in(path: Path) -> list[tuple[str, str, Box]]:
-    """(colour, kind, box in pixel edges) of every blob in a shapes picture; asserts the picture is clean."""
-    a = np.asarray(Image.open(path).convert("RGB"))
+def shapes_in(path: Path, frame: bool = False) -> list[tuple[str, str, Box]]:
+    """(colour, kind, box in pixel edges) of every blob in a shapes picture; asserts the picture is clean: with
+    ``frame``, a FRAME_WIDTH-px grey line along every edge and no other grey pixel."""
+    a = np.asarray(Image.open(path).convert("RGB")).copy()
     h, w, _ = a.shape
+    edge = 0
+    if frame:
+        edge = FRAME_WIDTH
+        ring = np.ones((h, w), bool)
+        ring[edge : h - edge, edge : w - edge] = False
+        assert (a[ring] == FRAME).all(), "the frame runs along every edge"
+        a[ring] = BACKGROUND
+    assert not (a == FRAME).all(-1).any(), "frame grey inside the picture"
     found = []
     for region in components((a != BACKGROUND).any(-1)):
         ys, xs = region[:, 0], region[:, 1]
-        assert ys.min() > 0 and xs.min() > 0 and ys.max() < h - 1 and xs.max() < w - 1, "a shape touches the border"
+        assert min(ys.min(), xs.min()) > edge and ys.max() < h - 1 - edge and xs.max() < w - 1 - edge, (
+            "a shape touches the border or the frame"
+        )
         colours = {tuple(c) for c in a[ys, xs]}
         assert len(colours) == 1, "a shape is not one flat colour"
         colour = colours.pop()
@@ -245,6 +257,29 @@ def test_shapes_sit_on_the_patch_grid(data, tmp_path):
     assert off_grid(free) > len(free)  # most edges of most shapes
     with pytest.raises(ValueError, match="grid divides the 14-px patch"):
         synthesize(tmp_path / "bad", train=1, test=0, grid=5)
+
+
+def test_frame_on_request(data, tmp_path):
+    """frame=True draws the grey frame along the edges of the shapes pictures (shapes_in checks it, and that no
+    shape touches it), not on the text strips; the answers still follow from the pixels. By default: no frame."""
+    out, _ = data
+    default = [out / media(r)["image"] for r in records(out, "test.jsonl") if r["task"] in ("colour", "counting")]
+    for path in default:
+        a = np.asarray(Image.open(path).convert("RGB"))
+        assert (a[0] == BACKGROUND).all() and (a[:, 0] == BACKGROUND).all() and (a[-1] == BACKGROUND).all()
+        with pytest.raises(AssertionError, match="frame runs along"):
+            shapes_in(path, frame=True)
+    synthesize(tmp_path / "framed", seed=0, train=0, test=24, frame=True)
+    recs = records(tmp_path / "framed", "test.jsonl")
+    shapes = [r for r in recs if r["task"] in ("colour", "shape", "counting", "grounding")]
+    assert len(shapes) == 16
+    for r in shapes:
+        path = tmp_path / "framed" / media(r)["image"]
+        check_shapes_answer(question(r), answer(r), shapes_in(path, frame=True), path)
+    for r in recs:
+        if r["task"] == "ocr":
+            a = np.asarray(Image.open(tmp_path / "framed" / media(r)["image"]).convert("RGB"))
+            assert not (a == FRAME).all(-1).any()
 
 
 def test_videos_show_the_stated_motion(data):

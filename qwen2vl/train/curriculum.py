@@ -31,6 +31,7 @@ class Curriculum:
     test_examples: int = 300
     mix: dict | None = None  # the train split's task weights; None: synth.TRAIN_MIX
     grid: int = 14  # synth.SHAPE_GRID: shapes on the 14-px patch grid (1: placed to the pixel)
+    frame: bool = False  # a grey line along the edges of every shapes picture (synth.FRAME: tried, not better)
     vocab_size: int = 1024  # an upper bound: the synthetic corpus runs out of merges at about 420
     # small_config keywords (width, layers, ...). rope_theta: Qwen2-VL's 1e6 is made for 32k-token contexts; M-RoPE
     # gives an image's width positions the slowest quarter of the frequencies, which at 1e6 turn by at most 2e-4
@@ -95,7 +96,7 @@ def run(c: Curriculum) -> dict:
     log = lambda msg: print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     if not (data / "test.jsonl").exists():
         log(f"synthesizing {c.train_examples} training and {c.test_examples} held-out examples")
-        synthesize(data, c.seed, c.train_examples, c.test_examples, mix=c.mix, grid=c.grid)
+        synthesize(data, c.seed, c.train_examples, c.test_examples, mix=c.mix, grid=c.grid, frame=c.frame)
     stage2 = data / "stage2.jsonl"  # stage 2 sees both kinds of data
     stage2.write_text((data / "pretrain.jsonl").read_text() + (data / "train.jsonl").read_text())
     model = out / "init"
