@@ -41,7 +41,7 @@ class Curriculum:
     # At 50 a column turns the fastest of them by 0.09 rad and a row by 0.38 (the shipped run: 0.29 across, 0.43 down).
     model: dict = field(default_factory=lambda: {"rope_theta": 50.0})
     batch_tokens: int = 2048
-    # About 42 min on 2 cores in all (45 at the slowest pace this machine has shown). Stage 1 is short: against a
+    # About 39 min on 2 cores in all, each stage in a new process (46 in one process). Stage 1 is short: against a
     # random, frozen LLM it teaches the ViT little. Stage 2 gets most of the time because it is the last in which
     # the ViT learns. Stage 3 at 600 steps instead of 900 told the clips' directions 82% right, not 94%.
     steps: tuple[int, int, int] = (100, 2050, 900)
