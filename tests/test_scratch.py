@@ -1,6 +1,7 @@
 """From nothing: a small tokenizer with the Qwen2-VL special tokens, and a random model directory around it that
 our loader, the processor, chat and transformers all accept."""
 
+import pytest
 import torch
 
 import qwen2vl
@@ -41,6 +42,19 @@ def test_init_model_dir_is_a_complete_checkpoint(tmp_path):
         assert (ours(ids) - ref(input_ids=ids).logits).abs().max() < 1e-4
     size = sum(f.stat().st_size for f in path.iterdir())
     assert size < 40 * 2**20
+
+
+def test_a_failing_stage_stops_the_curriculum_naming_it(tmp_path, capfd):
+    """Each stage trains in a process of its own: its error shows, and the curriculum stops with one naming the
+    stage instead of going on to the next."""
+    from qwen2vl.train.curriculum import Curriculum, run
+
+    out = tmp_path / "cur"
+    with pytest.raises(RuntimeError, match=f"training into {out / 'stage1'} failed"):
+        run(Curriculum(out=str(out), train_examples=12, test_examples=6, steps=(1, 1, 1), batch_tokens=16,
+                       focus_steps=0))  # fmt: skip
+    assert "exceed batch_tokens=16" in capfd.readouterr().err  # the stage's own error, from its process
+    assert not (out / "stage1-model").exists() and not (out / "stage2").exists()
 
 
 def test_curriculum_tokenizer_and_pipeline(tmp_path):
