@@ -269,16 +269,18 @@ def test_frame_on_request(data, tmp_path):
         assert (a[0] == BACKGROUND).all() and (a[:, 0] == BACKGROUND).all() and (a[-1] == BACKGROUND).all()
         with pytest.raises(AssertionError, match="frame runs along"):
             shapes_in(path, frame=True)
-    synthesize(tmp_path / "framed", seed=0, train=0, test=24, frame=True)
-    recs = records(tmp_path / "framed", "test.jsonl")
-    shapes = [r for r in recs if r["task"] in ("colour", "shape", "counting", "grounding")]
-    assert len(shapes) == 16
-    for r in shapes:
-        path = tmp_path / "framed" / media(r)["image"]
-        check_shapes_answer(question(r), answer(r), shapes_in(path, frame=True), path)
+    for grid in (14, 2, 1):  # off the patch grid too, where the margin alone is thinner than the frame
+        framed = tmp_path / f"framed{grid}"
+        synthesize(framed, seed=0, train=0, test=60, frame=True, grid=grid)
+        shapes = [r for r in records(framed, "test.jsonl") if r["task"] in ("colour", "shape", "counting", "grounding")]
+        assert len(shapes) == 40
+        for r in shapes:
+            check_shapes_answer(question(r), answer(r), shapes_in(framed / media(r)["image"], frame=True),
+                                framed / media(r)["image"])  # fmt: skip
+    recs = records(tmp_path / "framed14", "test.jsonl")
     for r in recs:
         if r["task"] == "ocr":
-            a = np.asarray(Image.open(tmp_path / "framed" / media(r)["image"]).convert("RGB"))
+            a = np.asarray(Image.open(tmp_path / "framed14" / media(r)["image"]).convert("RGB"))
             assert not (a == FRAME).all(-1).any()
 
 

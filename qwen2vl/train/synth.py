@@ -69,8 +69,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "cross")  # each fills its square bounding box edge to edge
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 BACKGROUND = (30, 30, 30)
-# On request (frame=True) shapes pictures get a grey frame: a line FRAME_WIDTH px wide along the edges, inside the
-# one-patch margin, so no shape touches it. The ViT has no absolute positions (2D RoPE only relates patches to each
+# On request (frame=True) shapes pictures get a grey frame: a line FRAME_WIDTH px wide along the edges, with MARGIN
+# more between it and any shape (on the patch grid: inside the one-patch margin). The ViT has no absolute positions (2D RoPE only relates patches to each
 # other), and on a flat background every background patch looks the same: nothing tells a patch where in the picture
 # it is, and a box can only be found through M-RoPE in the LLM. The frame is a landmark at a known place. A
 # 1000-step grounding-only trial from the same stage-2 model: without it Acc@0.5 14% (box centres against the true
@@ -157,13 +157,14 @@ def _side(rng: np.random.Generator, lo: int, hi: int) -> int:
     return int(rng.integers(-(-lo // 28), hi // 28 + 1)) * 28
 
 
-def _place(rng: np.random.Generator, w: int, h: int, n: int, lo: float, hi: float,
-           grid: int) -> list[tuple[int, int, int]]:  # fmt: skip
-    """n non-overlapping (x, y, size) squares, at least GAP apart and MARGIN from the border (and at least one
-    ``grid`` step), with x, y and size multiples of ``grid``. Sizes are fractions of the shorter side; when a
-    layout does not fit (many shapes, small canvas), retry with smaller shapes."""
+def _place(rng: np.random.Generator, w: int, h: int, n: int, lo: float, hi: float, grid: int,
+           frame: bool) -> list[tuple[int, int, int]]:  # fmt: skip
+    """n non-overlapping (x, y, size) squares, at least GAP apart and MARGIN from the border (from the frame, with
+    one; and at least one ``grid`` step), with x, y and size multiples of ``grid``. Sizes are fractions of the
+    shorter side; when a layout does not fit (many shapes, small canvas), retry with smaller shapes."""
     short = min(w, h)
-    margin, gap = -(-MARGIN // grid) * grid, -(-GAP // grid) * grid
+    border = MARGIN + (FRAME_WIDTH if frame else 0)
+    margin, gap = -(-border // grid) * grid, -(-GAP // grid) * grid
     for _ in range(100):
         placed: list[tuple[int, int, int]] = []
         for _ in range(n):
@@ -215,17 +216,17 @@ def _shapes_example(task: str, rng: np.random.Generator, min_side: int, max_side
                     frame: bool) -> Example:  # fmt: skip
     w, h = _side(rng, min_side, max_side), _side(rng, min_side, max_side)
     if task in ("colour", "shape"):  # one large shape: these tasks are about recognition, not search
-        layout = _place(rng, w, h, 1, 0.3, 0.6, grid)
+        layout = _place(rng, w, h, 1, 0.3, 0.6, grid, frame)
         shapes = [Shape(_pick(rng, list(COLOURS)), _pick(rng, SHAPES), *layout[0])]
     elif task == "counting":
         n = int(rng.integers(1, 7))
-        layout = _place(rng, w, h, n, 0.15, 0.3, grid)
+        layout = _place(rng, w, h, n, 0.15, 0.3, grid, frame)
         shapes = [Shape(_pick(rng, list(COLOURS)), _pick(rng, SHAPES), *p) for p in layout]
     else:  # grounding: distinct (colour, kind) pairs, so that "the red circle" names exactly one shape
         n = int(rng.integers(2, 4))
         pairs = [(c, k) for c in COLOURS for k in SHAPES]
         chosen = [pairs[i] for i in rng.choice(len(pairs), n, replace=False)]
-        shapes = [Shape(c, k, *p) for (c, k), p in zip(chosen, _place(rng, w, h, n, 0.25, 0.45, grid))]
+        shapes = [Shape(c, k, *p) for (c, k), p in zip(chosen, _place(rng, w, h, n, 0.25, 0.45, grid, frame))]
     caption = _describe(shapes, w, h)
     key = (task, w, h, tuple(shapes))
     image = _canvas(shapes, w, h, frame)
