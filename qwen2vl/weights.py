@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, Qwen2VLConfig
+from .modes import as_created
 
 if TYPE_CHECKING:
     from .model.qwen2vl import Qwen2VL
@@ -213,6 +214,7 @@ def _atomic(target: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        as_created(tmp)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..modes import as_created
 from ..processing.chat import check_messages
 from ..progress import end as end_progress
 from ..progress import show
@@ -80,4 +81,5 @@ def write_report(report: dict, path: str | Path) -> None:
         json.dump(report, f, indent=1, ensure_ascii=False)
         f.flush()
         os.fsync(f.fileno())
+    as_created(f.name)
     os.replace(f.name, path)

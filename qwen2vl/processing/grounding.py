@@ -22,6 +22,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..modes import as_created
 from .errors import MediaError, describe
 
 _NUM = r"(\d+(?:\.\d+)?)"
@@ -180,6 +181,7 @@ def _save_atomic(img: Image.Image, out_path: str | os.PathLike) -> None:
             img.save(f, format="PNG")
             f.flush()
             os.fsync(f.fileno())
+        as_created(tmp)
         os.replace(tmp, out)
     except BaseException:
         os.unlink(tmp)

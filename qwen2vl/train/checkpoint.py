@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..modes import as_created
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -29,6 +31,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    as_created(f.name)
     os.replace(f.name, path)
     _fsync_dir(path.parent)
 
@@ -45,6 +48,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer_state: dict, state: d
             os.fsync(f.fileno())
         _write_atomic(tmp / "trainer_state.json", json.dumps(state, indent=1).encode())
         _fsync_dir(tmp)
+        as_created(tmp)
         if final.exists():  # a leftover from a run that died after this rename but before `latest`
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..modes import as_created
 from ..weights import resolve_dtype
 from .checkpoint import latest_checkpoint, load_state
 
@@ -46,6 +47,7 @@ def export(checkpoint: str | Path, dest: str | Path, base: str | Path | None = N
         for name in PROCESSOR_FILES:
             if (base / name).is_file():
                 shutil.copy2(base / name, tmp / name)
+        as_created(tmp)
         os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import Qwen2VLConfig, TextConfig, VisionConfig
+from ..modes import as_created
 from ..processing.processor import save_processor_files
 from ..processing.tokenizer import SPECIAL_TOKENS
 
@@ -92,6 +93,7 @@ def init_model_dir(out: str | Path, texts: Iterable[str], *, vocab_size: int = 1
         torch.manual_seed(seed)
         Qwen2VL(config).save_pretrained(tmp)
         save_processor_files(tmp, tok.to_str(), model_max_length=4096, min_pixels=min_pixels, max_pixels=max_pixels)
+        as_created(tmp)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
