@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--out", required=True)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--train", type=int, default=4000)
-    synth.add_argument("--test", type=int, default=300)
+    synth.add_argument("--test", type=int, default=Curriculum.test_examples)
     synth.add_argument("--mix", metavar="TASK=W,...", help="weigh the train split's tasks, e.g. ocr=1 or "
                        "colour=1,grounding=2 (tasks left out get none; default: the curriculum's mix)")
     synth.add_argument("--grid", type=int, default=Curriculum.grid, choices=[1, 2, 7, 14],

@@ -170,7 +170,8 @@ def test_the_curriculum_mix_reaches_the_synthesis(monkeypatch, tmp_path):
     def fake(out, seed, train, test, *, mix=None, grid=None, frame=None):
         raise Stop(mix, grid, frame)
 
-    frame_default = inspect.signature(synth.synthesize).parameters["frame"].default
+    defaults = inspect.signature(synth.synthesize).parameters
+    frame_default = defaults["frame"].default
     monkeypatch.setattr(synth, "synthesize", fake)
     with pytest.raises(Stop) as stopped:
         curriculum.run(curriculum.Curriculum(out=str(tmp_path), mix={"shape": 2.0}))
@@ -178,6 +179,8 @@ def test_the_curriculum_mix_reaches_the_synthesis(monkeypatch, tmp_path):
     assert curriculum.Curriculum.grid == synth.SHAPE_GRID  # data synth's --grid defaults to it too
     # and data synth's --frame to the curriculum's, which is synthesize's own default
     assert curriculum.Curriculum.frame is frame_default is False
+    # one held-out size everywhere: synthesize's, the curriculum's and data synth's --test (200 per task)
+    assert curriculum.Curriculum.test_examples == defaults["test"].default == 1200
 
 
 def test_data_synth_mix_weighs_the_train_split(tmp_path, capsys):

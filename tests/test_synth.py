@@ -147,6 +147,18 @@ def test_same_seed_same_bytes_other_seed_other_data(data, tmp_path):
         assert (out / name).read_bytes() != (tmp_path / "other" / name).read_bytes()
 
 
+def test_a_bigger_held_out_split_leaves_training_untouched(data, tmp_path):
+    """The train split is drawn first, so the held-out split's size changes none of its files: a model trained on
+    a curriculum can be scored again on a bigger held-out split of the same seed."""
+    out, _ = data
+    synthesize(tmp_path / "big", seed=0, train=TRAIN, test=2 * TEST)
+    trained = sorted(p.relative_to(out) for p in out.rglob("train-*"))
+    assert len(trained) == TRAIN
+    for f in [Path("pretrain.jsonl"), Path("train.jsonl"), *trained]:
+        assert (out / f).read_bytes() == (tmp_path / "big" / f).read_bytes(), f
+    assert len(records(tmp_path / "big", "test.jsonl")) == 2 * len(records(out, "test.jsonl"))
+
+
 def test_splits_share_no_picture(data):
     out, _ = data
 

@@ -30,7 +30,10 @@ class Curriculum:
     out: str
     seed: int = 0
     train_examples: int = 30000
-    test_examples: int = 300
+    # 200 held-out questions per task: at 50 a single answer moved a score by 2 points, and the shipped model that
+    # scored shape 94%, counting 70% and direction 94% on 50 scored 91.5%, 60.5% and 89.5% on 200. The train split
+    # is drawn first, so this number changes no training file.
+    test_examples: int = 1200
     mix: dict | None = None  # the train split's task weights; None: synth.TRAIN_MIX
     grid: int = 14  # synth.SHAPE_GRID: shapes on the 14-px patch grid (1: placed to the pixel)
     frame: bool = False  # a grey line along the edges of every shapes picture (synth.FRAME: tried, not better)
