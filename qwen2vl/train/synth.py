@@ -388,8 +388,8 @@ def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 12
     number of examples per split and task: ``{"train": {"colour": n, ...}, "test": {...}}``.
 
     ``mix`` weighs the tasks in the train split (default ``TRAIN_MIX``); the test split is spread evenly over
-    all six tasks (by default 200 each: at 50 one answer moved a score by 2 points). Image sides are multiples of 28 drawn
-    uniformly from [min_side, max_side]. ``grid``: the shapes' positions and sizes are multiples of it (pixels).
+    all six tasks (by default 200 each: at 50 one answer moved a score by 2 points). Image sides are multiples of
+    28 drawn uniformly from [min_side, max_side]. ``grid``: the shapes' positions and sizes are multiples of it (pixels).
     ``frame``: draw a grey frame along the edges of the shapes pictures (not the text strips or the clips)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
