@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,8 +17,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import write_file, write_text
 from .config import ConfigError, Qwen2VLConfig
-from .modes import as_created
 
 if TYPE_CHECKING:
     from .model.qwen2vl import Qwen2VL
@@ -190,44 +188,21 @@ def save_pretrained(model: Qwen2VL, path: str | Path, max_shard_size: int = 5 * 
         size += nbytes
     meta = {"format": "pt"}
     if len(shards) == 1:
-        _atomic(path / "model.safetensors", lambda tmp: save_file(shards[0], tmp, metadata=meta))
+        write_file(path / "model.safetensors", lambda tmp: save_file(shards[0], str(tmp), metadata=meta))
         (path / "model.safetensors.index.json").unlink(missing_ok=True)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _atomic(path / fname, lambda tmp, s=shard: save_file(s, tmp, metadata=meta))
+            write_file(path / fname, lambda tmp, s=shard: save_file(s, str(tmp), metadata=meta))
             weight_map.update({name: fname for name in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic_text(path / "model.safetensors.index.json", json.dumps(index, indent=2))
+        write_text(path / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
         (path / "model.safetensors").unlink(missing_ok=True)
     dtype_name = str(model.dtype).removeprefix("torch.")
-    _atomic_text(path / "generation_config.json", json.dumps(model.config.generation_dict(), indent=2))
-    _atomic_text(path / "config.json", json.dumps({**model.config.to_dict(), "torch_dtype": dtype_name}, indent=2))
-
-
-def _atomic(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        as_created(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _atomic_text(target: Path, text: str) -> None:
-    _atomic(target, lambda tmp: Path(tmp).write_text(text + "\n"))
+    write_text(path / "generation_config.json", json.dumps(model.config.generation_dict(), indent=2) + "\n")
+    write_text(path / "config.json", json.dumps({**model.config.to_dict(), "torch_dtype": dtype_name}, indent=2) + "\n")
 
 
 def _few(names: list[str], n: int = 5) -> str:

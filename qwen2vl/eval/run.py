@@ -9,12 +9,10 @@ a markdown table; for the ``box`` metric it also holds each answer's IoU and the
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
-from ..modes import as_created
+from ..atomic import write_text
 from ..processing.chat import check_messages
 from ..progress import end as end_progress
 from ..progress import show
@@ -77,9 +75,4 @@ def markdown(report: dict) -> str:
 def write_report(report: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        json.dump(report, f, indent=1, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    as_created(f.name)
-    os.replace(f.name, path)
+    write_text(path, json.dumps(report, indent=1, ensure_ascii=False))

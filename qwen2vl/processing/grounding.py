@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..modes import as_created
+from ..atomic import write_file
 from .errors import MediaError, describe
 
 _NUM = r"(\d+(?:\.\d+)?)"
@@ -172,22 +170,6 @@ def _open(image: Image.Image | str | os.PathLike) -> Image.Image:
         raise MediaError(f"image {describe(str(image))}: not a readable image ({e})") from e
 
 
-def _save_atomic(img: Image.Image, out_path: str | os.PathLike) -> None:
-    """Write a PNG so that readers see the old file or the complete new one, never a half-written one."""
-    out = Path(out_path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        as_created(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def draw_boxes(image: Image.Image | str | os.PathLike, boxes: list[Box], out_path: str | os.PathLike | None = None,
                *, width: int = 3) -> Image.Image:
     """An RGB copy of ``image`` with each box (in pixels) outlined and its label written on a filled tag above it.
@@ -219,5 +201,5 @@ def draw_boxes(image: Image.Image | str | os.PathLike, boxes: list[Box], out_pat
         ink = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)  # dark text on light tags, light on dark
         draw.text((tx + pad - left, ty + pad - top), b.label, fill=ink, font=font)
     if out_path is not None:
-        _save_atomic(img, out_path)
+        write_file(out_path, lambda tmp: img.save(tmp, format="PNG"))  # never a half-written picture
     return img

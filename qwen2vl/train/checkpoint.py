@@ -8,55 +8,23 @@ checkpoint intact and ``latest`` pointing at a complete one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ..modes import as_created
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    as_created(f.name)
-    os.replace(f.name, path)
-    _fsync_dir(path.parent)
+from ..atomic import new_directory, write_text
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer_state: dict, state: dict, keep: int = 2) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     final = out / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".checkpoint-{step}."))
-    try:
+    # replace: a checkpoint of this step is a leftover from a run that died after its rename but before `latest`
+    with new_directory(final, replace=True) as tmp:
         model.save_pretrained(tmp)
-        with open(tmp / "optimizer.pt", "wb") as f:
-            torch.save(optimizer_state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _write_atomic(tmp / "trainer_state.json", json.dumps(state, indent=1).encode())
-        _fsync_dir(tmp)
-        as_created(tmp)
-        if final.exists():  # a leftover from a run that died after this rename but before `latest`
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _write_atomic(out / "latest", final.name.encode())
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    write_text(out / "latest", final.name)
     for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

@@ -5,12 +5,10 @@ that ships in the repository)."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from ..modes import as_created
+from ..atomic import new_directory
 from ..weights import resolve_dtype
 from .checkpoint import latest_checkpoint, load_state
 
@@ -33,9 +31,7 @@ def export(checkpoint: str | Path, dest: str | Path, base: str | Path | None = N
         raise ValueError(f"{base}: no tokenizer.json to ship with the model (give --base)")
     if dest.exists():
         raise ValueError(f"{dest} exists; export writes a new directory")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    try:
+    with new_directory(dest) as tmp:
         if dtype is None:
             for f in checkpoint.iterdir():
                 if f.name in MODEL_FILES or f.name.startswith("model") and f.suffix in (".safetensors", ".json"):
@@ -47,9 +43,4 @@ def export(checkpoint: str | Path, dest: str | Path, base: str | Path | None = N
         for name in PROCESSOR_FILES:
             if (base / name).is_file():
                 shutil.copy2(base / name, tmp / name)
-        as_created(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest

@@ -9,16 +9,13 @@ most of a small model's parameters and time.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
+from ..atomic import new_directory
 from ..config import Qwen2VLConfig, TextConfig, VisionConfig
-from ..modes import as_created
 from ..processing.processor import save_processor_files
 from ..processing.tokenizer import SPECIAL_TOKENS
 
@@ -84,20 +81,13 @@ def init_model_dir(out: str | Path, texts: Iterable[str], *, vocab_size: int = 1
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} exists")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with new_directory(out) as tmp:
         tok = train_tokenizer(texts, vocab_size)
         vocab = tok.get_vocab_size(with_added_tokens=False)
         config = small_config(vocab, **config_kwargs)
         torch.manual_seed(seed)
         Qwen2VL(config).save_pretrained(tmp)
         save_processor_files(tmp, tok.to_str(), model_max_length=4096, min_pixels=min_pixels, max_pixels=max_pixels)
-        as_created(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -1,0 +1,109 @@
+"""Writing outputs so that nobody ever sees one half-written.
+
+Weights, checkpoints, exported models, reports and drawn pictures are all written the same way: into a temporary
+file or directory beside the target, flushed to disk, given the mode a plain ``open``/``mkdir`` would have given
+it, then renamed into place, and the parent directory synced so that the rename itself survives a power cut. A
+crash or an exception (KeyboardInterrupt included) at any point leaves the previous output as it was and no
+temporary behind.
+
+Modes: ``tempfile`` creates its files 0600 and its directories 0700, and the rename would keep that, so a model
+exported for a server run by another user, or a report in a shared directory, would be unreadable to everyone
+else. ``as_created`` applies the process's umask instead, as ``open``/``mkdir`` would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def umask() -> int:
+    """The process's umask, read without changing it: ``os.umask`` can only be read by setting it, which for a
+    moment applies to every thread. Linux reports it in /proc; elsewhere it is set to 0o077 for that moment, so a
+    file another thread creates then is more private than asked, never less."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o077)
+    os.umask(old)
+    return old
+
+
+def as_created(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file or a directory from ``tempfile``) the mode ``open``/``mkdir`` would have."""
+    full = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, full & ~umask())
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename or a new entry in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(target: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` writes the content to the path it is given; that file then replaces ``target`` atomically."""
+    target = Path(target)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        as_created(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+    return target
+
+
+def write_bytes(target: str | os.PathLike, data: bytes) -> Path:
+    return write_file(target, lambda tmp: tmp.write_bytes(data))
+
+
+def write_text(target: str | os.PathLike, text: str) -> Path:
+    """``text`` exactly as given (UTF-8), no newline added."""
+    return write_file(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+@contextmanager
+def new_directory(dest: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """An empty temporary directory beside ``dest`` to fill; when the block ends without an exception it becomes
+    ``dest``. An existing ``dest`` is an error (``FileExistsError``, before anything is written) unless
+    ``replace``, which removes it just before the rename. On an exception the temporary is removed."""
+    dest = Path(dest)
+    if dest.exists() and not replace:
+        raise FileExistsError(f"{dest} exists")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):  # what the block wrote with a plain open is synced here
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        as_created(tmp)
+        if replace and dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(dest.parent)
+
+
+__all__ = ["as_created", "fsync_dir", "new_directory", "umask", "write_bytes", "write_file", "write_text"]
