@@ -133,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     cur.add_argument("--lr", type=float, nargs=3, default=list(Curriculum.lr), metavar=("LR1", "LR2", "LR3"),
                      help="peak learning rate of each stage")
     cur.add_argument("--focus-lr", type=float, default=Curriculum.focus_lr, help="peak learning rate of the focus")
+    cur.add_argument("--see-steps", type=int, default=Curriculum.see_steps,
+                     help="before the reading focus, this many steps on the shape, counting and grounding "
+                          "conversations alone (default 0: none)")
+    cur.add_argument("--see-lr", type=float, default=Curriculum.see_lr, help="peak learning rate of --see-steps")
     cur.add_argument("--rope-theta", type=float, default=Curriculum(out="").model["rope_theta"],
                      help="the LLM's rotary base (Qwen2-VL's own is 1e6; the curriculum's pictures want far less)")
 
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                            test_examples=args.test_examples, mix=_mix(args.mix), grid=args.grid,
                            frame=args.frame, steps=tuple(args.steps), batch_tokens=args.batch_tokens,
                            focus_steps=args.focus_steps, lr=tuple(args.lr), focus_lr=args.focus_lr,
-                           model=model))  # fmt: skip
+                           see_steps=args.see_steps, see_lr=args.see_lr, model=model))  # fmt: skip
         elif args.verb == "data" and args.data_verb == "synth":
             from .train.synth import synthesize
 

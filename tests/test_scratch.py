@@ -67,10 +67,15 @@ def test_curriculum_tokenizer_and_pipeline(tmp_path):
 
     out = tmp_path / "cur"
     report = run(Curriculum(out=str(out), train_examples=48, test_examples=12, steps=(2, 2, 2), batch_tokens=1024,
-                            warmup_steps=1, focus_steps=2))  # fmt: skip
+                            warmup_steps=1, focus_steps=2, see_steps=2))  # fmt: skip
     assert set(report["tasks"]) == {"colour", "shape", "counting", "grounding", "ocr", "direction"}
     assert sum(t["n"] for t in report["tasks"].values()) == 12
-    assert set(report["train_seconds"]) == {"stage1", "stage2-focus", "stage2", "stage3", "total"}
+    assert list(report["train_seconds"]) == ["stage1", "stage2-see", "stage2-focus", "stage2", "stage3", "total"]
+    see = [json.loads(line) for line in (out / "data" / "see.jsonl").read_text().splitlines()]
+    assert see and {r["task"] for r in see} == {"shape", "counting", "grounding"}  # the shapes pictures alone
+    assert json.loads((out / "stage2-see-model" / "config.json").read_text())  # the reading focus starts from it
+    assert json.loads((out / "stage2-focus" / "checkpoint-2" / "trainer_state.json").read_text())["config"][
+        "model"] == str(out / "stage2-see-model")
     focus = [json.loads(line) for line in (out / "data" / "focus.jsonl").read_text().splitlines()]
     assert focus and {r["task"] for r in focus} == {"ocr"}  # stage 2 opens with the reading conversations alone
     assert (out / "stage2-focus" / "checkpoint-2" / "trainer_state.json").is_file()
