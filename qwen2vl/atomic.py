@@ -70,10 +70,6 @@ def write_file(target: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     return target
 
 
-def write_bytes(target: str | os.PathLike, data: bytes) -> Path:
-    return write_file(target, lambda tmp: tmp.write_bytes(data))
-
-
 def write_text(target: str | os.PathLike, text: str) -> Path:
     """``text`` exactly as given (UTF-8), no newline added."""
     return write_file(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -106,4 +102,4 @@ def new_directory(dest: str | os.PathLike, replace: bool = False) -> Iterator[Pa
     fsync_dir(dest.parent)
 
 
-__all__ = ["as_created", "fsync_dir", "new_directory", "umask", "write_bytes", "write_file", "write_text"]
+__all__ = ["as_created", "fsync_dir", "new_directory", "umask", "write_file", "write_text"]

@@ -67,7 +67,7 @@ def test_everything_written_atomically_gets_the_plain_modes(mask, tiny, tmp_path
 
 def test_a_file_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
     target = tmp_path / "out.bin"
-    atomic.write_bytes(target, b"old")
+    atomic.write_text(target, "old")
 
     def half(tmp):
         tmp.write_bytes(b"ne")
@@ -75,7 +75,7 @@ def test_a_file_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         atomic.write_file(target, half)
-    assert target.read_bytes() == b"old"
+    assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
     atomic.write_text(target, "new\n")
     assert target.read_text() == "new\n"
