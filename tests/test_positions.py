@@ -54,6 +54,23 @@ def test_one_masked_call_equals_the_calls_per_run(monkeypatch):
         [True, False, False], [True, True, False], [False, False, True]]  # fmt: skip
 
 
+def test_cpu_bf16_autocast_attends_in_fp32():
+    """Under the CPU's bf16 autocast (``qwen2vl train --dtype bfloat16``) the per-run attention runs in fp32 (the
+    CPU's bf16 kernel is the slower one): exactly what fp32 attention gives on the same inputs."""
+    from qwen2vl.model import attention
+
+    seqlens = [24, 16, 16, 5, 30]
+    g = torch.Generator().manual_seed(0)
+    T = sum(seqlens)
+    vit = [torch.randn(T, 4, 8, generator=g).bfloat16() for _ in range(3)]
+    llm = [torch.randn(1, h, T, 8, generator=g).bfloat16() for h in (4, 2, 2)]
+    for fn, inputs in ((lambda q, k, v: attention.varlen_attention(q, k, v, seqlens), vit),
+                       (lambda q, k, v: attention.causal_attention(q, k, v, None, seqlens), llm)):  # fmt: skip
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(*inputs)
+        assert out.dtype == torch.float32 and torch.equal(out, fn(*(x.float() for x in inputs)))
+
+
 def test_worked_example_item7():
     ids, ig, vg = prompt(T, T, ("image", 1, 4, 6), T, ("video", 2, 4, 4), T, T)
     pos, delta = mrope_positions(torch.tensor([ids]), ig, vg)
