@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="before the reading focus, this many steps on the shape, counting and grounding "
                           "conversations alone (default 0: none)")
     cur.add_argument("--see-lr", type=float, default=Curriculum.see_lr, help="peak learning rate of --see-steps")
+    cur.add_argument("--dtype", choices=["float32", "bfloat16"], default=Curriculum.dtype,
+                     help="bfloat16: every stage trains under bf16 autocast (weights and optimizer stay fp32)")
     cur.add_argument("--rope-theta", type=float, default=Curriculum(out="").model["rope_theta"],
                      help="the LLM's rotary base (Qwen2-VL's own is 1e6; the curriculum's pictures want far less)")
 
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                            test_examples=args.test_examples, mix=_mix(args.mix), grid=args.grid,
                            frame=args.frame, steps=tuple(args.steps), batch_tokens=args.batch_tokens,
                            focus_steps=args.focus_steps, lr=tuple(args.lr), focus_lr=args.focus_lr,
-                           see_steps=args.see_steps, see_lr=args.see_lr, model=model))  # fmt: skip
+                           see_steps=args.see_steps, see_lr=args.see_lr, dtype=args.dtype, model=model))  # fmt: skip
         elif args.verb == "data" and args.data_verb == "synth":
             from .train.synth import synthesize
 

@@ -70,6 +70,7 @@ class Curriculum:
     vision_lr_scale: float = 1.0
     warmup_steps: int = 30
     loss_weighting: str = "token"  # TrainConfig.loss_weighting of every stage
+    dtype: str = "float32"  # TrainConfig.dtype of every stage ("bfloat16": autocast, weights and AdamW in fp32)
     ship_dtype: str = "bfloat16"  # the final model (OUT/model) stores its weights so: half the bytes to ship
     media: dict = field(default_factory=lambda: {"max_pixels": 256 * 28 * 28})
 
@@ -159,7 +160,7 @@ def run(c: Curriculum) -> dict:
             stage=stage, model=str(model), data=str(source), out=str(out / name), max_steps=steps,
             batch_tokens=c.batch_tokens, lr=lr, vision_lr_scale=c.vision_lr_scale, warmup_steps=c.warmup_steps,
             save_every=max(50, steps // 4), seed=c.seed, media=c.media, resume=(out / name / "latest").exists(),
-            loss_weighting=c.loss_weighting,
+            loss_weighting=c.loss_weighting, dtype=c.dtype,
         )  # fmt: skip
         train_in_a_new_process(cfg)
         timings[name] = round(time.perf_counter() - t, 1)
