@@ -155,12 +155,12 @@ def test_curriculum_flags_reach_the_run(monkeypatch):
     assert seen[-1] == curriculum.Curriculum(out="x")
     assert main(["curriculum", "--out", "y", "--seed", "3", "--steps", "1", "2", "3", "--lr", "1e-3", "2e-3",
                  "3e-3", "--focus-steps", "5", "--focus-lr", "4e-4", "--train-examples", "10", "--see-steps", "7",
-                 "--see-lr", "6e-4", "--dtype", "bfloat16",
+                 "--see-lr", "6e-4", "--dtype", "float32",
                  "--rope-theta", "1e6", "--mix", "shape=2,ocr=1", "--grid", "1", "--frame"]) == 0  # fmt: skip
     c = seen[-1]
     assert (c.seed, c.steps, c.lr, c.focus_steps, c.focus_lr, c.train_examples, c.model, c.mix, c.grid, c.frame) == (
         3, (1, 2, 3), (1e-3, 2e-3, 3e-3), 5, 4e-4, 10, {"rope_theta": 1e6}, {"shape": 2.0, "ocr": 1.0}, 1, True)  # fmt: skip
-    assert (c.see_steps, c.see_lr, c.dtype) == (7, 6e-4, "bfloat16")
+    assert (c.see_steps, c.see_lr, c.dtype) == (7, 6e-4, "float32")  # not the default (bfloat16)
 
 
 def test_the_curriculum_mix_reaches_the_synthesis(monkeypatch, tmp_path):
