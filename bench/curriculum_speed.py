@@ -28,7 +28,7 @@ import torch
 
 from qwen2vl.model.qwen2vl import Qwen2VL
 from qwen2vl.processing.processor import Processor
-from qwen2vl.train.curriculum import Curriculum, _texts
+from qwen2vl.train.curriculum import Curriculum, _texts, stage2_data
 from qwen2vl.train.data import IGNORE
 from qwen2vl.train.loop import TrainConfig, epoch_rows, prepare_samples
 from qwen2vl.train.packing import loss_sum, pack
@@ -65,8 +65,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         synthesize(d / "data", 0, args.examples, 6)
-        stage2 = d / "data" / "stage2.jsonl"
-        stage2.write_text((d / "data" / "pretrain.jsonl").read_text() + (d / "data" / "train.jsonl").read_text())
+        stage2 = stage2_data(d / "data")
         init_model_dir(d / "init", _texts([stage2]), seed=0, **c.model)
         cfg = TrainConfig(stage=2, model=str(d / "init"), data=str(stage2), out=str(d / "out"), media=c.media)
         samples = prepare_samples(cfg, Processor.from_pretrained(cfg.model), lambda msg: None)

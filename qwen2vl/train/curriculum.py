@@ -102,6 +102,13 @@ def _texts(paths: list[Path]):
                     yield _SPECIAL.sub("\n", text)
 
 
+def stage2_data(data: Path) -> Path:
+    """Stage 2's mix, written to ``data``/stage2.jsonl: both kinds of data, the captions then the conversations."""
+    dest = data / "stage2.jsonl"
+    dest.write_text((data / "pretrain.jsonl").read_text() + (data / "train.jsonl").read_text())
+    return dest
+
+
 def _only(source: Path, tasks: tuple[str, ...], dest: Path) -> Path:
     """The records of ``source`` whose task is one of ``tasks``, written to ``dest``."""
     dest.write_text("".join(line + "\n" for line in source.read_text().splitlines()
@@ -135,8 +142,7 @@ def run(c: Curriculum) -> dict:
     if not (data / "test.jsonl").exists():
         log(f"synthesizing {c.train_examples} training and {c.test_examples} held-out examples")
         synthesize(data, c.seed, c.train_examples, c.test_examples, mix=c.mix, grid=c.grid, frame=c.frame)
-    stage2 = data / "stage2.jsonl"  # stage 2 sees both kinds of data
-    stage2.write_text((data / "pretrain.jsonl").read_text() + (data / "train.jsonl").read_text())
+    stage2 = stage2_data(data)
     model = out / "init"
     if not model.exists():
         log("training the tokenizer and initialising the model")
