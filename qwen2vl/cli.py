@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--loss-weighting", choices=["token", "turn"],
                        help="token: every supervised token weighs the same (default); turn: every reply does")
     train.add_argument("--device", help="cpu, cuda, cuda:N (default: this process's GPU if there is one, else cpu)")
+    train.add_argument("--video-cache", metavar="DIR", help="keep the decoded clips of local videos in DIR, so that "
+                       "the next run on the same files reads them back instead of decoding them")
     train.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     train.add_argument("--tensorboard", action="store_true", default=None, help="also log to OUT/tensorboard")
 
@@ -122,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     cur.add_argument("--train-examples", type=int, default=Curriculum.train_examples)
     cur.add_argument("--test-examples", type=int, default=Curriculum.test_examples)
     cur.add_argument("--mix", metavar="TASK=W,...", help="weigh the train split's tasks (default: the synth mix)")
-    cur.add_argument("--grid", type=int, default=Curriculum.grid, choices=[1, 2, 7, 14],
-                     help="shapes' positions and sizes are multiples of this many pixels (14: the patch grid)")
+    cur.add_argument("--grid", type=int, default=Curriculum.grid, choices=[1, 2, 7, 14, 28],
+                     help="shapes' positions and sizes are multiples of this many pixels (14: the patch grid; "
+                     "28: blocks of the 28-px cells one merged token covers, each shape drawn 2 px inside its block)")
     cur.add_argument("--frame", action=argparse.BooleanOptionalAction, default=Curriculum.frame,
                      help="draw a grey line along the edges of the shapes pictures (default: no)")
     cur.add_argument("--steps", type=int, nargs=3, default=list(Curriculum.steps), metavar=("S1", "S2", "S3"))
@@ -151,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--test", type=int, default=Curriculum.test_examples)
     synth.add_argument("--mix", metavar="TASK=W,...", help="weigh the train split's tasks, e.g. ocr=1 or "
                        "colour=1,grounding=2 (tasks left out get none; default: the curriculum's mix)")
-    synth.add_argument("--grid", type=int, default=Curriculum.grid, choices=[1, 2, 7, 14],
-                       help="shapes' positions and sizes are multiples of this many pixels (14: the patch grid)")
+    synth.add_argument("--grid", type=int, default=Curriculum.grid, choices=[1, 2, 7, 14, 28],
+                       help="shapes' positions and sizes are multiples of this many pixels (14: the patch grid; "
+                       "28: blocks of the 28-px cells one merged token covers, each shape drawn 2 px inside its block)")
     synth.add_argument("--frame", action=argparse.BooleanOptionalAction, default=Curriculum.frame,
                        help="draw a grey line along the edges of the shapes pictures (default: no)")
     check = data_verbs.add_parser("check", help="validate every record and show one with its supervised tokens")
@@ -313,7 +317,7 @@ def run_train(args: argparse.Namespace) -> None:
 
     keys = ("stage", "model", "data", "out", "resume", "max_steps", "batch_tokens", "rows_per_step", "lr",
             "vision_lr_scale", "warmup_steps", "save_every", "seed", "dtype", "activation_checkpointing", "parallel",
-            "loss_weighting", "device", "progress", "tensorboard")  # fmt: skip
+            "loss_weighting", "device", "progress", "tensorboard", "video_cache")  # fmt: skip
     cfg = TrainConfig.from_recipe(args.recipe, **{k: getattr(args, k) for k in keys})
     history = train(cfg)
     if history and int(os.environ.get("RANK", "0")) == 0:

@@ -267,8 +267,34 @@ def test_shapes_sit_on_the_patch_grid(data, tmp_path):
     free = [b for r in records(tmp_path / "free", "test.jsonl") if r["task"] != "direction" and r["task"] != "ocr"
             for _, _, b in shapes_in(tmp_path / "free" / media(r)["image"])]  # fmt: skip
     assert off_grid(free) > len(free)  # most edges of most shapes
-    with pytest.raises(ValueError, match="grid divides the 14-px patch"):
+    with pytest.raises(ValueError, match="grid divides the 14-px patch .* or is the 28-px cell"):
         synthesize(tmp_path / "bad", train=1, test=0, grid=5)
+
+
+def test_cells_layout(tmp_path):
+    """grid=28: every shape fills a square block of the 28-px cells one merged image token covers, drawn 2 px
+    inside it, no two shapes share a cell, and every answer still follows from the pixels."""
+    out = tmp_path / "cells"
+    synthesize(out, seed=1, train=30, test=30, grid=28)
+    pictures = 0
+    for r in records(out, "train.jsonl") + records(out, "test.jsonl"):
+        if r["task"] in ("ocr", "direction"):
+            continue
+        path = out / media(r)["image"]
+        found = shapes_in(path)
+        for q, ans in turns(r):
+            check_shapes_answer(q, ans, found, path)
+        blocks = set()
+        for _, _, b in found:
+            x1, y1, x2, y2 = (round(v) for v in (b.x1, b.y1, b.x2, b.y2))
+            assert (x1 - 2) % 28 == 0 and (y1 - 2) % 28 == 0, b  # 2 px inside the block's first cell
+            assert (x2 + 2) % 28 in (0, 27) and (y2 + 2) % 28 in (0, 27), b  # PIL may leave the last pixel out
+            cells = {(cx, cy) for cx in range((x1 - 2) // 28, (x2 + 1) // 28 + 1)
+                     for cy in range((y1 - 2) // 28, (y2 + 1) // 28 + 1)}  # fmt: skip
+            assert not cells & blocks, "two shapes share a cell"
+            blocks |= cells
+        pictures += 1
+    assert pictures > 15
 
 
 def test_frame_on_request(data, tmp_path):

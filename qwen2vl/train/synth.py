@@ -89,6 +89,11 @@ MARGIN, GAP = 4, 4  # pixels between a shape and the border / between two shapes
 # does not learn to see a shape the same at every sub-patch shift. A 300-step shape-only probe told circle, square,
 # triangle and cross apart 82% of the time on the grid, 30% at a 7-px grid and 42% placed to the pixel.
 SHAPE_GRID = 14
+# grid=CELL lays shapes out in the 28-px cells that one merged image token covers (patch 14 x merge 2), as the
+# text strips' glyphs are: a shape fills a square block of whole cells, drawn CELL_INSET px inside it, so no token's
+# pixels ever hold parts of two shapes and shapes in neighbouring cells stay 2 x CELL_INSET = GAP px apart.
+CELL, CELL_INSET = 28, 2
+GRIDS = (1, 2, 7, 14, CELL)
 NUMBER_WORDS = ("one", "two", "three", "four", "five", "six")
 _SPLITS = {"train": 0, "test": 1}
 
@@ -161,10 +166,14 @@ def _place(rng: np.random.Generator, w: int, h: int, n: int, lo: float, hi: floa
            frame: bool) -> list[tuple[int, int, int]]:  # fmt: skip
     """n non-overlapping (x, y, size) squares, at least GAP apart and MARGIN from the border (from the frame, with
     one; and at least one ``grid`` step), with x, y and size multiples of ``grid``. Sizes are fractions of the
-    shorter side; when a layout does not fit (many shapes, small canvas), retry with smaller shapes."""
+    shorter side; when a layout does not fit (many shapes, small canvas), retry with smaller shapes.
+    ``grid=CELL``: blocks of whole cells (neighbouring blocks allowed, the frame's cells left out), each returned
+    as the square drawn CELL_INSET px inside its block."""
     short = min(w, h)
     border = MARGIN + (FRAME_WIDTH if frame else 0)
     margin, gap = -(-border // grid) * grid, -(-GAP // grid) * grid
+    if grid == CELL:  # the inset keeps shapes GAP apart and off the border (the frame needs its own cells)
+        margin, gap = (CELL if frame else 0), 0
     for _ in range(100):
         placed: list[tuple[int, int, int]] = []
         for _ in range(n):
@@ -182,6 +191,8 @@ def _place(rng: np.random.Generator, w: int, h: int, n: int, lo: float, hi: floa
             else:
                 break
         if len(placed) == n:
+            if grid == CELL:
+                return [(x + CELL_INSET, y + CELL_INSET, size - 2 * CELL_INSET) for x, y, size in placed]
             return placed
         lo, hi = lo * 0.9, hi * 0.9
     raise RuntimeError(f"cannot place {n} shapes on {w}x{h}")  # unreachable for n <= 6 and sides >= 56
@@ -389,7 +400,8 @@ def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 12
 
     ``mix`` weighs the tasks in the train split (default ``TRAIN_MIX``); the test split is spread evenly over
     all six tasks (by default 200 each: at 50 one answer moved a score by 2 points). Image sides are multiples of
-    28 drawn uniformly from [min_side, max_side]. ``grid``: the shapes' positions and sizes are multiples of it (pixels).
+    28 drawn uniformly from [min_side, max_side]. ``grid``: the shapes' positions and sizes are multiples of it
+    (pixels; ``CELL``: blocks of 28-px cells, each shape drawn CELL_INSET px inside its block).
     ``frame``: draw a grey frame along the edges of the shapes pictures (not the text strips or the clips)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -401,8 +413,8 @@ def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 12
         raise ValueError(f"mix weighs tasks of {TASKS} with non-negative numbers, not all zero; got {mix}")
     if not 56 <= min_side <= max_side or -(-min_side // 28) * 28 > max_side:
         raise ValueError(f"need 56 <= min_side <= max_side with a multiple of 28 between, got {min_side}, {max_side}")
-    if grid not in (1, 2, 7, 14):
-        raise ValueError(f"grid divides the 14-px patch: 1, 2, 7 or 14, got {grid}")
+    if grid not in GRIDS:
+        raise ValueError(f"grid divides the 14-px patch (1, 2, 7 or 14) or is the 28-px cell ({CELL}), got {grid}")
     for sub in ("images", "videos"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     taken: set[tuple] = set()
