@@ -83,12 +83,15 @@ def test_curriculum_tokenizer_and_pipeline(tmp_path):
     assert json.loads((out / "eval.json").read_text())["tasks"] == report["tasks"]
     for stage in (1, 2, 3):
         assert (out / f"stage{stage}-model" / "tokenizer.json").is_file()
+    clips = len(list((data := out / "data").glob("videos/train-*.mp4")))  # decoded once, read back by later stages
+    assert clips and len(list((out / "cache" / "videos").rglob("*.npz"))) == clips
+    assert json.loads((out / "stage3" / "checkpoint-2" / "trainer_state.json").read_text())["config"][
+        "video_cache"] == str(out / "cache" / "videos")
     shipped = qwen2vl.Qwen2VL.from_pretrained(out / "model")  # what is evaluated: the last stage, in bfloat16
     assert {p.dtype for p in shipped.parameters()} == {torch.bfloat16}
     tok = Tokenizer.from_file(out / "init" / "tokenizer.json")
     header = tok.encode("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
     assert len(header) <= 14  # 3 specials, then a token per word or newline (48 when spelt out)
-    data = out / "data"
     ocr = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
     ocr = [r["messages"][1]["content"] for r in ocr if r["task"] == "ocr"]
     assert ocr and all(len(tok.encode(a)) == len(a) for a in ocr)  # one token per character

@@ -240,3 +240,37 @@ def test_turn_loss_weighting(tiny_checkpoint, dataset, tmp_path, capsys):
     assert main(args) == 0
     last = tmp_path / "cli" / (tmp_path / "cli" / "latest").read_text()
     assert json.loads((last / "trainer_state.json").read_text())["config"]["loss_weighting"] == "turn"
+
+
+def test_video_cache_decodes_each_clip_once_across_runs(tiny_checkpoint, tmp_path, monkeypatch):
+    """--video-cache DIR: the first run decodes the clips and keeps them in DIR; a second run on the same files
+    reads them back and decodes nothing."""
+    import qwen2vl.processing.video as video_mod
+    from qwen2vl.train.synth import VIDEO_MIN_PIXELS, _write_mp4, ball_frame
+
+    d = tmp_path / "clips"
+    d.mkdir()
+    records = []
+    for i, colour in enumerate(("red", "blue")):
+        _write_mp4(d / f"{colour}.mp4", [ball_frame(colour, 10, 20 + 10 * k, 56) for k in range(4)])
+        records.append({"messages": [
+            {"role": "user", "content": [{"type": "video", "video": f"{colour}.mp4", "min_pixels": VIDEO_MIN_PIXELS},
+                                         {"type": "text", "text": "What colour is the ball?"}]},
+            {"role": "assistant", "content": colour}]})  # fmt: skip
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    cache = tmp_path / "cache"
+    args = ["train", "--stage", "2", "--model", str(tiny_checkpoint), "--data", str(d / "train.jsonl"),
+            "--max-steps", "1", "--batch-tokens", "512", "--no-progress", "--video-cache", str(cache)]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "first")]) == 0
+    assert len(list(cache.rglob("*.npz"))) == 2
+    last = tmp_path / "first" / (tmp_path / "first" / "latest").read_text()
+    assert json.loads((last / "trainer_state.json").read_text())["config"]["video_cache"] == str(cache)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded a cached clip")
+
+    monkeypatch.setattr(video_mod, "_load_file", no_decoding)
+    assert main([*args, "--out", str(tmp_path / "second")]) == 0
+    first, second = (json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[0])
+                     for n in ("first", "second"))  # fmt: skip
+    assert first["loss"] == second["loss"]  # the same clips, so the same step

@@ -12,6 +12,7 @@ from PIL import Image
 
 import qwen2vl.processing.video as video_mod
 from qwen2vl.processing import MediaError
+from qwen2vl.processing.video_cache import VideoCache
 from qwen2vl.processing.video import (
     VIDEO_MAX_TOKENS,
     Video,
@@ -410,3 +411,73 @@ def test_errors(tmp_path, videos):
         with pytest.raises(MediaError, match=f"^video 3 \\(.*{pattern}") as info:
             load_video(source, name="video 3", **opts)
         assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- the decoded-video cache
+
+
+def same_video(a: Video, b: Video) -> None:
+    assert np.array_equal(a.frames, b.frames) and a.frames.dtype == b.frames.dtype
+    assert (a.indices, a.sample_fps, a.source_fps, a.total_frames, a.original_size) == (
+        b.indices, b.sample_fps, b.source_fps, b.total_frames, b.original_size)  # fmt: skip
+
+
+def no_decoding(*args, **kwargs):
+    raise AssertionError("decoded although the clip is cached")
+
+
+def test_cache_reads_a_clip_back_instead_of_decoding(videos, tmp_path, monkeypatch):
+    cache = VideoCache(tmp_path / "cache")
+    first = load_video(videos["90@30"], cache=cache, nframes=4)
+    assert len(list((tmp_path / "cache").rglob("*.npz"))) == 1
+    monkeypatch.setattr(video_mod, "_load_file", no_decoding)
+    same_video(load_video(str(videos["90@30"]), cache=cache, nframes=4), first)  # str or Path: one entry
+    same_video(load_video(f"file://{videos['90@30']}", cache=cache, nframes=4), first)
+    # other options, another file, or no cache: never the cached clip
+    for source, options in [(videos["90@30"], {"nframes": 6}), (videos["90@30"], {"nframes": 4, "max_pixels": 2000}),
+                            (videos["7@7"], {"nframes": 4})]:  # fmt: skip
+        with pytest.raises(AssertionError, match="decoded although"):
+            load_video(source, cache=cache, **options)
+    with pytest.raises(AssertionError, match="decoded although"):
+        load_video(videos["90@30"], nframes=4)
+
+
+def test_cache_is_never_stale(tmp_path):
+    path = make_video(tmp_path / "clip.mp4", 20, 10)
+    cache = VideoCache(tmp_path / "cache")
+    before = load_video(path, cache=cache)
+    make_video(path, 40, 10)  # the same name, other content
+    after = load_video(path, cache=cache)
+    assert (before.total_frames, after.total_frames) == (20, 40)
+    same_video(after, load_video(path))
+    check_content(after)
+
+
+def test_unreadable_cache_entry_is_decoded_again(videos, tmp_path):
+    cache = VideoCache(tmp_path / "cache")
+    good = load_video(videos["20@10"], cache=cache)
+    (entry,) = (tmp_path / "cache").rglob("*.npz")
+    data = entry.read_bytes()
+    for broken in (data[: len(data) // 2], data[:-200] + bytes(200), b"not a cache entry"):
+        entry.write_bytes(broken)
+        same_video(load_video(videos["20@10"], cache=cache), good)
+        assert entry.read_bytes() == data  # written again, whole
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_cache_does_not_widen_access(videos, tmp_path):
+    from qwen2vl.processing.sources import MediaAccess
+
+    cache = VideoCache(tmp_path / "cache")
+    load_video(videos["7@7"], cache=cache)
+    with pytest.raises(MediaError, match="local files are not allowed|not allowed"):
+        load_video(videos["7@7"], cache=cache, access=MediaAccess(local=False))
+
+
+def test_media_loader_uses_its_cache_directory(videos, tmp_path, monkeypatch):
+    from qwen2vl.processing.processor import MediaLoader
+
+    loader = MediaLoader(video_cache=str(tmp_path / "cache"))
+    first = loader.video({"type": "video", "video": str(videos["61@24"])}, nframes=4)
+    monkeypatch.setattr(video_mod, "_load_file", no_decoding)
+    same_video(loader.video({"type": "video", "video": str(videos["61@24"])}, nframes=4), first)

@@ -66,6 +66,7 @@ class MediaLoader:
     image_std: tuple[float, ...] = img.CLIP_STD
     video_options: dict = field(default_factory=dict)
     access: MediaAccess = TRUST_LOCAL  # which sources are allowed: local files, URLs (with limits), sizes
+    video_cache: str | None = None  # a directory where local videos' decoded clips are kept (video_cache.py)
 
     def image(self, part: Mapping, name: str = "image", *, levels_only: bool = False, **defaults) -> img.ImageInput:
         options = {**defaults, **{k: part[k] for k in IMAGE_KEYS if k in part}}
@@ -83,10 +84,12 @@ class MediaLoader:
 
     def video(self, part: Mapping, name: str = "video", **defaults):
         from .video import load_video
+        from .video_cache import VideoCache
 
         options = {**self.video_options, **defaults, **{k: part[k] for k in VIDEO_KEYS if k in part}}
         options = {k: v for k, v in options.items() if k in VIDEO_KEYS and v is not None}
-        return load_video(media_source(part), name=name, access=self.access, **options)
+        cache = VideoCache(self.video_cache) if self.video_cache else None
+        return load_video(media_source(part), name=name, access=self.access, cache=cache, **options)
 
     def load(self, kind: str, part: Mapping, name: str, options: Mapping, *, levels: bool = False
              ) -> tuple[MediaInfo, np.ndarray]:  # fmt: skip

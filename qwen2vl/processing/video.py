@@ -41,6 +41,7 @@ from PIL import Image
 
 from .errors import MediaError, describe
 from .sources import TRUST_LOCAL, MediaAccess
+from .video_cache import VideoCache
 
 VIDEO_MAX_TOKENS = 16384  # the paper's cap on tokens per video
 FPS = 2.0
@@ -337,11 +338,12 @@ def load_video(source: Any, *, name: str = "video", fps: float | None = None, nf
                video_end: float | None = None, min_pixels: float | None = None, max_pixels: float | None = None,
                total_pixels: float | None = None, resized_height: int | None = None,
                resized_width: int | None = None, max_tokens: int | None = VIDEO_MAX_TOKENS,
-               access: MediaAccess = TRUST_LOCAL) -> Video:
+               access: MediaAccess = TRUST_LOCAL, cache: VideoCache | None = None) -> Video:
     """Load, sample and resize a video: a path (optionally ``file://``), bytes of a video file, an http(s) URL,
     or a list of frames (PIL images, uint8 arrays, image paths or image bytes). ``fps`` of a frame list is
     the rate it was sampled at (default 2), the frame-sampling options do not apply to it. ``access`` says which
-    sources are allowed (default: any local file, public URLs)."""
+    sources are allowed (default: any local file, public URLs). ``cache``: a local file's decoded clip is kept
+    there and read back on the next load with the same options (``video_cache.VideoCache``)."""
     options = {"fps": fps, "nframes": nframes, "min_frames": min_frames, "max_frames": max_frames,
                "video_start": video_start, "video_end": video_end}
     sizing = {"min_pixels": min_pixels, "max_pixels": max_pixels, "total_pixels": total_pixels,
@@ -358,7 +360,13 @@ def load_video(source: Any, *, name: str = "video", fps: float | None = None, nf
             raise MediaError(f"unsupported video source type {type(source).__name__}")
         data = access.read(source, name)
         if isinstance(data, Path):
-            return _load_file(lambda: av.open(str(data)), options, sizing, label)
+            key = cache.key(data, {**options, **sizing}) if cache is not None else ""
+            if cache is not None and (video := cache.get(key)) is not None:
+                return video
+            video = _load_file(lambda: av.open(str(data)), options, sizing, label)
+            if cache is not None:
+                cache.put(key, video)
+            return video
         if not data:
             raise MediaError("empty data")
         return _load_file(lambda: av.open(io.BytesIO(data)), options, sizing, label)

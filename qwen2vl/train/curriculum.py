@@ -170,7 +170,7 @@ def run(c: Curriculum) -> dict:
             stage=stage, model=str(model), data=str(source), out=str(out / name), max_steps=steps,
             batch_tokens=c.batch_tokens, lr=lr, vision_lr_scale=c.vision_lr_scale, warmup_steps=c.warmup_steps,
             save_every=max(50, steps // 4), seed=c.seed, media=c.media, resume=(out / name / "latest").exists(),
-            loss_weighting=c.loss_weighting, dtype=c.dtype,
+            loss_weighting=c.loss_weighting, dtype=c.dtype, video_cache=str(out / "cache" / "videos"),
         )  # fmt: skip
         train_in_a_new_process(cfg)
         timings[name] = round(time.perf_counter() - t, 1)

@@ -59,6 +59,7 @@ class TrainConfig:
     loss_weighting: str = "token"
     device: str | None = None  # "cpu", "cuda", "cuda:1"; None: this process's GPU if torch sees one, else the CPU
     media: dict = field(default_factory=dict)  # preprocessing options (min_pixels, max_pixels, fps, ...)
+    video_cache: str | None = None  # a directory of decoded clips, shared by runs on the same videos
     resume: bool = False
     progress: bool = True
     tensorboard: bool = False  # also log to OUT/tensorboard (needs the tensorboard package)
@@ -175,6 +176,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     state = load_state(start_from) if start_from else {"step": 0, "epoch": 0, "row": 0}
     model = Qwen2VL.from_pretrained(start_from or cfg.model, dtype=torch.float32, device=device)
     processor = Processor.from_pretrained(cfg.model)
+    processor.media.video_cache = cfg.video_cache
     if start_from:
         log(f"resuming from {start_from} (step {state['step']})")
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))

@@ -1,0 +1,73 @@
+"""Decoded clips kept on disk, so that a video read again (by the next stage of a curriculum, another epoch's
+process, another run on the same data) is decoded once.
+
+Decoding is most of what loading a short clip costs: an 8-frame 112x112 clip of the synthetic curriculum takes
+about 6 ms to open, decode and resize, and 0.07 ms to read back as an ``.npy`` file of its kept frames. The
+curriculum reads every clip four times (stage 1, both halves of stage 2, stage 3).
+
+An entry is the sampled, resized frames (uint8) and what ``Video`` says about them, stored under a key made of
+the file's resolved path, size and modification time and every sampling and sizing option: a file that changes,
+or a load with other options, never meets an old entry. Only local files are cached (a URL or bytes are not).
+Entries are written atomically (a temporary file renamed into place) but not fsynced: losing one costs a decode,
+not data. One that cannot be read back whole (the zip's CRC, a torn write, a foreign file) is treated as absent
+and written again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atomic import as_created
+
+FORMAT = 1  # part of every key: a change to what an entry holds leaves the old entries unread
+
+
+class VideoCache:
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def key(self, path: Path, settings: dict[str, Any]) -> str:
+        stat = path.stat()
+        ident = [FORMAT, str(path.resolve()), stat.st_size, stat.st_mtime_ns, sorted(settings.items())]
+        return hashlib.sha256(json.dumps(ident, default=str).encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.npz"
+
+    def get(self, key: str):
+        """The cached ``Video`` for ``key``, or None."""
+        from .video import Video
+
+        try:
+            with np.load(self._path(key), allow_pickle=False) as entry:
+                meta = json.loads(str(entry["meta"]))
+                frames = entry["frames"]
+            return Video(frames, meta["indices"], meta["sample_fps"], meta["source_fps"], meta["total_frames"],
+                         tuple(meta["original_size"]))  # fmt: skip
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # absent, torn or not ours
+            return None
+
+    def put(self, key: str, video) -> None:
+        meta = {"indices": [int(i) for i in video.indices], "sample_fps": float(video.sample_fps),
+                "source_fps": float(video.source_fps), "total_frames": int(video.total_frames),
+                "original_size": [int(s) for s in video.original_size]}  # fmt: skip
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:  # a file object: np.savez would add ".npz" to a path
+                np.savez(f, frames=video.frames, meta=np.array(json.dumps(meta)))
+            as_created(tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
