@@ -13,10 +13,14 @@ Two inputs, both generated here (no download):
          Both get ``total_pixels = 16384 * 28 * 28`` (the paper's token cap, our default) so that they pick the
          same frames and the same frame size; the token counts are printed to show it.
 
+  clips  100 clips as the synthetic curriculum writes them (112x112, 8 frames at 4 fps, lossless H.264).
+         ours: ``MediaLoader.load(..., levels=True)`` as the training loader calls it, without and with the
+         decoded-video cache (filled by the warm-up pass). reference: ``fetch_video`` + ``Qwen2VLVideoProcessor``.
+
 Times are the median of --repeats runs after one warm-up; ratio = reference / ours (> 1: we are faster).
 Threads: torch.set_num_threads(2) (this machine's cores) for both.
 
-    .venv/bin/python bench/preprocess_speed.py [--repeats 5] [--only image|video]
+    .venv/bin/python bench/preprocess_speed.py [--repeats 5] [--only image|video|clips]
 """
 
 from __future__ import annotations
@@ -118,6 +122,53 @@ def bench_video(path: Path, repeats: int) -> list[tuple[str, float, float, str]]
     return [("video 60 s 1280x720 30 fps (2 fps -> 120 frames)", ours_t, ref_t, note)]
 
 
+def make_clips(d: Path, n: int = 100) -> list[Path]:
+    """The synthetic curriculum's clips: 112x112, 8 frames at 4 fps, a ball crossing (lossless H.264)."""
+    from qwen2vl.train.synth import COLOURS, VIDEO_FRAMES, _write_mp4, ball_frame
+
+    colours = list(COLOURS)
+    paths = []
+    for i in range(n):
+        path = d / f"clip{i:03d}.mp4"
+        _write_mp4(path, [ball_frame(colours[i % 6], 10 + i % 5, 20 + 10 * k, 30 + i % 50)
+                          for k in range(VIDEO_FRAMES)])  # fmt: skip
+        paths.append(path)
+    return paths
+
+
+def bench_clips(paths: list[Path], cache_dir: Path, repeats: int) -> list[tuple[str, float, float, str]]:
+    """What the curriculum's training loader does with each clip (decode, sample 2 fps, patchify to uint8 levels),
+    without and with the decoded-video cache (whose first, warm-up pass fills it), against the reference."""
+    from qwen_vl_utils import fetch_video
+    from transformers import Qwen2VLVideoProcessor
+
+    from qwen2vl.processing.processor import MediaLoader
+    from qwen2vl.train.synth import VIDEO_MIN_PIXELS
+
+    video_processor = Qwen2VLVideoProcessor.from_pretrained(_preprocessor_dir())
+    parts = [{"video": str(p), "min_pixels": VIDEO_MIN_PIXELS} for p in paths]
+
+    def ours(loader):
+        return lambda: [loader.load("video", part, "video", {}, levels=True) for part in parts]
+
+    plain_t, loaded = timed(ours(MediaLoader()), repeats)
+    cached_t, _ = timed(ours(MediaLoader(video_cache=str(cache_dir))), repeats)
+
+    def reference():
+        out = []
+        for part in parts:
+            frames = fetch_video(dict(part))
+            out.append(video_processor(videos=[frames], do_sample_frames=False, return_tensors="pt"))
+        return out
+
+    ref_t, ref = timed(reference, repeats)
+    grids = {tuple(r["video_grid_thw"][0].tolist()) for r in ref}
+    note = f"ours grid {loaded[0][0].grid}, reference {sorted(grids)}"
+    name = f"{len(paths)} curriculum clips 112x112, 8 frames"
+    return [(f"{name}, no cache", plain_t, ref_t, note),
+            (f"{name}, decoded-video cache", cached_t, ref_t, note)]  # fmt: skip
+
+
 _PRE_DIR = None
 
 
@@ -137,7 +188,7 @@ def _preprocessor_dir() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", choices=["image", "video"])
+    parser.add_argument("--only", choices=["image", "video", "clips"])
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = []
@@ -149,6 +200,8 @@ def main() -> None:
             video = make_video(Path(d) / "video.mp4")
             print(f"(generated the test video in {time.perf_counter() - t:.1f} s)")
             rows += bench_video(video, max(1, args.repeats // 2))
+        if args.only in (None, "clips"):
+            rows += bench_clips(make_clips(Path(d)), Path(d) / "cache", args.repeats)
     print(f"\n{'input':<58} {'ours':>9} {'reference':>10} {'ratio':>6}  notes")
     for name, ours, ref, note in rows:
         print(f"{name:<58} {ours * 1000:>7.0f}ms {ref * 1000:>8.0f}ms {ref / ours:>6.2f}  {note}")
