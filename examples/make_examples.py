@@ -9,9 +9,9 @@ from qwen2vl.cli import ONE_TRUTH, SHAPES_TRUTH, TEXT_TRUTH
 from qwen2vl.train.synth import VIDEO_FRAMES, Shape, _canvas, _write_mp4, ball_frame, text_strip
 
 HERE = Path(__file__).resolve().parent
-# drawn from the boxes the demo scores against: "the red circle" (28, 28, 84, 84) is a circle filling that square
+# drawn from the boxes the demo scores against: "the red circle" (30, 30, 82, 82) is a circle filling that square
 SHAPES = [Shape(*label.split()[1:], x1, y1, x2 - x1) for label, (x1, y1, x2, y2) in SHAPES_TRUTH.items()]
-ONE = Shape(*ONE_TRUTH, 42, 28, 70)  # one large shape on the patch grid, as the colour and shape questions come
+ONE = Shape(*ONE_TRUTH, 30, 30, 80)  # one large shape filling 3x3 cells, as the colour and shape questions come
 BALL = ("orange", 11, 60)  # colour, radius, row of a ball crossing from x = 22 to x = 90: it moves right
 
 

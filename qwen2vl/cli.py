@@ -409,10 +409,10 @@ EXAMPLE_IMAGE = EXAMPLES / "scene.png"
 EXAMPLE_BOXES = {"the red ball": (70, 90, 210, 230), "the blue box": (300, 160, 420, 280)}  # pixels, ground truth
 
 
-# examples/make_examples.py draws these; the true boxes in pixels, [x1, x2) x [y1, y2), on the 14-px patch grid
-# as the curriculum places its shapes
-SHAPES_TRUTH = {"the red circle": (28, 28, 84, 84), "the blue square": (98, 98, 154, 154),
-                "the green triangle": (154, 14, 210, 70)}  # fmt: skip
+# examples/make_examples.py draws these; the true boxes in pixels, [x1, x2) x [y1, y2): each shape fills a block of
+# 2x2 of the 28-px cells, drawn 2 px inside it, as the curriculum lays its shapes out
+SHAPES_TRUTH = {"the red circle": (30, 30, 82, 82), "the blue square": (86, 86, 138, 138),
+                "the green triangle": (142, 2, 194, 54)}  # fmt: skip
 ONE_TRUTH = ("yellow", "square")
 TEXT_TRUTH = "KR7"
 BALL_TRUTH = "right"

@@ -177,7 +177,7 @@ def test_the_curriculum_mix_reaches_the_synthesis(monkeypatch, tmp_path):
     monkeypatch.setattr(synth, "synthesize", fake)
     with pytest.raises(Stop) as stopped:
         curriculum.run(curriculum.Curriculum(out=str(tmp_path), mix={"shape": 2.0}))
-    assert stopped.value.args == ({"shape": 2.0}, 14, False)  # the patch grid, and no frame, by default
+    assert stopped.value.args == ({"shape": 2.0}, 28, False)  # the 28-px cells, and no frame, by default
     assert curriculum.Curriculum.grid == synth.SHAPE_GRID  # data synth's --grid defaults to it too
     # and data synth's --frame to the curriculum's, which is synthesize's own default
     assert curriculum.Curriculum.frame is frame_default is False
@@ -194,11 +194,19 @@ def test_data_synth_mix_weighs_the_train_split(tmp_path, capsys):
     assert sorted(tasks) == ["colour"] * 3 + ["ocr"] * 6
     assert "train: colour 3," in capsys.readouterr().out
     colour_pictures = [f"images/train-{i:06d}.png" for i in range(9) if tasks[i] == "colour"]
-    assert main(["data", "synth", "--out", str(tmp_path / "c"), "--train", "9", "--test", "0",
-                 "--mix", "ocr=2, colour=1", "--frame"]) == 0  # fmt: skip
-    for p in colour_pictures:  # the same scenes, without and with a grey frame along the edges
-        bare, framed = np.asarray(Image.open(tmp_path / "a" / p)), np.asarray(Image.open(tmp_path / "c" / p))
-        assert (framed[0] != bare[0]).any() and (framed[4:-4, 4:-4] == bare[4:-4, 4:-4]).all()
+    for grid in ("14", "28"):  # --grid 14: the same scenes with a grey frame along the edges; 28: off its cells
+        for frame in ("--no-frame", "--frame"):
+            assert main(["data", "synth", "--out", str(tmp_path / f"{grid}{frame}"), "--train", "9", "--test", "0",
+                         "--mix", "ocr=2, colour=1", "--grid", grid, frame]) == 0  # fmt: skip
+        for p in colour_pictures:
+            bare, framed = (np.asarray(Image.open(tmp_path / f"{grid}{f}" / p)) for f in ("--no-frame", "--frame"))
+            assert (framed[0] != bare[0]).any() and (framed[:4] == 160).all()
+            if grid == "14":
+                assert (framed[4:-4, 4:-4] == bare[4:-4, 4:-4]).all()
+            else:  # the frame's ring of cells holds no shape
+                inside = framed[4:-4, 4:-4]
+                assert (inside[:24] == 30).all() and (inside[-24:] == 30).all()
+                assert (inside[:, :24] == 30).all() and (inside[:, -24:] == 30).all()
     for bad, named in (("ocr", "'ocr'"), ("ocr=x", "'ocr=x'"), ("ocr=1,bogus=2", "bogus")):
         assert main(["data", "synth", "--out", str(tmp_path / "b"), "--train", "2", "--test", "0", "--mix", bad]) == 1
         err = capsys.readouterr().err

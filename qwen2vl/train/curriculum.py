@@ -35,20 +35,23 @@ class Curriculum:
     # is drawn first, so this number changes no training file.
     test_examples: int = 1200
     mix: dict | None = None  # the train split's task weights; None: synth.TRAIN_MIX
-    grid: int = 14  # synth.SHAPE_GRID: shapes on the 14-px patch grid (1: placed to the pixel)
+    # synth.SHAPE_GRID: shapes fill blocks of the 28-px cells one merged token covers (14: on the 14-px patch grid,
+    # as the data of the models before the cells one; 1: placed to the pixel)
+    grid: int = 28
     frame: bool = False  # a grey line along the edges of every shapes picture (synth.FRAME: tried, not better)
     vocab_size: int = 1024  # an upper bound: the synthetic corpus runs out of merges at about 420
     # small_config keywords (width, layers, ...). rope_theta: Qwen2-VL's 1e6 is made for 32k-token contexts; M-RoPE
     # gives an image's width positions the slowest quarter of the frequencies, which at 1e6 turn by at most 2e-4
     # rad per column: to the LLM every column of a 4-8 token wide picture sits in the same place, and no run at 1e6
     # learned where a shape is across (predicted and true box centres: correlation 0.0-0.1 across, 0.2-0.4 down).
-    # At 50 a column turns the fastest of them by 0.09 rad and a row by 0.38 (the shipped run: 0.29 across, 0.43 down).
+    # At 50 a column turns the fastest of them by 0.09 rad and a row by 0.38 (a patch-grid run: 0.29 across, 0.43 down).
     model: dict = field(default_factory=lambda: {"rope_theta": 50.0})
     batch_tokens: int = 2048
-    # About 43 min on 2 cores in all, in bf16 autocast, each stage in a new process (in one process each stage ran
-    # slower than the last). Stage 1 is short: against a random, frozen LLM it teaches the ViT little. Stage 2 gets
-    # most of the time because it is the last in which the ViT learns. In fp32 the same time paid for 2050 and 900
-    # steps (shape 91.5%, counting 60.5%, direction 89.5%, grounding 7%; now 97, 67.5, 94, 12); with stage 3 at 600
+    # 36.4 min on 2 cores in all (46.6 in a slow period of the machine), in bf16 autocast, each stage in a new
+    # process (in one process each stage ran slower than the last). Stage 1 is short: against a random, frozen LLM
+    # it teaches the ViT little. Stage 2 gets most of the time because it is the last in which the ViT learns. On
+    # the patch grid, fp32 paid for 2050 and 900 steps in about the same time (shape 91.5%, counting 60.5%,
+    # direction 89.5%, grounding 7%; bf16: 97, 67.5, 94, 12; in cells: 100, 99.5, 100, 15.5); with stage 3 at 600
     # steps instead of 900 the clips' directions were 82% right, not 94%.
     steps: tuple[int, int, int] = (100, 2700, 1200)
     # Stage 2's mix at 1e-3 (after the focus at 3e-4): at 3e-4 the same run told the clips' directions 24% right.
