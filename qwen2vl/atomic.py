@@ -51,22 +51,26 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_file(target: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """``write(tmp)`` writes the content to the path it is given; that file then replaces ``target`` atomically."""
+def write_file(target: str | os.PathLike, write: Callable[[Path], object], durable: bool = True) -> Path:
+    """``write(tmp)`` writes the content to the path it is given; that file then replaces ``target`` atomically.
+    ``durable=False`` skips the fsyncs: still all or nothing, but a crash of the machine may lose the new file
+    (for caches, where a lost entry costs a recomputation, not data)."""
     target = Path(target)
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         as_created(tmp)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(target.parent)
+    if durable:
+        fsync_dir(target.parent)
     return target
 
 

@@ -360,13 +360,11 @@ def load_video(source: Any, *, name: str = "video", fps: float | None = None, nf
             raise MediaError(f"unsupported video source type {type(source).__name__}")
         data = access.read(source, name)
         if isinstance(data, Path):
-            key = cache.key(data, {**options, **sizing}) if cache is not None else ""
-            if cache is not None and (video := cache.get(key)) is not None:
-                return video
-            video = _load_file(lambda: av.open(str(data)), options, sizing, label)
-            if cache is not None:
-                cache.put(key, video)
-            return video
+
+            def decode() -> Video:
+                return _load_file(lambda: av.open(str(data)), options, sizing, label)
+
+            return decode() if cache is None else cache.load(data, {**options, **sizing}, decode)
         if not data:
             raise MediaError("empty data")
         return _load_file(lambda: av.open(io.BytesIO(data)), options, sizing, label)

@@ -8,24 +8,26 @@ curriculum reads every clip four times (stage 1, both halves of stage 2, stage 3
 An entry is the sampled, resized frames (uint8) and what ``Video`` says about them, stored under a key made of
 the file's resolved path, size and modification time and every sampling and sizing option: a file that changes,
 or a load with other options, never meets an old entry. Only local files are cached (a URL or bytes are not).
-Entries are written atomically (a temporary file renamed into place) but not fsynced: losing one costs a decode,
-not data. One that cannot be read back whole (the zip's CRC, a torn write, a foreign file) is treated as absent
-and written again.
+Entries are written atomically (``atomic.write_file``) but not fsynced: losing one costs a decode, not data. One
+that cannot be read back whole (the zip's CRC, a torn write, a foreign file) is treated as absent and written
+again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..atomic import as_created
+from ..atomic import write_file
+
+if TYPE_CHECKING:
+    from .video import Video
 
 FORMAT = 1  # part of every key: a change to what an entry holds leaves the old entries unread
 
@@ -62,12 +64,16 @@ class VideoCache:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
 
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:  # a file object: np.savez would add ".npz" to a path
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
                 np.savez(f, frames=video.frames, meta=np.array(json.dumps(meta)))
-            as_created(tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        write_file(target, write, durable=False)
+
+    def load(self, path: Path, settings: dict[str, Any], decode: Callable[[], Video]) -> Video:
+        """The clip of ``path`` loaded with ``settings``: read back when cached, else ``decode()``d and kept."""
+        key = self.key(path, settings)
+        if (video := self.get(key)) is None:
+            video = decode()
+            self.put(key, video)
+        return video
