@@ -172,10 +172,11 @@ def _place(rng: np.random.Generator, w: int, h: int, n: int, lo: float, hi: floa
     ``grid=CELL``: blocks of whole cells (neighbouring blocks allowed, the frame's cells left out), each returned
     as the square drawn CELL_INSET px inside its block."""
     short = min(w, h)
-    border = MARGIN + (FRAME_WIDTH if frame else 0)
-    margin, gap = -(-border // grid) * grid, -(-GAP // grid) * grid
     if grid == CELL:  # the inset keeps shapes GAP apart and off the border (the frame needs its own cells)
         margin, gap = (CELL if frame else 0), 0
+    else:
+        border = MARGIN + (FRAME_WIDTH if frame else 0)
+        margin, gap = -(-border // grid) * grid, -(-GAP // grid) * grid
     for _ in range(100):
         placed: list[tuple[int, int, int]] = []
         for _ in range(n):
