@@ -144,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
                      help="bfloat16: every stage trains under bf16 autocast (weights and optimizer stay fp32)")
     cur.add_argument("--rope-theta", type=float, default=Curriculum(out="").model["rope_theta"],
                      help="the LLM's rotary base (Qwen2-VL's own is 1e6; the curriculum's pictures want far less)")
+    cur.add_argument("--mrope-section", type=int, nargs=3, metavar=("T", "H", "W"),
+                     default=Curriculum(out="").model.get("mrope_section"),
+                     help="how many of the LLM's head_dim/2 rotary frequencies, fastest first, turn with the temporal, "
+                          "height and width positions (default: split 1:1.5:1.5 as Qwen2-VL's)")
+    cur.add_argument("--select", type=int, default=Curriculum.select,
+                     help="ask up to this many selection questions more of each counting and grounding picture "
+                          "(\"What colour is the circle?\", \"How many red shapes are there?\"; default 0)")
 
     data = verbs.add_parser("data", help="training data tools")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
@@ -159,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                        "28: blocks of the 28-px cells one merged token covers, each shape drawn 2 px inside its block)")
     synth.add_argument("--frame", action=argparse.BooleanOptionalAction, default=Curriculum.frame,
                        help="draw a grey line along the edges of the shapes pictures (default: no)")
+    synth.add_argument("--select", type=int, default=Curriculum.select,
+                       help="ask up to this many selection questions more of each counting and grounding picture")
     check = data_verbs.add_parser("check", help="validate every record and show one with its supervised tokens")
     check.add_argument("file")
     check.add_argument("--model", required=True, help="checkpoint directory (its tokenizer and preprocessor)")
@@ -202,16 +211,19 @@ def main(argv: list[str] | None = None) -> int:
             from .train.curriculum import Curriculum, run
 
             model = {**Curriculum(out=args.out).model, "rope_theta": args.rope_theta}  # keep its other model keys
+            if args.mrope_section:
+                model["mrope_section"] = tuple(args.mrope_section)
             run(Curriculum(out=args.out, seed=args.seed, train_examples=args.train_examples,
                            test_examples=args.test_examples, mix=_mix(args.mix), grid=args.grid,
                            frame=args.frame, steps=tuple(args.steps), batch_tokens=args.batch_tokens,
                            focus_steps=args.focus_steps, lr=tuple(args.lr), focus_lr=args.focus_lr,
-                           see_steps=args.see_steps, see_lr=args.see_lr, dtype=args.dtype, model=model))  # fmt: skip
+                           see_steps=args.see_steps, see_lr=args.see_lr, dtype=args.dtype, model=model,
+                           select=args.select))  # fmt: skip
         elif args.verb == "data" and args.data_verb == "synth":
             from .train.synth import synthesize
 
             counts = synthesize(args.out, args.seed, args.train, args.test, mix=_mix(args.mix), grid=args.grid,
-                                frame=args.frame)
+                                frame=args.frame, select=args.select)
             for split, tasks in counts.items():
                 print(f"{split}: " + ", ".join(f"{k} {v}" for k, v in tasks.items()))
         elif args.verb == "data" and args.data_verb == "check":

@@ -156,11 +156,13 @@ def test_curriculum_flags_reach_the_run(monkeypatch):
     assert main(["curriculum", "--out", "y", "--seed", "3", "--steps", "1", "2", "3", "--lr", "1e-3", "2e-3",
                  "3e-3", "--focus-steps", "5", "--focus-lr", "4e-4", "--train-examples", "10", "--see-steps", "7",
                  "--see-lr", "6e-4", "--dtype", "float32",
-                 "--rope-theta", "1e6", "--mix", "shape=2,ocr=1", "--grid", "1", "--frame"]) == 0  # fmt: skip
+                 "--rope-theta", "1e6", "--mix", "shape=2,ocr=1", "--grid", "1", "--frame", "--select", "2",
+                 "--mrope-section", "4", "8", "20"]) == 0  # fmt: skip
     c = seen[-1]
-    assert (c.seed, c.steps, c.lr, c.focus_steps, c.focus_lr, c.train_examples, c.model, c.mix, c.grid, c.frame) == (
-        3, (1, 2, 3), (1e-3, 2e-3, 3e-3), 5, 4e-4, 10, {"rope_theta": 1e6}, {"shape": 2.0, "ocr": 1.0}, 1, True)  # fmt: skip
-    assert (c.see_steps, c.see_lr, c.dtype) == (7, 6e-4, "float32")  # not the default (bfloat16)
+    assert (c.seed, c.steps, c.lr, c.focus_steps, c.focus_lr, c.train_examples, c.mix, c.grid, c.frame) == (
+        3, (1, 2, 3), (1e-3, 2e-3, 3e-3), 5, 4e-4, 10, {"shape": 2.0, "ocr": 1.0}, 1, True)  # fmt: skip
+    assert c.model == {"rope_theta": 1e6, "mrope_section": (4, 8, 20)}
+    assert (c.see_steps, c.see_lr, c.dtype, c.select) == (7, 6e-4, "float32", 2)  # not the default (bfloat16)
 
 
 def test_the_curriculum_mix_reaches_the_synthesis(monkeypatch, tmp_path):
@@ -169,15 +171,19 @@ def test_the_curriculum_mix_reaches_the_synthesis(monkeypatch, tmp_path):
     class Stop(Exception):
         pass
 
-    def fake(out, seed, train, test, *, mix=None, grid=None, frame=None):
-        raise Stop(mix, grid, frame)
+    def fake(out, seed, train, test, *, mix=None, grid=None, frame=None, select=None):
+        raise Stop(mix, grid, frame, select)
 
     defaults = inspect.signature(synth.synthesize).parameters
     frame_default = defaults["frame"].default
     monkeypatch.setattr(synth, "synthesize", fake)
     with pytest.raises(Stop) as stopped:
         curriculum.run(curriculum.Curriculum(out=str(tmp_path), mix={"shape": 2.0}))
-    assert stopped.value.args == ({"shape": 2.0}, 28, False)  # the 28-px cells, and no frame, by default
+    assert stopped.value.args == ({"shape": 2.0}, 28, False, 0)  # the 28-px cells, no frame, no selection questions
+    with pytest.raises(Stop) as stopped:
+        curriculum.run(curriculum.Curriculum(out=str(tmp_path), select=2))
+    assert stopped.value.args[3] == 2
+    assert curriculum.Curriculum.select == defaults["select"].default == 0
     assert curriculum.Curriculum.grid == synth.SHAPE_GRID  # data synth's --grid defaults to it too
     # and data synth's --frame to the curriculum's, which is synthesize's own default
     assert curriculum.Curriculum.frame is frame_default is False
@@ -211,3 +217,16 @@ def test_data_synth_mix_weighs_the_train_split(tmp_path, capsys):
         assert main(["data", "synth", "--out", str(tmp_path / "b"), "--train", "2", "--test", "0", "--mix", bad]) == 1
         err = capsys.readouterr().err
         assert err.startswith("qwen2vl: error:") and named in err and "Traceback" not in err
+
+
+def test_data_synth_select_asks_selection_questions(tmp_path):
+    import json
+
+    for select in ("0", "2"):
+        assert main(["data", "synth", "--out", str(tmp_path / select), "--train", "6", "--test", "0",
+                     "--mix", "grounding=1", "--select", select]) == 0  # fmt: skip
+    asked = {select: [m["content"] for line in (tmp_path / select / "train.jsonl").read_text().splitlines()
+                      for m in json.loads(line)["messages"][2::2]] for select in ("0", "2")}  # fmt: skip
+    selection = [q for q in asked["2"] if q not in asked["0"]]
+    assert len(selection) == 12 and all(q.startswith(("What colour is the", "Which shape is", "How many"))
+                                        for q in selection)  # fmt: skip

@@ -124,3 +124,33 @@ def test_a_small_rope_theta_reaches_transformers_through_config_json(tmp_path):
     theta_1e6.load_state_dict(ours.state_dict())
     with torch.no_grad():
         assert (theta_1e6(ids, None, pv, grid) - o).abs().max() > 1e-3  # the same weights, other positions
+
+
+def test_an_mrope_section_reaches_transformers_through_config_json(tmp_path):
+    """small_config's mrope_section (how many rotary frequencies turn with each of t, h, w) lands in config.json;
+    transformers computes the same logits from it with a picture in the prompt, and the same weights under the
+    default split give others. A split that does not add up to head_dim/2 is refused, naming it."""
+    import json
+
+    import transformers
+
+    path = init_model_dir(tmp_path / "m", TEXTS, vocab_size=300, rope_theta=50.0, mrope_section=(4, 8, 20))
+    assert json.loads((path / "config.json").read_text())["rope_scaling"]["mrope_section"] == [4, 8, 20]
+    ours = qwen2vl.Qwen2VL.from_pretrained(path)
+    ref = transformers.Qwen2VLForConditionalGeneration.from_pretrained(path).eval()
+    c = ours.config
+    grid = torch.tensor([[1, 4, 10]])  # 2 x 5 merged tokens: height and width positions differ
+    ids = torch.tensor([[5, 7, c.vision_start_token_id] + [c.image_token_id] * 10 + [c.vision_end_token_id, 9, 11]])
+    pv = torch.randn(40, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        o = ours(ids, None, pv, grid)
+        r = ref(input_ids=ids, pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=(ids == c.image_token_id).long())
+    assert (o - r.logits).abs().max() < 1e-4
+    default = qwen2vl.Qwen2VL.from_pretrained(init_model_dir(tmp_path / "d", TEXTS, vocab_size=300, rope_theta=50.0))
+    assert default.config.text.mrope_section == (8, 12, 12)
+    default.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        assert (default(ids, None, pv, grid) - o).abs().max() > 1e-3
+    with pytest.raises(qwen2vl.ConfigError, match="mrope_section"):
+        init_model_dir(tmp_path / "bad", TEXTS, vocab_size=300, mrope_section=(4, 8, 8))
+    assert not (tmp_path / "bad").exists()

@@ -15,8 +15,8 @@ from PIL import Image
 from qwen2vl.processing.grounding import Box, parse_boxes
 from qwen2vl.processing.video import load_video
 from qwen2vl.train.data import IGNORE, encode, read_jsonl, to_messages
-from qwen2vl.train.synth import (ALPHABET, BACKGROUND, COLOURS, FRAME, FRAME_WIDTH, NUMBER_WORDS, SHAPES, TASKS,
-                                  TRAIN_MIX, synthesize)  # fmt: skip
+from qwen2vl.train.synth import (ALPHABET, BACKGROUND, COLOURS, FRAME, FRAME_WIDTH, NUMBER_WORDS, PLURAL, SHAPES,
+                                  TASKS, TRAIN_MIX, synthesize)  # fmt: skip
 
 TRAIN, TEST = 60, 30
 
@@ -184,6 +184,14 @@ def check_shapes_answer(q: str, ans: str, found: list, path: Path) -> None:
         assert len(found) == 1 and found[0][1] == ans and ans in SHAPES
     elif q == "How many shapes are there?":
         assert ans == str(len(found)) and 1 <= len(found) <= 6
+    elif m := re.fullmatch(r"What colour is the (\w+)\?", q):  # a selection question: the one shape of a kind
+        assert [c for c, k, _ in found if k == m[1]] == [ans]
+    elif m := re.fullmatch(r"Which shape is (\w+)\?", q):  # ... the one shape of a colour
+        assert [k for c, k, _ in found if c == m[1]] == [ans]
+    elif m := re.fullmatch(r"How many (\w+) shapes are there\?", q):  # ... the shapes of a colour in the picture
+        assert ans == str(sum(c == m[1] for c, _, _ in found)) != "0"
+    elif m := re.fullmatch(r"How many (\w+) are there\?", q):  # ... the shapes of a kind (plural) in the picture
+        assert ans == str(sum(PLURAL[k] == m[1] for _, k, _ in found)) != "0"
     else:
         name = re.fullmatch(r"Where is the (\w+ \w+)\?", q)[1]
         target = [b for c, k, b in found if f"{c} {k}" == name]
@@ -247,6 +255,33 @@ def test_answers_follow_from_the_pixels(data):
                 assert any(x.label.split(" ", 1)[1] == f"{c} {k}" and x.iou(b) > 0.9 for x in boxes), (c, k)
     assert seen == set(TASKS) - {"direction"}
     assert asked == {"What colour", "What shape", "How many", "Where is"}
+
+
+def test_selection_questions_on_request(data, tmp_path):
+    """select=3 adds up to three selection questions to each counting and grounding picture ("What colour is the
+    circle?", "Which shape is red?", "How many red shapes / circles are there?"), each answered from the pixels, of
+    all four kinds; the pictures and the other questions are those of select=0, and the held-out split is unchanged."""
+    out, _ = data
+    sel = tmp_path / "select"
+    synthesize(sel, seed=0, train=TRAIN, test=TEST, select=3)
+    kinds = set()
+    for r, plain in zip(records(sel, "train.jsonl"), records(out, "train.jsonl")):
+        path = sel / media(r)["image"] if "image" in media(r) else None
+        if r["task"] in ("counting", "grounding"):
+            assert (sel / media(r)["image"]).read_bytes() == (out / media(plain)["image"]).read_bytes()
+            found = shapes_in(path)
+            extra = [t for t in turns(r) if t not in turns(plain)]
+            assert set(turns(plain)) <= set(turns(r)) and 1 <= len(extra) <= 3
+            for q, ans in extra:
+                check_shapes_answer(q, ans, found, path)
+                kinds.add(re.sub(r"\b(%s)\b" % "|".join([*COLOURS, *SHAPES, *PLURAL.values()]), "X", q))
+        else:
+            assert r == plain
+    assert kinds == {"What colour is the X?", "Which shape is X?", "How many X shapes are there?",
+                     "How many X are there?"}  # fmt: skip
+    assert (sel / "test.jsonl").read_text() == (out / "test.jsonl").read_text()
+    with pytest.raises(ValueError, match="select"):
+        synthesize(tmp_path / "bad", select=-1)
 
 
 def off_grid(boxes: list[Box], grid: int = 14) -> int:

@@ -39,6 +39,7 @@ class Curriculum:
     # as the data of the models before the cells one; 1: placed to the pixel)
     grid: int = 28
     frame: bool = False  # a grey line along the edges of every shapes picture (synth.FRAME: tried, not better)
+    select: int = 0  # synth's selection questions per counting and grounding picture
     vocab_size: int = 1024  # an upper bound: the synthetic corpus runs out of merges at about 420
     # small_config keywords (width, layers, ...). rope_theta: Qwen2-VL's 1e6 is made for 32k-token contexts; M-RoPE
     # gives an image's width positions the slowest quarter of the frequencies, which at 1e6 turn by at most 2e-4
@@ -144,7 +145,8 @@ def run(c: Curriculum) -> dict:
     log = lambda msg: print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     if not (data / "test.jsonl").exists():
         log(f"synthesizing {c.train_examples} training and {c.test_examples} held-out examples")
-        synthesize(data, c.seed, c.train_examples, c.test_examples, mix=c.mix, grid=c.grid, frame=c.frame)
+        synthesize(data, c.seed, c.train_examples, c.test_examples, mix=c.mix, grid=c.grid, frame=c.frame,
+                   select=c.select)
     stage2 = stage2_data(data)
     model = out / "init"
     if not model.exists():

@@ -51,11 +51,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
 
 
 def small_config(vocab: int, *, vision_depth: int = 4, vision_width: int = 128, width: int = 256, layers: int = 4,
-                 heads: int = 4, kv_heads: int = 2, rope_theta: float = 1_000_000.0) -> Qwen2VLConfig:  # fmt: skip
-    """A Qwen2-VL-architecture config sized for a CPU (same patch 14, temporal 2, merge 2, M-RoPE split 1:1.5:1.5)."""
-    head_dim = width // heads
-    quarter = head_dim // 2
-    mrope = (quarter // 4, (quarter - quarter // 4) // 2, quarter - quarter // 4 - (quarter - quarter // 4) // 2)
+                 heads: int = 4, kv_heads: int = 2, rope_theta: float = 1_000_000.0,
+                 mrope_section: tuple[int, int, int] | None = None) -> Qwen2VLConfig:  # fmt: skip
+    """A Qwen2-VL-architecture config sized for a CPU (same patch 14, temporal 2, merge 2). ``mrope_section``: how
+    many of the head_dim/2 rotary frequencies, fastest first, turn with the temporal, height and width positions
+    (default: split 1:1.5:1.5 as Qwen2-VL's (16, 24, 24))."""
+    half = width // heads // 2
+    quarter = half // 4
+    rest = half - quarter
+    mrope = tuple(mrope_section) if mrope_section else (quarter, rest // 2, rest - rest // 2)
     specials = {t: vocab + i for i, t in enumerate(SPECIAL_TOKENS)}
     return Qwen2VLConfig(
         vision=VisionConfig(depth=vision_depth, embed_dim=vision_width, num_heads=max(1, vision_width // 32),

@@ -58,6 +58,15 @@ QUESTIONS = {
     "direction": "Which direction does the ball move?",
 }
 BALL_COLOUR = "What colour is the ball?"
+# Selection questions, asked of the counting and grounding pictures on request (``select``): each names one
+# attribute and asks for another of the shapes that have it, so that, like "Where is the red circle?", it can only be
+# answered by finding the named shape among others, but its answer (a word, a number) is one the model reads well.
+SELECT = {
+    "colour_of": "What colour is the {}?",  # a kind that one shape has -> its colour
+    "kind_of": "Which shape is {}?",  # a colour that one shape has -> its kind
+    "count_colour": "How many {} shapes are there?",  # a colour in the picture -> how many have it
+    "count_kind": "How many {} are there?",  # a kind in the picture (plural) -> how many have it
+}
 # The train split's share of each task. OCR and the videos get more: reading 2-4 characters in order and telling
 # a motion apart were the slowest to learn in a trial run, and a strip of text or a clip costs only 8-32 tokens.
 TRAIN_MIX = {"colour": 1.0, "shape": 1.0, "counting": 1.0, "grounding": 1.0, "ocr": 2.0, "direction": 1.5}
@@ -226,8 +235,18 @@ def _pick(rng: np.random.Generator, options) -> str:
     return options[int(rng.integers(len(options)))]
 
 
+def _selections(rng: np.random.Generator, shapes: list[Shape], k: int) -> list[tuple[str, str]]:
+    """Up to ``k`` of the SELECT questions that the picture answers without doubt, drawn at random."""
+    colours, kinds = [s.colour for s in shapes], [s.kind for s in shapes]
+    options = [(SELECT["colour_of"].format(s.kind), s.colour) for s in shapes if kinds.count(s.kind) == 1]
+    options += [(SELECT["kind_of"].format(s.colour), s.kind) for s in shapes if colours.count(s.colour) == 1]
+    options += [(SELECT["count_colour"].format(c), str(colours.count(c))) for c in dict.fromkeys(colours)]
+    options += [(SELECT["count_kind"].format(PLURAL[c]), str(kinds.count(c))) for c in dict.fromkeys(kinds)]
+    return [options[int(i)] for i in rng.permutation(len(options))[:k]]
+
+
 def _shapes_example(task: str, rng: np.random.Generator, min_side: int, max_side: int, grid: int,
-                    frame: bool) -> Example:  # fmt: skip
+                    frame: bool, select: int = 0) -> Example:  # fmt: skip
     w, h = _side(rng, min_side, max_side), _side(rng, min_side, max_side)
     if task in ("colour", "shape"):  # one large shape: these tasks are about recognition, not search
         layout = _place(rng, w, h, 1, 0.3, 0.6, grid, frame)
@@ -252,10 +271,12 @@ def _shapes_example(task: str, rng: np.random.Generator, min_side: int, max_side
         return Example(task, key, *first, caption, image, more=[rest, count, _where(shapes[0], w, h)])
     if task == "counting":  # and where up to two of the shapes that have a name of their own are
         picked = [unique[i] for i in rng.permutation(len(unique))[:2]]
-        return Example(task, key, *count, caption, image, more=[_where(s, w, h) for s in picked])
+        more = [_where(s, w, h) for s in picked]
+        return Example(task, key, *count, caption, image, more=more + _selections(rng, shapes, select))
     target = shapes[int(rng.integers(n))]
     others = [_where(s, w, h) for s in shapes if s is not target]
-    return Example(task, key + (target.name,), *_where(target, w, h), caption, image, more=[*others, count])
+    more = [*others, count, *_selections(rng, shapes, select)]
+    return Example(task, key + (target.name,), *_where(target, w, h), caption, image, more=more)
 
 
 def text_strip(text: str, w: int, h: int, row: int, col: int) -> Image.Image:
@@ -311,12 +332,13 @@ def _video_example(rng: np.random.Generator) -> Example:
                    more=[(BALL_COLOUR, colour)])  # fmt: skip
 
 
-def _example(task: str, rng: np.random.Generator, min_side: int, max_side: int, grid: int, frame: bool) -> Example:
+def _example(task: str, rng: np.random.Generator, min_side: int, max_side: int, grid: int, frame: bool,
+             select: int) -> Example:  # fmt: skip
     if task == "ocr":
         return _ocr_example(rng, min_side, max_side)
     if task == "direction":
         return _video_example(rng)
-    return _shapes_example(task, rng, min_side, max_side, grid, frame)
+    return _shapes_example(task, rng, min_side, max_side, grid, frame, select)
 
 
 # -- writing -----------------------------------------------------------------------------------------------
@@ -346,7 +368,7 @@ def _task_list(n: int, mix: dict[str, float] | None) -> list[str]:
 
 
 def _split(out: Path, split: str, n: int, seed: int, mix: dict[str, float] | None, min_side: int, max_side: int,
-           taken: set[tuple], grid: int, frame: bool) -> tuple[list[dict], list[dict], dict[str, int]]:
+           taken: set[tuple], grid: int, frame: bool, select: int = 0) -> tuple[list[dict], list[dict], dict[str, int]]:
     """Generate one split; returns (question records, caption records, counts per task). Scenes whose key is in
     ``taken`` (the other split's) are redrawn, so that the splits never share a picture."""
     sid = _SPLITS[split]
@@ -358,7 +380,7 @@ def _split(out: Path, split: str, n: int, seed: int, mix: dict[str, float] | Non
         task = tasks[int(i)]
         for attempt in range(1000):
             rng = np.random.default_rng([seed, sid, index, attempt])
-            ex = _example(task, rng, min_side, max_side, grid, frame)
+            ex = _example(task, rng, min_side, max_side, grid, frame, select)
             if ex.key not in taken:
                 break
         taken.add(ex.key)
@@ -397,7 +419,7 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 1200, *,
                mix: dict[str, float] | None = None, min_side: int = 112, max_side: int = 224,
-               grid: int = SHAPE_GRID, frame: bool = False) -> dict:  # fmt: skip
+               grid: int = SHAPE_GRID, frame: bool = False, select: int = 0) -> dict:  # fmt: skip
     """Write the curriculum into ``out`` (created; a ValueError if it exists and is not empty) and return the
     number of examples per split and task: ``{"train": {"colour": n, ...}, "test": {...}}``.
 
@@ -405,7 +427,8 @@ def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 12
     all six tasks (by default 200 each: at 50 one answer moved a score by 2 points). Image sides are multiples of
     28 drawn uniformly from [min_side, max_side]. ``grid``: the shapes' positions and sizes are multiples of it
     (pixels; ``CELL``: blocks of 28-px cells, each shape drawn CELL_INSET px inside its block).
-    ``frame``: draw a grey frame along the edges of the shapes pictures (not the text strips or the clips)."""
+    ``frame``: draw a grey frame along the edges of the shapes pictures (not the text strips or the clips).
+    ``select``: ask up to this many SELECT questions more of each counting and grounding picture (train split)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty directory")
@@ -416,13 +439,15 @@ def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 12
         raise ValueError(f"mix weighs tasks of {TASKS} with non-negative numbers, not all zero; got {mix}")
     if not 56 <= min_side <= max_side or -(-min_side // 28) * 28 > max_side:
         raise ValueError(f"need 56 <= min_side <= max_side with a multiple of 28 between, got {min_side}, {max_side}")
+    if select < 0:
+        raise ValueError(f"select is a number of questions per picture, >= 0; got {select}")
     if grid not in GRIDS:
         raise ValueError(f"grid divides the 14-px patch (1, 2, 7 or 14) or is the 28-px cell ({CELL}), got {grid}")
     for sub in ("images", "videos"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     taken: set[tuple] = set()
     train_records, captions, train_counts = _split(out, "train", train, seed, mix, min_side, max_side, taken,
-                                                   grid, frame)  # fmt: skip
+                                                   grid, frame, select)  # fmt: skip
     test_records, _, test_counts = _split(out, "test", test, seed, None, min_side, max_side, taken, grid, frame)
     _write_jsonl(out / "pretrain.jsonl", captions)
     _write_jsonl(out / "train.jsonl", train_records)
