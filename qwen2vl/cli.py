@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                      default=Curriculum(out="").model.get("mrope_section"),
                      help="how many of the LLM's head_dim/2 rotary frequencies, fastest first, turn with the temporal, "
                           "height and width positions (default: split 1:1.5:1.5 as Qwen2-VL's)")
+    cur.add_argument("--caption-order", choices=["reading", "random"], default=Curriculum.caption_order,
+                     help="list the shapes of a caption top to bottom, then left to right, or in a random order")
     cur.add_argument("--select", type=int, default=Curriculum.select,
                      help="ask up to this many selection questions more of each counting and grounding picture "
                           "(\"What colour is the circle?\", \"How many red shapes are there?\"; default 0)")
@@ -166,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                        "28: blocks of the 28-px cells one merged token covers, each shape drawn 2 px inside its block)")
     synth.add_argument("--frame", action=argparse.BooleanOptionalAction, default=Curriculum.frame,
                        help="draw a grey line along the edges of the shapes pictures (default: no)")
+    synth.add_argument("--caption-order", choices=["reading", "random"], default=Curriculum.caption_order,
+                       help="list the shapes of a caption top to bottom, then left to right, or in a random order")
     synth.add_argument("--select", type=int, default=Curriculum.select,
                        help="ask up to this many selection questions more of each counting and grounding picture")
     check = data_verbs.add_parser("check", help="validate every record and show one with its supervised tokens")
@@ -218,12 +222,12 @@ def main(argv: list[str] | None = None) -> int:
                            frame=args.frame, steps=tuple(args.steps), batch_tokens=args.batch_tokens,
                            focus_steps=args.focus_steps, lr=tuple(args.lr), focus_lr=args.focus_lr,
                            see_steps=args.see_steps, see_lr=args.see_lr, dtype=args.dtype, model=model,
-                           select=args.select))  # fmt: skip
+                           select=args.select, caption_order=args.caption_order))  # fmt: skip
         elif args.verb == "data" and args.data_verb == "synth":
             from .train.synth import synthesize
 
             counts = synthesize(args.out, args.seed, args.train, args.test, mix=_mix(args.mix), grid=args.grid,
-                                frame=args.frame, select=args.select)
+                                frame=args.frame, select=args.select, caption_order=args.caption_order)
             for split, tasks in counts.items():
                 print(f"{split}: " + ", ".join(f"{k} {v}" for k, v in tasks.items()))
         elif args.verb == "data" and args.data_verb == "check":

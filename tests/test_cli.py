@@ -157,12 +157,13 @@ def test_curriculum_flags_reach_the_run(monkeypatch):
                  "3e-3", "--focus-steps", "5", "--focus-lr", "4e-4", "--train-examples", "10", "--see-steps", "7",
                  "--see-lr", "6e-4", "--dtype", "float32",
                  "--rope-theta", "1e6", "--mix", "shape=2,ocr=1", "--grid", "1", "--frame", "--select", "2",
-                 "--mrope-section", "4", "8", "20"]) == 0  # fmt: skip
+                 "--mrope-section", "4", "8", "20", "--caption-order", "random"]) == 0  # fmt: skip
     c = seen[-1]
     assert (c.seed, c.steps, c.lr, c.focus_steps, c.focus_lr, c.train_examples, c.mix, c.grid, c.frame) == (
         3, (1, 2, 3), (1e-3, 2e-3, 3e-3), 5, 4e-4, 10, {"shape": 2.0, "ocr": 1.0}, 1, True)  # fmt: skip
     assert c.model == {"rope_theta": 1e6, "mrope_section": (4, 8, 20)}
     assert (c.see_steps, c.see_lr, c.dtype, c.select) == (7, 6e-4, "float32", 2)  # not the default (bfloat16)
+    assert c.caption_order == "random"
 
 
 def test_the_curriculum_mix_reaches_the_synthesis(monkeypatch, tmp_path):
@@ -171,15 +172,16 @@ def test_the_curriculum_mix_reaches_the_synthesis(monkeypatch, tmp_path):
     class Stop(Exception):
         pass
 
-    def fake(out, seed, train, test, *, mix=None, grid=None, frame=None, select=None):
-        raise Stop(mix, grid, frame, select)
+    def fake(out, seed, train, test, *, mix=None, grid=None, frame=None, select=None, caption_order=None):
+        raise Stop(mix, grid, frame, select, caption_order)
 
     defaults = inspect.signature(synth.synthesize).parameters
     frame_default = defaults["frame"].default
     monkeypatch.setattr(synth, "synthesize", fake)
     with pytest.raises(Stop) as stopped:
         curriculum.run(curriculum.Curriculum(out=str(tmp_path), mix={"shape": 2.0}))
-    assert stopped.value.args == ({"shape": 2.0}, 28, False, 0)  # the 28-px cells, no frame, no selection questions
+    assert stopped.value.args[:4] == ({"shape": 2.0}, 28, False, 0)  # the 28-px cells, no frame, no selection questions
+    assert stopped.value.args[4] == curriculum.Curriculum.caption_order == defaults["caption_order"].default
     with pytest.raises(Stop) as stopped:
         curriculum.run(curriculum.Curriculum(out=str(tmp_path), select=2))
     assert stopped.value.args[3] == 2
@@ -230,3 +232,11 @@ def test_data_synth_select_asks_selection_questions(tmp_path):
     selection = [q for q in asked["2"] if q not in asked["0"]]
     assert len(selection) == 12 and all(q.startswith(("What colour is the", "Which shape is", "How many"))
                                         for q in selection)  # fmt: skip
+
+
+def test_data_synth_caption_order_reaches_the_captions(tmp_path):
+    for order in ("reading", "random"):
+        assert main(["data", "synth", "--out", str(tmp_path / order), "--train", "12", "--test", "0",
+                     "--mix", "counting=1", "--caption-order", order]) == 0  # fmt: skip
+    reading, shuffled = ((tmp_path / o / "pretrain.jsonl").read_text() for o in ("reading", "random"))
+    assert reading != shuffled and sorted(reading) == sorted(shuffled)  # the same phrases, other orders

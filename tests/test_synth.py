@@ -284,6 +284,30 @@ def test_selection_questions_on_request(data, tmp_path):
         synthesize(tmp_path / "bad", select=-1)
 
 
+def test_captions_in_random_order_on_request(data, tmp_path):
+    """caption_order="random": each shapes caption lists the same shapes with the same boxes as the reading-order
+    caption of the same picture, in a shuffled order (not top to bottom in some); pictures and questions' answers
+    stay those of the default."""
+    out, _ = data
+    shuffled = tmp_path / "random"
+    synthesize(shuffled, seed=0, train=TRAIN, test=TEST, caption_order="random")
+    reading, moved = records(out, "pretrain.jsonl"), 0
+    for plain, r in zip(reading, records(shuffled, "pretrain.jsonl")):
+        assert media(plain) == media(r)
+        if "image" not in media(r) or r["task"] == "ocr":
+            assert r == plain
+            continue
+        assert (shuffled / media(r)["image"]).read_bytes() == (out / media(plain)["image"]).read_bytes()
+        w, h = Image.open(out / media(r)["image"]).size
+        a, b = parse_boxes(question(plain), w, h), parse_boxes(question(r), w, h)
+        assert sorted(a, key=str) == sorted(b, key=str) and question(r).split(":")[0] == question(plain).split(":")[0]
+        assert [(x.y1, x.x1) for x in a] == sorted((x.y1, x.x1) for x in a)  # the default: top to bottom
+        moved += a != b
+    assert moved >= 3
+    with pytest.raises(ValueError, match="caption_order"):
+        synthesize(tmp_path / "bad", caption_order="sorted")
+
+
 def off_grid(boxes: list[Box], grid: int = 14) -> int:
     """How many box edges lie more than a pixel from a multiple of ``grid`` (PIL may leave an edge pixel out)."""
     return sum(min(v % grid, grid - v % grid) > 1 for b in boxes for v in (b.x1, b.y1, b.x2, b.y2))

@@ -40,6 +40,7 @@ class Curriculum:
     grid: int = 28
     frame: bool = False  # a grey line along the edges of every shapes picture (synth.FRAME: tried, not better)
     select: int = 0  # synth's selection questions per counting and grounding picture
+    caption_order: str = "reading"  # synth's: the shapes of a caption top to bottom ("reading") or shuffled
     vocab_size: int = 1024  # an upper bound: the synthetic corpus runs out of merges at about 420
     # small_config keywords (width, layers, ...). rope_theta: Qwen2-VL's 1e6 is made for 32k-token contexts; M-RoPE
     # gives an image's width positions the slowest quarter of the frequencies, which at 1e6 turn by at most 2e-4
@@ -146,7 +147,7 @@ def run(c: Curriculum) -> dict:
     if not (data / "test.jsonl").exists():
         log(f"synthesizing {c.train_examples} training and {c.test_examples} held-out examples")
         synthesize(data, c.seed, c.train_examples, c.test_examples, mix=c.mix, grid=c.grid, frame=c.frame,
-                   select=c.select)
+                   select=c.select, caption_order=c.caption_order)
     stage2 = stage2_data(data)
     model = out / "init"
     if not model.exists():

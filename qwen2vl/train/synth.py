@@ -139,6 +139,18 @@ class Example:
     more: list[tuple[str, str]] = field(default_factory=list)  # other (question, answer) pairs about the picture
 
 
+@dataclass(frozen=True)
+class Options:
+    """How the shapes pictures are drawn and asked about (``synthesize``'s keywords of the same names)."""
+
+    min_side: int = 112
+    max_side: int = 224
+    grid: int = SHAPE_GRID
+    frame: bool = False
+    select: int = 0
+    caption_order: str = "reading"
+
+
 # -- drawing -----------------------------------------------------------------------------------------------
 
 
@@ -214,12 +226,16 @@ def _article(phrase: str) -> str:
     return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
 
 
-def _describe(shapes: list[Shape], w: int, h: int) -> str:
-    """'Two shapes: <ref>a red circle</ref><box>(..),(..)</box> and <ref>a blue square</ref><box>..</box>.', the
-    shapes top to bottom, then left to right, each with its box in the grounding format: a caption that teaches
-    counting, colours, kinds and where things are at once (the paper's grounding pretraining data looks so)."""
+def _describe(shapes: list[Shape], w: int, h: int, rng: np.random.Generator | None = None) -> str:
+    """'Two shapes: <ref>a red circle</ref><box>(..),(..)</box> and <ref>a blue square</ref><box>..</box>.', each
+    shape with its box in the grounding format: a caption that teaches counting, colours, kinds and where things are
+    at once (the paper's grounding pretraining data looks so). The shapes are listed top to bottom, then left to
+    right, or (given ``rng``) in a random order, so that only its label tells which shape a box belongs to."""
     n = len(shapes)
-    phrases = [format_box(s.box, w, h, label=_article(s.name)) for s in sorted(shapes, key=lambda s: (s.y, s.x))]
+    ordered = sorted(shapes, key=lambda s: (s.y, s.x))
+    if rng is not None:
+        ordered = [ordered[int(i)] for i in rng.permutation(n)]
+    phrases = [format_box(s.box, w, h, label=_article(s.name)) for s in ordered]
     listed = phrases[0] if n == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     return f"{NUMBER_WORDS[n - 1].capitalize()} shape{'s' if n > 1 else ''}: {listed}."
 
@@ -245,9 +261,9 @@ def _selections(rng: np.random.Generator, shapes: list[Shape], k: int) -> list[t
     return [options[int(i)] for i in rng.permutation(len(options))[:k]]
 
 
-def _shapes_example(task: str, rng: np.random.Generator, min_side: int, max_side: int, grid: int,
-                    frame: bool, select: int = 0) -> Example:  # fmt: skip
-    w, h = _side(rng, min_side, max_side), _side(rng, min_side, max_side)
+def _shapes_example(task: str, rng: np.random.Generator, o: Options) -> Example:
+    w, h = _side(rng, o.min_side, o.max_side), _side(rng, o.min_side, o.max_side)
+    grid, frame = o.grid, o.frame
     if task in ("colour", "shape"):  # one large shape: these tasks are about recognition, not search
         layout = _place(rng, w, h, 1, 0.3, 0.6, grid, frame)
         shapes = [Shape(_pick(rng, list(COLOURS)), _pick(rng, SHAPES), *layout[0])]
@@ -260,7 +276,7 @@ def _shapes_example(task: str, rng: np.random.Generator, min_side: int, max_side
         pairs = [(c, k) for c in COLOURS for k in SHAPES]
         chosen = [pairs[i] for i in rng.choice(len(pairs), n, replace=False)]
         shapes = [Shape(c, k, *p) for (c, k), p in zip(chosen, _place(rng, w, h, n, 0.25, 0.45, grid, frame))]
-    caption = _describe(shapes, w, h)
+    caption = _describe(shapes, w, h, rng if o.caption_order == "random" else None)
     key = (task, w, h, tuple(shapes))
     image = _canvas(shapes, w, h, frame)
     count = (QUESTIONS["counting"], str(len(shapes)))
@@ -272,10 +288,10 @@ def _shapes_example(task: str, rng: np.random.Generator, min_side: int, max_side
     if task == "counting":  # and where up to two of the shapes that have a name of their own are
         picked = [unique[i] for i in rng.permutation(len(unique))[:2]]
         more = [_where(s, w, h) for s in picked]
-        return Example(task, key, *count, caption, image, more=more + _selections(rng, shapes, select))
+        return Example(task, key, *count, caption, image, more=more + _selections(rng, shapes, o.select))
     target = shapes[int(rng.integers(n))]
     others = [_where(s, w, h) for s in shapes if s is not target]
-    more = [*others, count, *_selections(rng, shapes, select)]
+    more = [*others, count, *_selections(rng, shapes, o.select)]
     return Example(task, key + (target.name,), *_where(target, w, h), caption, image, more=more)
 
 
@@ -332,13 +348,12 @@ def _video_example(rng: np.random.Generator) -> Example:
                    more=[(BALL_COLOUR, colour)])  # fmt: skip
 
 
-def _example(task: str, rng: np.random.Generator, min_side: int, max_side: int, grid: int, frame: bool,
-             select: int) -> Example:  # fmt: skip
+def _example(task: str, rng: np.random.Generator, o: Options) -> Example:
     if task == "ocr":
-        return _ocr_example(rng, min_side, max_side)
+        return _ocr_example(rng, o.min_side, o.max_side)
     if task == "direction":
         return _video_example(rng)
-    return _shapes_example(task, rng, min_side, max_side, grid, frame, select)
+    return _shapes_example(task, rng, o)
 
 
 # -- writing -----------------------------------------------------------------------------------------------
@@ -367,8 +382,8 @@ def _task_list(n: int, mix: dict[str, float] | None) -> list[str]:
     return [t for t, k in zip(TASKS, counts) for _ in range(k)]
 
 
-def _split(out: Path, split: str, n: int, seed: int, mix: dict[str, float] | None, min_side: int, max_side: int,
-           taken: set[tuple], grid: int, frame: bool, select: int = 0) -> tuple[list[dict], list[dict], dict[str, int]]:
+def _split(out: Path, split: str, n: int, seed: int, mix: dict[str, float] | None, o: Options,
+           taken: set[tuple]) -> tuple[list[dict], list[dict], dict[str, int]]:  # fmt: skip
     """Generate one split; returns (question records, caption records, counts per task). Scenes whose key is in
     ``taken`` (the other split's) are redrawn, so that the splits never share a picture."""
     sid = _SPLITS[split]
@@ -380,7 +395,7 @@ def _split(out: Path, split: str, n: int, seed: int, mix: dict[str, float] | Non
         task = tasks[int(i)]
         for attempt in range(1000):
             rng = np.random.default_rng([seed, sid, index, attempt])
-            ex = _example(task, rng, min_side, max_side, grid, frame, select)
+            ex = _example(task, rng, o)
             if ex.key not in taken:
                 break
         taken.add(ex.key)
@@ -419,7 +434,7 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 1200, *,
                mix: dict[str, float] | None = None, min_side: int = 112, max_side: int = 224,
-               grid: int = SHAPE_GRID, frame: bool = False, select: int = 0) -> dict:  # fmt: skip
+               grid: int = SHAPE_GRID, frame: bool = False, select: int = 0, caption_order: str = "reading") -> dict:
     """Write the curriculum into ``out`` (created; a ValueError if it exists and is not empty) and return the
     number of examples per split and task: ``{"train": {"colour": n, ...}, "test": {...}}``.
 
@@ -428,7 +443,8 @@ def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 12
     28 drawn uniformly from [min_side, max_side]. ``grid``: the shapes' positions and sizes are multiples of it
     (pixels; ``CELL``: blocks of 28-px cells, each shape drawn CELL_INSET px inside its block).
     ``frame``: draw a grey frame along the edges of the shapes pictures (not the text strips or the clips).
-    ``select``: ask up to this many SELECT questions more of each counting and grounding picture (train split)."""
+    ``select``: ask up to this many SELECT questions more of each counting and grounding picture (train split).
+    ``caption_order``: the shapes of a caption top to bottom, then left to right ("reading"), or shuffled ("random")."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty directory")
@@ -439,6 +455,8 @@ def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 12
         raise ValueError(f"mix weighs tasks of {TASKS} with non-negative numbers, not all zero; got {mix}")
     if not 56 <= min_side <= max_side or -(-min_side // 28) * 28 > max_side:
         raise ValueError(f"need 56 <= min_side <= max_side with a multiple of 28 between, got {min_side}, {max_side}")
+    if caption_order not in ("reading", "random"):
+        raise ValueError(f"caption_order is 'reading' or 'random', got {caption_order!r}")
     if select < 0:
         raise ValueError(f"select is a number of questions per picture, >= 0; got {select}")
     if grid not in GRIDS:
@@ -446,9 +464,9 @@ def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 12
     for sub in ("images", "videos"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     taken: set[tuple] = set()
-    train_records, captions, train_counts = _split(out, "train", train, seed, mix, min_side, max_side, taken,
-                                                   grid, frame, select)  # fmt: skip
-    test_records, _, test_counts = _split(out, "test", test, seed, None, min_side, max_side, taken, grid, frame)
+    o = Options(min_side, max_side, grid, frame, select, caption_order)
+    train_records, captions, train_counts = _split(out, "train", train, seed, mix, o, taken)
+    test_records, _, test_counts = _split(out, "test", test, seed, None, o, taken)
     _write_jsonl(out / "pretrain.jsonl", captions)
     _write_jsonl(out / "train.jsonl", train_records)
     _write_jsonl(out / "test.jsonl", test_records)
