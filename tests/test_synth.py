@@ -304,6 +304,9 @@ def test_captions_in_random_order_on_request(data, tmp_path):
         assert [(x.y1, x.x1) for x in a] == sorted((x.y1, x.x1) for x in a)  # the default: top to bottom
         moved += a != b
     assert moved >= 3
+    assert (shuffled / "test.jsonl").read_text() == (out / "test.jsonl").read_text()  # the held-out questions too
+    for plain, r in zip(records(out, "train.jsonl"), records(shuffled, "train.jsonl")):
+        assert turns(r)[0] == turns(plain)[0] and sorted(turns(r)) == sorted(turns(plain))
     with pytest.raises(ValueError, match="caption_order"):
         synthesize(tmp_path / "bad", caption_order="sorted")
 

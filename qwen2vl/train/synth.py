@@ -276,7 +276,7 @@ def _shapes_example(task: str, rng: np.random.Generator, o: Options) -> Example:
         pairs = [(c, k) for c in COLOURS for k in SHAPES]
         chosen = [pairs[i] for i in rng.choice(len(pairs), n, replace=False)]
         shapes = [Shape(c, k, *p) for (c, k), p in zip(chosen, _place(rng, w, h, n, 0.25, 0.45, grid, frame))]
-    caption = _describe(shapes, w, h, rng if o.caption_order == "random" else None)
+    order = rng if o.caption_order == "random" else None  # drawn from last: no question depends on the order
     key = (task, w, h, tuple(shapes))
     image = _canvas(shapes, w, h, frame)
     count = (QUESTIONS["counting"], str(len(shapes)))
@@ -284,15 +284,16 @@ def _shapes_example(task: str, rng: np.random.Generator, o: Options) -> Example:
     if task in ("colour", "shape"):  # every question about the one shape
         colour, kind = (QUESTIONS["colour"], shapes[0].colour), (QUESTIONS["shape"], shapes[0].kind)
         first, rest = (colour, kind) if task == "colour" else (kind, colour)
-        return Example(task, key, *first, caption, image, more=[rest, count, _where(shapes[0], w, h)])
+        more = [rest, count, _where(shapes[0], w, h)]
+        return Example(task, key, *first, _describe(shapes, w, h, order), image, more=more)
     if task == "counting":  # and where up to two of the shapes that have a name of their own are
         picked = [unique[i] for i in rng.permutation(len(unique))[:2]]
-        more = [_where(s, w, h) for s in picked]
-        return Example(task, key, *count, caption, image, more=more + _selections(rng, shapes, o.select))
+        more = [_where(s, w, h) for s in picked] + _selections(rng, shapes, o.select)
+        return Example(task, key, *count, _describe(shapes, w, h, order), image, more=more)
     target = shapes[int(rng.integers(n))]
     others = [_where(s, w, h) for s in shapes if s is not target]
     more = [*others, count, *_selections(rng, shapes, o.select)]
-    return Example(task, key + (target.name,), *_where(target, w, h), caption, image, more=more)
+    return Example(task, key + (target.name,), *_where(target, w, h), _describe(shapes, w, h, order), image, more=more)
 
 
 def text_strip(text: str, w: int, h: int, row: int, col: int) -> Image.Image:
