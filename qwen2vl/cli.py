@@ -143,11 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     cur.add_argument("--dtype", choices=["float32", "bfloat16"], default=Curriculum.dtype,
                      help="bfloat16: every stage trains under bf16 autocast (weights and optimizer stay fp32)")
     cur.add_argument("--rope-theta", type=float, default=Curriculum(out="").model["rope_theta"],
-                     help="the LLM's rotary base (Qwen2-VL's own is 1e6; the curriculum's pictures want far less)")
+                     help="the LLM's rotary base (default %(default)g; Qwen2-VL's own is 1e6, at which the LLM cannot "
+                          "tell a small picture's columns apart)")
     cur.add_argument("--mrope-section", type=int, nargs=3, metavar=("T", "H", "W"),
                      default=Curriculum(out="").model.get("mrope_section"),
                      help="how many of the LLM's head_dim/2 rotary frequencies, fastest first, turn with the temporal, "
-                          "height and width positions (default: split 1:1.5:1.5 as Qwen2-VL's)")
+                          "height and width positions (default: %(default)s; Qwen2-VL splits 1:1.5:1.5)")
     cur.add_argument("--caption-order", choices=["reading", "random"], default=Curriculum.caption_order,
                      help="list the shapes of a caption top to bottom, then left to right, or in a random order")
     cur.add_argument("--select", type=int, default=Curriculum.select,
