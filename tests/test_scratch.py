@@ -100,30 +100,38 @@ def test_curriculum_tokenizer_and_pipeline(tmp_path):
     assert lettered and not any(a in corpus for a in lettered) and "<|" not in corpus
 
 
+def picture_logits_match_transformers(path, grid: list[int], seed: int):
+    """Our logits for a prompt holding one random picture of ``grid`` (t, h, w patches), asserted equal to
+    transformers' for the same checkpoint; returns (our model, its inputs, the logits)."""
+    import transformers
+
+    ours = qwen2vl.Qwen2VL.from_pretrained(path)
+    ref = transformers.Qwen2VLForConditionalGeneration.from_pretrained(path).eval()
+    c = ours.config
+    grid = torch.tensor([grid])
+    tokens = int(grid.prod()) // 4
+    ids = torch.tensor([[5, 7, c.vision_start_token_id] + [c.image_token_id] * tokens + [c.vision_end_token_id, 9, 11]])
+    pv = torch.randn(tokens * 4, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        o = ours(ids, None, pv, grid)
+        r = ref(input_ids=ids, pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=(ids == c.image_token_id).long())
+    assert (o - r.logits).abs().max() < 1e-4
+    return ours, (ids, None, pv, grid), o
+
+
 def test_a_small_rope_theta_reaches_transformers_through_config_json(tmp_path):
     """The curriculum's models turn M-RoPE at rope_theta 50 (not 1e6, at which a picture's columns are one place to
     the LLM); config.json carries it, and transformers computes the same logits with a picture in the prompt, whose
     height and width positions are what it changes."""
     import json
 
-    import transformers
-
     path = init_model_dir(tmp_path / "m", TEXTS, vocab_size=300, rope_theta=50.0)
     assert json.loads((path / "config.json").read_text())["rope_theta"] == 50.0
-    ours = qwen2vl.Qwen2VL.from_pretrained(path)
-    ref = transformers.Qwen2VLForConditionalGeneration.from_pretrained(path).eval()
-    c = ours.config
-    grid = torch.tensor([[1, 6, 8]])  # 3 x 4 merged tokens
-    ids = torch.tensor([[5, 7, c.vision_start_token_id] + [c.image_token_id] * 12 + [c.vision_end_token_id, 9, 11]])
-    pv = torch.randn(48, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        o = ours(ids, None, pv, grid)
-        r = ref(input_ids=ids, pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=(ids == c.image_token_id).long())
-    assert (o - r.logits).abs().max() < 1e-4
+    ours, inputs, o = picture_logits_match_transformers(path, [1, 6, 8], seed=0)  # 3 x 4 merged tokens
     theta_1e6 = qwen2vl.Qwen2VL.from_pretrained(init_model_dir(tmp_path / "d", TEXTS, vocab_size=300))
     theta_1e6.load_state_dict(ours.state_dict())
     with torch.no_grad():
-        assert (theta_1e6(ids, None, pv, grid) - o).abs().max() > 1e-3  # the same weights, other positions
+        assert (theta_1e6(*inputs) - o).abs().max() > 1e-3  # the same weights, other positions
 
 
 def test_an_mrope_section_reaches_transformers_through_config_json(tmp_path):
@@ -132,25 +140,15 @@ def test_an_mrope_section_reaches_transformers_through_config_json(tmp_path):
     default split give others. A split that does not add up to head_dim/2 is refused, naming it."""
     import json
 
-    import transformers
-
     path = init_model_dir(tmp_path / "m", TEXTS, vocab_size=300, rope_theta=50.0, mrope_section=(4, 8, 20))
     assert json.loads((path / "config.json").read_text())["rope_scaling"]["mrope_section"] == [4, 8, 20]
-    ours = qwen2vl.Qwen2VL.from_pretrained(path)
-    ref = transformers.Qwen2VLForConditionalGeneration.from_pretrained(path).eval()
-    c = ours.config
-    grid = torch.tensor([[1, 4, 10]])  # 2 x 5 merged tokens: height and width positions differ
-    ids = torch.tensor([[5, 7, c.vision_start_token_id] + [c.image_token_id] * 10 + [c.vision_end_token_id, 9, 11]])
-    pv = torch.randn(40, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        o = ours(ids, None, pv, grid)
-        r = ref(input_ids=ids, pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=(ids == c.image_token_id).long())
-    assert (o - r.logits).abs().max() < 1e-4
+    # 2 x 5 merged tokens: height and width positions differ
+    ours, inputs, o = picture_logits_match_transformers(path, [1, 4, 10], seed=1)
     default = qwen2vl.Qwen2VL.from_pretrained(init_model_dir(tmp_path / "d", TEXTS, vocab_size=300, rope_theta=50.0))
     assert default.config.text.mrope_section == (8, 12, 12)
     default.load_state_dict(ours.state_dict())
     with torch.no_grad():
-        assert (default(ids, None, pv, grid) - o).abs().max() > 1e-3
+        assert (default(*inputs) - o).abs().max() > 1e-3
     with pytest.raises(qwen2vl.ConfigError, match="mrope_section"):
         init_model_dir(tmp_path / "bad", TEXTS, vocab_size=300, mrope_section=(4, 8, 8))
     assert not (tmp_path / "bad").exists()

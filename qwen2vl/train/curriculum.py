@@ -40,7 +40,7 @@ class Curriculum:
     grid: int = 28
     frame: bool = False  # a grey line along the edges of every shapes picture (synth.FRAME: tried, not better)
     select: int = 0  # synth's selection questions per counting and grounding picture
-    caption_order: str = "reading"  # synth's: the shapes of a caption top to bottom ("reading") or shuffled
+    caption_order: str = "reading"  # one of synth.CAPTION_ORDERS: top to bottom ("reading") or shuffled
     vocab_size: int = 1024  # an upper bound: the synthetic corpus runs out of merges at about 420
     # small_config keywords (width, layers, ...). The LLM's rotary frequencies: M-RoPE turns the fastest of a head's
     # 32 with the temporal position, the next with the height and the slowest with the width, in the numbers of

@@ -105,6 +105,7 @@ MARGIN, GAP = 4, 4  # pixels between a shape and the border / between two shapes
 CELL, CELL_INSET = 28, 2
 GRIDS = (1, 2, 7, 14, CELL)
 SHAPE_GRID = CELL  # the default
+CAPTION_ORDERS = ("reading", "random")  # a caption's shapes top to bottom, then left to right / shuffled
 NUMBER_WORDS = ("one", "two", "three", "four", "five", "six")
 _SPLITS = {"train": 0, "test": 1}
 
@@ -148,7 +149,7 @@ class Options:
     grid: int = SHAPE_GRID
     frame: bool = False
     select: int = 0
-    caption_order: str = "reading"
+    caption_order: str = CAPTION_ORDERS[0]
 
 
 # -- drawing -----------------------------------------------------------------------------------------------
@@ -434,8 +435,9 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 1200, *,
-               mix: dict[str, float] | None = None, min_side: int = 112, max_side: int = 224,
-               grid: int = SHAPE_GRID, frame: bool = False, select: int = 0, caption_order: str = "reading") -> dict:
+               mix: dict[str, float] | None = None, min_side: int = Options.min_side, max_side: int = Options.max_side,
+               grid: int = Options.grid, frame: bool = Options.frame, select: int = Options.select,
+               caption_order: str = Options.caption_order) -> dict:  # fmt: skip
     """Write the curriculum into ``out`` (created; a ValueError if it exists and is not empty) and return the
     number of examples per split and task: ``{"train": {"colour": n, ...}, "test": {...}}``.
 
@@ -456,8 +458,8 @@ def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 12
         raise ValueError(f"mix weighs tasks of {TASKS} with non-negative numbers, not all zero; got {mix}")
     if not 56 <= min_side <= max_side or -(-min_side // 28) * 28 > max_side:
         raise ValueError(f"need 56 <= min_side <= max_side with a multiple of 28 between, got {min_side}, {max_side}")
-    if caption_order not in ("reading", "random"):
-        raise ValueError(f"caption_order is 'reading' or 'random', got {caption_order!r}")
+    if caption_order not in CAPTION_ORDERS:
+        raise ValueError(f"caption_order is one of {CAPTION_ORDERS}, got {caption_order!r}")
     if select < 0:
         raise ValueError(f"select is a number of questions per picture, >= 0; got {select}")
     if grid not in GRIDS:
