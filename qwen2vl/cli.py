@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     cur.add_argument("--select", type=int, default=Curriculum.select,
                      help="ask up to this many selection questions more of each counting and grounding picture "
                           "(\"What colour is the circle?\", \"How many red shapes are there?\"; default 0)")
+    cur.add_argument("--lone-boxes", action=argparse.BooleanOptionalAction, default=Curriculum.lone_boxes,
+                     help="ask where the shape is (and give its box in the caption) also in one-shape pictures")
 
     data = verbs.add_parser("data", help="training data tools")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
@@ -173,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="list the shapes of a caption top to bottom, then left to right, or in a random order")
     synth.add_argument("--select", type=int, default=Curriculum.select,
                        help="ask up to this many selection questions more of each counting and grounding picture")
+    synth.add_argument("--lone-boxes", action=argparse.BooleanOptionalAction, default=Curriculum.lone_boxes,
+                       help="ask where the shape is (and give its box in the caption) also in one-shape pictures")
     check = data_verbs.add_parser("check", help="validate every record and show one with its supervised tokens")
     check.add_argument("file")
     check.add_argument("--model", required=True, help="checkpoint directory (its tokenizer and preprocessor)")
@@ -223,12 +227,14 @@ def main(argv: list[str] | None = None) -> int:
                            frame=args.frame, steps=tuple(args.steps), batch_tokens=args.batch_tokens,
                            focus_steps=args.focus_steps, lr=tuple(args.lr), focus_lr=args.focus_lr,
                            see_steps=args.see_steps, see_lr=args.see_lr, dtype=args.dtype, model=model,
-                           select=args.select, caption_order=args.caption_order))  # fmt: skip
+                           select=args.select, caption_order=args.caption_order,
+                           lone_boxes=args.lone_boxes))  # fmt: skip
         elif args.verb == "data" and args.data_verb == "synth":
             from .train.synth import synthesize
 
             counts = synthesize(args.out, args.seed, args.train, args.test, mix=_mix(args.mix), grid=args.grid,
-                                frame=args.frame, select=args.select, caption_order=args.caption_order)
+                                frame=args.frame, select=args.select, caption_order=args.caption_order,
+                                lone_boxes=args.lone_boxes)
             for split, tasks in counts.items():
                 print(f"{split}: " + ", ".join(f"{k} {v}" for k, v in tasks.items()))
         elif args.verb == "data" and args.data_verb == "check":

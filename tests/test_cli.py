@@ -157,13 +157,13 @@ def test_curriculum_flags_reach_the_run(monkeypatch):
                  "3e-3", "--focus-steps", "5", "--focus-lr", "4e-4", "--train-examples", "10", "--see-steps", "7",
                  "--see-lr", "6e-4", "--dtype", "float32",
                  "--rope-theta", "1e6", "--mix", "shape=2,ocr=1", "--grid", "1", "--frame", "--select", "2",
-                 "--mrope-section", "4", "8", "20", "--caption-order", "random"]) == 0  # fmt: skip
+                 "--mrope-section", "4", "8", "20", "--caption-order", "random", "--no-lone-boxes"]) == 0  # fmt: skip
     c = seen[-1]
     assert (c.seed, c.steps, c.lr, c.focus_steps, c.focus_lr, c.train_examples, c.mix, c.grid, c.frame) == (
         3, (1, 2, 3), (1e-3, 2e-3, 3e-3), 5, 4e-4, 10, {"shape": 2.0, "ocr": 1.0}, 1, True)  # fmt: skip
     assert c.model == {"rope_theta": 1e6, "mrope_section": (4, 8, 20)}
     assert (c.see_steps, c.see_lr, c.dtype, c.select) == (7, 6e-4, "float32", 2)  # not the default (bfloat16)
-    assert c.caption_order == "random"
+    assert c.caption_order == "random" and c.lone_boxes is False
 
 
 def test_the_curriculum_mix_reaches_the_synthesis(monkeypatch, tmp_path):
@@ -172,8 +172,9 @@ def test_the_curriculum_mix_reaches_the_synthesis(monkeypatch, tmp_path):
     class Stop(Exception):
         pass
 
-    def fake(out, seed, train, test, *, mix=None, grid=None, frame=None, select=None, caption_order=None):
-        raise Stop(mix, grid, frame, select, caption_order)
+    def fake(out, seed, train, test, *, mix=None, grid=None, frame=None, select=None, caption_order=None,
+             lone_boxes=None):
+        raise Stop(mix, grid, frame, select, caption_order, lone_boxes)
 
     defaults = inspect.signature(synth.synthesize).parameters
     frame_default = defaults["frame"].default
@@ -182,6 +183,10 @@ def test_the_curriculum_mix_reaches_the_synthesis(monkeypatch, tmp_path):
         curriculum.run(curriculum.Curriculum(out=str(tmp_path), mix={"shape": 2.0}))
     assert stopped.value.args[:4] == ({"shape": 2.0}, 28, False, 0)  # the 28-px cells, no frame, no selection questions
     assert stopped.value.args[4] == curriculum.Curriculum.caption_order == defaults["caption_order"].default
+    assert stopped.value.args[5] is curriculum.Curriculum.lone_boxes is defaults["lone_boxes"].default is True
+    with pytest.raises(Stop) as stopped:
+        curriculum.run(curriculum.Curriculum(out=str(tmp_path), lone_boxes=False))
+    assert stopped.value.args[5] is False
     with pytest.raises(Stop) as stopped:
         curriculum.run(curriculum.Curriculum(out=str(tmp_path), select=2))
     assert stopped.value.args[3] == 2
@@ -240,3 +245,12 @@ def test_data_synth_caption_order_reaches_the_captions(tmp_path):
                      "--mix", "counting=1", "--caption-order", order]) == 0  # fmt: skip
     reading, shuffled = ((tmp_path / o / "pretrain.jsonl").read_text() for o in ("reading", "random"))
     assert reading != shuffled and sorted(reading) == sorted(shuffled)  # the same phrases, other orders
+
+
+def test_data_synth_lone_boxes_reaches_the_questions(tmp_path):
+    for flag in ("--lone-boxes", "--no-lone-boxes"):
+        assert main(["data", "synth", "--out", str(tmp_path / flag), "--train", "6", "--test", "0",
+                     "--mix", "colour=1", flag]) == 0  # fmt: skip
+    boxes, lone = ((tmp_path / f / "train.jsonl").read_text().count("<|box_start|>") for f in ("--lone-boxes",
+                                                                                           "--no-lone-boxes"))
+    assert boxes == 6 and lone == 0  # one "Where is" per one-shape picture, or none

@@ -311,6 +311,38 @@ def test_captions_in_random_order_on_request(data, tmp_path):
         synthesize(tmp_path / "bad", caption_order="sorted")
 
 
+def test_no_boxes_for_lone_shapes_on_request(data, tmp_path):
+    """lone_boxes=False: a picture with one shape (its pixels say so) gets no "Where is" question and a caption
+    without a box; pictures with two or more shapes, every other question and the held-out split stay those of the
+    default."""
+    out, _ = data
+    lone = tmp_path / "lone"
+    synthesize(lone, seed=0, train=TRAIN, test=TEST, lone_boxes=False)
+    dropped = kept = 0
+    for plain, r in zip(records(out, "train.jsonl"), records(lone, "train.jsonl")):
+        assert media(plain) == media(r)
+        if "image" not in media(r) or r["task"] == "ocr":
+            assert r == plain
+            continue
+        assert (lone / media(r)["image"]).read_bytes() == (out / media(plain)["image"]).read_bytes()
+        n = len(shapes_in(lone / media(r)["image"]))
+        wheres = [t for t in turns(plain) if t[0].startswith("Where is")]
+        if n == 1:
+            assert sorted(turns(r)) == sorted(t for t in turns(plain) if t not in wheres)
+            dropped += len(wheres)
+        else:
+            assert r == plain
+            kept += len(wheres)
+    assert dropped >= 10 and kept >= 10
+    for plain, r in zip(records(out, "pretrain.jsonl"), records(lone, "pretrain.jsonl")):
+        if "image" in media(r) and r["task"] != "ocr" and len(shapes_in(lone / media(r)["image"])) == 1:
+            assert "<|box_start|>" in question(plain)
+            assert re.fullmatch(r"One shape: an? (%s) (%s)\." % ("|".join(COLOURS), "|".join(SHAPES)), question(r))
+        else:
+            assert r == plain
+    assert (lone / "test.jsonl").read_text() == (out / "test.jsonl").read_text()
+
+
 def off_grid(boxes: list[Box], grid: int = 14) -> int:
     """How many box edges lie more than a pixel from a multiple of ``grid`` (PIL may leave an edge pixel out)."""
     return sum(min(v % grid, grid - v % grid) > 1 for b in boxes for v in (b.x1, b.y1, b.x2, b.y2))

@@ -41,6 +41,7 @@ class Curriculum:
     frame: bool = False  # a grey line along the edges of every shapes picture (synth.FRAME: tried, not better)
     select: int = 0  # synth's selection questions per counting and grounding picture
     caption_order: str = "reading"  # one of synth.CAPTION_ORDERS: top to bottom ("reading") or shuffled
+    lone_boxes: bool = True  # synth's boxes (questions, captions) in one-shape pictures
     vocab_size: int = 1024  # an upper bound: the synthetic corpus runs out of merges at about 420
     # small_config keywords (width, layers, ...). The LLM's rotary frequencies: M-RoPE turns the fastest of a head's
     # 32 with the temporal position, the next with the height and the slowest with the width, in the numbers of
@@ -152,7 +153,7 @@ def run(c: Curriculum) -> dict:
     if not (data / "test.jsonl").exists():
         log(f"synthesizing {c.train_examples} training and {c.test_examples} held-out examples")
         synthesize(data, c.seed, c.train_examples, c.test_examples, mix=c.mix, grid=c.grid, frame=c.frame,
-                   select=c.select, caption_order=c.caption_order)
+                   select=c.select, caption_order=c.caption_order, lone_boxes=c.lone_boxes)
     stage2 = stage2_data(data)
     model = out / "init"
     if not model.exists():

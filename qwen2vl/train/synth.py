@@ -150,6 +150,7 @@ class Options:
     frame: bool = False
     select: int = 0
     caption_order: str = CAPTION_ORDERS[0]
+    lone_boxes: bool = True
 
 
 # -- drawing -----------------------------------------------------------------------------------------------
@@ -227,16 +228,18 @@ def _article(phrase: str) -> str:
     return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
 
 
-def _describe(shapes: list[Shape], w: int, h: int, rng: np.random.Generator | None = None) -> str:
+def _describe(shapes: list[Shape], w: int, h: int, rng: np.random.Generator | None = None, *,
+              boxes: bool = True) -> str:
     """'Two shapes: <ref>a red circle</ref><box>(..),(..)</box> and <ref>a blue square</ref><box>..</box>.', each
     shape with its box in the grounding format: a caption that teaches counting, colours, kinds and where things are
     at once (the paper's grounding pretraining data looks so). The shapes are listed top to bottom, then left to
-    right, or (given ``rng``) in a random order, so that only its label tells which shape a box belongs to."""
+    right, or (given ``rng``) in a random order, so that only its label tells which shape a box belongs to.
+    ``boxes=False``: the shapes without their boxes ('One shape: a red circle.')."""
     n = len(shapes)
     ordered = sorted(shapes, key=lambda s: (s.y, s.x))
     if rng is not None:
         ordered = [ordered[int(i)] for i in rng.permutation(n)]
-    phrases = [format_box(s.box, w, h, label=_article(s.name)) for s in ordered]
+    phrases = [format_box(s.box, w, h, label=_article(s.name)) if boxes else _article(s.name) for s in ordered]
     listed = phrases[0] if n == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     return f"{NUMBER_WORDS[n - 1].capitalize()} shape{'s' if n > 1 else ''}: {listed}."
 
@@ -285,12 +288,13 @@ def _shapes_example(task: str, rng: np.random.Generator, o: Options) -> Example:
     if task in ("colour", "shape"):  # every question about the one shape
         colour, kind = (QUESTIONS["colour"], shapes[0].colour), (QUESTIONS["shape"], shapes[0].kind)
         first, rest = (colour, kind) if task == "colour" else (kind, colour)
-        more = [rest, count, _where(shapes[0], w, h)]
-        return Example(task, key, *first, _describe(shapes, w, h, order), image, more=more)
+        more = [rest, count] + ([_where(shapes[0], w, h)] if o.lone_boxes else [])
+        return Example(task, key, *first, _describe(shapes, w, h, order, boxes=o.lone_boxes), image, more=more)
     if task == "counting":  # and where up to two of the shapes that have a name of their own are
         picked = [unique[i] for i in rng.permutation(len(unique))[:2]]
-        more = [_where(s, w, h) for s in picked] + _selections(rng, shapes, o.select)
-        return Example(task, key, *count, _describe(shapes, w, h, order), image, more=more)
+        boxes = o.lone_boxes or len(shapes) > 1
+        more = [_where(s, w, h) for s in picked if boxes] + _selections(rng, shapes, o.select)
+        return Example(task, key, *count, _describe(shapes, w, h, order, boxes=boxes), image, more=more)
     target = shapes[int(rng.integers(n))]
     others = [_where(s, w, h) for s in shapes if s is not target]
     more = [*others, count, *_selections(rng, shapes, o.select)]
@@ -437,7 +441,7 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 1200, *,
                mix: dict[str, float] | None = None, min_side: int = Options.min_side, max_side: int = Options.max_side,
                grid: int = Options.grid, frame: bool = Options.frame, select: int = Options.select,
-               caption_order: str = Options.caption_order) -> dict:  # fmt: skip
+               caption_order: str = Options.caption_order, lone_boxes: bool = Options.lone_boxes) -> dict:  # fmt: skip
     """Write the curriculum into ``out`` (created; a ValueError if it exists and is not empty) and return the
     number of examples per split and task: ``{"train": {"colour": n, ...}, "test": {...}}``.
 
@@ -447,7 +451,9 @@ def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 12
     (pixels; ``CELL``: blocks of 28-px cells, each shape drawn CELL_INSET px inside its block).
     ``frame``: draw a grey frame along the edges of the shapes pictures (not the text strips or the clips).
     ``select``: ask up to this many SELECT questions more of each counting and grounding picture (train split).
-    ``caption_order``: the shapes of a caption top to bottom, then left to right ("reading"), or shuffled ("random")."""
+    ``caption_order``: the shapes of a caption top to bottom, then left to right ("reading"), or shuffled ("random").
+    ``lone_boxes``: in the train split, ask where the shape is, and give its box in the caption, also when a picture
+    has only one shape (False: boxes only among two or more shapes; the held-out split is the same either way)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty directory")
@@ -467,7 +473,7 @@ def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 12
     for sub in ("images", "videos"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     taken: set[tuple] = set()
-    o = Options(min_side, max_side, grid, frame, select, caption_order)
+    o = Options(min_side, max_side, grid, frame, select, caption_order, lone_boxes)
     train_records, captions, train_counts = _split(out, "train", train, seed, mix, o, taken)
     test_records, _, test_counts = _split(out, "test", test, seed, None, o, taken)
     _write_jsonl(out / "pretrain.jsonl", captions)
