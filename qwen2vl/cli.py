@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                      default=Curriculum(out="").model.get("mrope_section"),
                      help="how many of the LLM's head_dim/2 rotary frequencies, fastest first, turn with the temporal, "
                           "height and width positions (default: %(default)s; Qwen2-VL splits 1:1.5:1.5)")
+    cur.add_argument("--kv-heads", type=int, choices=[1, 2, 4], default=Curriculum(out="").model["kv_heads"],
+                     help="the LLM's key/value heads, shared by its 4 query heads (default %(default)s: one each)")
     cur.add_argument("--caption-order", choices=["reading", "random"], default=Curriculum.caption_order,
                      help="list the shapes of a caption top to bottom, then left to right, or in a random order")
     cur.add_argument("--select", type=int, default=Curriculum.select,
@@ -222,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             model = {**Curriculum(out=args.out).model, "rope_theta": args.rope_theta}  # keep its other model keys
             if args.mrope_section:
                 model["mrope_section"] = tuple(args.mrope_section)
+            model["kv_heads"] = args.kv_heads
             run(Curriculum(out=args.out, seed=args.seed, train_examples=args.train_examples,
                            test_examples=args.test_examples, mix=_mix(args.mix), grid=args.grid,
                            frame=args.frame, steps=tuple(args.steps), batch_tokens=args.batch_tokens,
