@@ -3,8 +3,8 @@
 The model is the curriculum's (``scratch.small_config`` with ``Curriculum.model``: ViT 4x128, LLM 4x256 with 4
 heads and 4 KV heads, rope_theta 1000, its ~430-token vocabulary; the README's figures were measured with the
 earlier 2 KV heads and rope_theta 50), random weights from ``init_model_dir`` on a small synthesis
-(``--examples`` of the stage-2 mix: captions and conversations, images 112-224 px, 8-frame clips). Each step is one packed row of <=
-2048 tokens (some 20 samples and as many pictures), forward + backward + AdamW, 2 threads.
+(``--examples`` of the stage-2 mix: captions and conversations, images 112-224 px, 8-frame clips). Each step is
+one packed row of <= 2048 tokens (some 20 samples and as many pictures), forward + backward + AdamW, 2 threads.
 
   ours          the trainer's step: ``packing.pack`` + ``loss_sum`` (per-sample attention in the ViT and the LLM)
   transformers  5.24's Qwen2VLForConditionalGeneration (sdpa), the same weights, on the same samples: each row's

@@ -157,7 +157,8 @@ def test_curriculum_flags_reach_the_run(monkeypatch):
                  "3e-3", "--focus-steps", "5", "--focus-lr", "4e-4", "--train-examples", "10", "--see-steps", "7",
                  "--see-lr", "6e-4", "--dtype", "float32",
                  "--rope-theta", "1e6", "--mix", "shape=2,ocr=1", "--grid", "1", "--frame", "--select", "2",
-                 "--mrope-section", "4", "8", "20", "--caption-order", "random", "--no-lone-boxes", "--kv-heads", "2"]) == 0  # fmt: skip
+                 "--mrope-section", "4", "8", "20", "--caption-order", "random", "--no-lone-boxes",
+                 "--kv-heads", "2"]) == 0  # fmt: skip
     c = seen[-1]
     assert (c.seed, c.steps, c.lr, c.focus_steps, c.focus_lr, c.train_examples, c.mix, c.grid, c.frame) == (
         3, (1, 2, 3), (1e-3, 2e-3, 3e-3), 5, 4e-4, 10, {"shape": 2.0, "ocr": 1.0}, 1, True)  # fmt: skip
