@@ -124,11 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     cur.add_argument("--train-examples", type=int, default=Curriculum.train_examples)
     cur.add_argument("--test-examples", type=int, default=Curriculum.test_examples)
     cur.add_argument("--mix", metavar="TASK=W,...", help="weigh the train split's tasks (default: the synth mix)")
-    cur.add_argument("--grid", type=int, default=Curriculum.grid, choices=[1, 2, 7, 14, 28],
-                     help="shapes' positions and sizes are multiples of this many pixels (14: the patch grid; "
-                     "28: blocks of the 28-px cells one merged token covers, each shape drawn 2 px inside its block)")
-    cur.add_argument("--frame", action=argparse.BooleanOptionalAction, default=Curriculum.frame,
-                     help="draw a grey line along the edges of the shapes pictures (default: no)")
+    add_synth_arguments(cur)  # the synthesis's own flags, shared with `data synth`
     cur.add_argument("--steps", type=int, nargs=3, default=list(Curriculum.steps), metavar=("S1", "S2", "S3"))
     cur.add_argument("--batch-tokens", type=int, default=Curriculum.batch_tokens)
     cur.add_argument("--focus-steps", type=int, default=Curriculum.focus_steps,
@@ -151,13 +147,6 @@ def main(argv: list[str] | None = None) -> int:
                           "height and width positions (default: %(default)s; Qwen2-VL splits 1:1.5:1.5)")
     cur.add_argument("--kv-heads", type=int, choices=[1, 2, 4], default=Curriculum(out="").model["kv_heads"],
                      help="the LLM's key/value heads, shared by its 4 query heads (default %(default)s: one each)")
-    cur.add_argument("--caption-order", choices=["reading", "random"], default=Curriculum.caption_order,
-                     help="list the shapes of a caption top to bottom, then left to right, or in a random order")
-    cur.add_argument("--select", type=int, default=Curriculum.select,
-                     help="ask up to this many selection questions more of each counting and grounding picture "
-                          "(\"What colour is the circle?\", \"How many red shapes are there?\"; default 0)")
-    cur.add_argument("--lone-boxes", action=argparse.BooleanOptionalAction, default=Curriculum.lone_boxes,
-                     help="ask where the shape is (and give its box in the caption) also in one-shape pictures")
 
     data = verbs.add_parser("data", help="training data tools")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
@@ -168,17 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--test", type=int, default=Curriculum.test_examples)
     synth.add_argument("--mix", metavar="TASK=W,...", help="weigh the train split's tasks, e.g. ocr=1 or "
                        "colour=1,grounding=2 (tasks left out get none; default: the curriculum's mix)")
-    synth.add_argument("--grid", type=int, default=Curriculum.grid, choices=[1, 2, 7, 14, 28],
-                       help="shapes' positions and sizes are multiples of this many pixels (14: the patch grid; "
-                       "28: blocks of the 28-px cells one merged token covers, each shape drawn 2 px inside its block)")
-    synth.add_argument("--frame", action=argparse.BooleanOptionalAction, default=Curriculum.frame,
-                       help="draw a grey line along the edges of the shapes pictures (default: no)")
-    synth.add_argument("--caption-order", choices=["reading", "random"], default=Curriculum.caption_order,
-                       help="list the shapes of a caption top to bottom, then left to right, or in a random order")
-    synth.add_argument("--select", type=int, default=Curriculum.select,
-                       help="ask up to this many selection questions more of each counting and grounding picture")
-    synth.add_argument("--lone-boxes", action=argparse.BooleanOptionalAction, default=Curriculum.lone_boxes,
-                       help="ask where the shape is (and give its box in the caption) also in one-shape pictures")
+    add_synth_arguments(synth)
     check = data_verbs.add_parser("check", help="validate every record and show one with its supervised tokens")
     check.add_argument("file")
     check.add_argument("--model", required=True, help="checkpoint directory (its tokenizer and preprocessor)")
@@ -248,6 +227,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qwen2vl: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def add_synth_arguments(p: argparse.ArgumentParser) -> None:
+    """The synthesis options that `data synth` and `curriculum` share, with the curriculum's defaults."""
+    from .train.curriculum import Curriculum
+
+    p.add_argument("--grid", type=int, default=Curriculum.grid, choices=[1, 2, 7, 14, 28],
+                   help="shapes' positions and sizes are multiples of this many pixels (14: the patch grid; "
+                   "28: blocks of the 28-px cells one merged token covers, each shape drawn 2 px inside its block)")
+    p.add_argument("--frame", action=argparse.BooleanOptionalAction, default=Curriculum.frame,
+                   help="draw a grey line along the edges of the shapes pictures (default: no)")
+    p.add_argument("--caption-order", choices=["reading", "random"], default=Curriculum.caption_order,
+                   help="list the shapes of a caption top to bottom, then left to right, or in a random order")
+    p.add_argument("--select", type=int, default=Curriculum.select,
+                   help="ask up to this many selection questions more of each counting and grounding picture "
+                        "(\"What colour is the circle?\", \"How many red shapes are there?\"; default 0)")
+    p.add_argument("--lone-boxes", action=argparse.BooleanOptionalAction, default=Curriculum.lone_boxes,
+                   help="ask where the shape is (and give its box in the caption) also in one-shape pictures")
 
 
 def add_media_arguments(p: argparse.ArgumentParser) -> None:

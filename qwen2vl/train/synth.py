@@ -293,7 +293,7 @@ def _shapes_example(task: str, rng: np.random.Generator, o: Options) -> Example:
     if task == "counting":  # and where up to two of the shapes that have a name of their own are
         picked = [unique[i] for i in rng.permutation(len(unique))[:2]]
         boxes = o.lone_boxes or len(shapes) > 1
-        more = [_where(s, w, h) for s in picked if boxes] + _selections(rng, shapes, o.select)
+        more = ([_where(s, w, h) for s in picked] if boxes else []) + _selections(rng, shapes, o.select)
         return Example(task, key, *count, _describe(shapes, w, h, order, boxes=boxes), image, more=more)
     target = shapes[int(rng.integers(n))]
     others = [_where(s, w, h) for s in shapes if s is not target]
