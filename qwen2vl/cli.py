@@ -15,7 +15,7 @@ import torch
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "qwen2vl-synth"
 
 
-def _mix(text: str | None) -> dict[str, float] | None:
+def _mix(text: str | None, flag: str = "--mix") -> dict[str, float] | None:
     """``--mix colour=1,ocr=2`` -> {"colour": 1.0, "ocr": 2.0}; synthesize checks the task names and weights."""
     if text is None:
         return None
@@ -25,7 +25,7 @@ def _mix(text: str | None) -> dict[str, float] | None:
         try:
             mix[task.strip()] = float(weight)
         except ValueError:
-            raise ValueError(f"--mix wants TASK=WEIGHT pairs separated by commas, got {item!r}") from None
+            raise ValueError(f"{flag} wants TASK=WEIGHT pairs separated by commas, got {item!r}") from None
     return mix
 
 
@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--test", type=int, default=Curriculum.test_examples)
     synth.add_argument("--mix", metavar="TASK=W,...", help="weigh the train split's tasks, e.g. ocr=1 or "
                        "colour=1,grounding=2 (tasks left out get none; default: the curriculum's mix)")
+    synth.add_argument("--test-mix", metavar="TASK=W,...", help="weigh the held-out split's tasks the same way "
+                       "(default: all six equally); e.g. --seed 1000 --train 0 --test 600 --test-mix grounding=1 "
+                       "for 600 fresh grounding pictures")
     add_synth_arguments(synth)
     check = data_verbs.add_parser("check", help="validate every record and show one with its supervised tokens")
     check.add_argument("file")
@@ -214,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "data" and args.data_verb == "synth":
             from .train.synth import synthesize
 
-            counts = synthesize(args.out, args.seed, args.train, args.test, mix=_mix(args.mix), grid=args.grid,
+            counts = synthesize(args.out, args.seed, args.train, args.test, mix=_mix(args.mix),
+                                test_mix=_mix(args.test_mix, "--test-mix"), grid=args.grid,
                                 frame=args.frame, select=args.select, caption_order=args.caption_order,
                                 lone_boxes=args.lone_boxes)
             for split, tasks in counts.items():

@@ -237,6 +237,31 @@ def test_data_synth_mix_weighs_the_train_split(tmp_path, capsys):
         assert err.startswith("qwen2vl: error:") and named in err and "Traceback" not in err
 
 
+def test_data_synth_test_mix_weighs_the_held_out_split(tmp_path, capsys):
+    """--test-mix grounding=1 --train 0: a held-out split of grounding pictures alone, to score the boxes on
+    fresh pictures; the default split stays even over the six tasks."""
+    import json
+
+    assert main(["data", "synth", "--out", str(tmp_path / "g"), "--seed", "1000", "--train", "0", "--test", "8",
+                 "--test-mix", "grounding=1"]) == 0  # fmt: skip
+    test = [json.loads(line) for line in (tmp_path / "g" / "test.jsonl").read_text().splitlines()]
+    assert [(r["task"], r["metric"]) for r in test] == [("grounding", "box")] * 8
+    assert "test: colour 0, shape 0, counting 0, grounding 8, ocr 0, direction 0" in capsys.readouterr().out
+    assert (tmp_path / "g" / "train.jsonl").read_text() == ""
+    assert main(["data", "synth", "--out", str(tmp_path / "h"), "--train", "0", "--test", "6",
+                 "--test-mix", "grounding=1,ocr=2"]) == 0  # fmt: skip
+    tasks = [json.loads(line)["task"] for line in (tmp_path / "h" / "test.jsonl").read_text().splitlines()]
+    assert sorted(tasks) == ["grounding"] * 2 + ["ocr"] * 4
+    capsys.readouterr()
+    for bad, named in (("grounding", "--test-mix wants"), ("grounding=1,boxes=1", "test_mix"),
+                       ("grounding=0", "test_mix")):  # fmt: skip
+        assert main(["data", "synth", "--out", str(tmp_path / "b"), "--train", "0", "--test", "2",
+                     "--test-mix", bad]) == 1  # fmt: skip
+        err = capsys.readouterr().err
+        assert err.startswith("qwen2vl: error:") and named in err and "Traceback" not in err
+    assert not (tmp_path / "b").exists()  # refused before anything was written
+
+
 def test_data_synth_select_asks_selection_questions(tmp_path):
     import json
 

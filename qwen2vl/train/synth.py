@@ -439,16 +439,20 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 1200, *,
-               mix: dict[str, float] | None = None, min_side: int = Options.min_side, max_side: int = Options.max_side,
+               mix: dict[str, float] | None = None, test_mix: dict[str, float] | None = None,
+               min_side: int = Options.min_side, max_side: int = Options.max_side,
                grid: int = Options.grid, frame: bool = Options.frame, select: int = Options.select,
                caption_order: str = Options.caption_order, lone_boxes: bool = Options.lone_boxes) -> dict:  # fmt: skip
     """Write the curriculum into ``out`` (created; a ValueError if it exists and is not empty) and return the
     number of examples per split and task: ``{"train": {"colour": n, ...}, "test": {...}}``.
 
     ``mix`` weighs the tasks in the train split (default ``TRAIN_MIX``); the test split is spread evenly over
-    all six tasks (by default 200 each: at 50 one answer moved a score by 2 points). Image sides are multiples of
-    28 drawn uniformly from [min_side, max_side]. ``grid``: the shapes' positions and sizes are multiples of it
-    (pixels; ``CELL``: blocks of 28-px cells, each shape drawn CELL_INSET px inside its block).
+    all six tasks (by default 200 each: at 50 one answer moved a score by 2 points), or weighed by ``test_mix``:
+    ``train=0, test_mix={"grounding": 1}`` with a seed no model trained on gives fresh pictures to score one skill
+    on (a seed's held-out and train pictures come from its own random streams; seed 0's are the curriculum's).
+    Image sides are multiples of 28 drawn uniformly from [min_side, max_side]. ``grid``: the shapes' positions and
+    sizes are multiples of it (pixels; ``CELL``: blocks of 28-px cells, each shape drawn CELL_INSET px inside its
+    block).
     ``frame``: draw a grey frame along the edges of the shapes pictures (not the text strips or the clips).
     ``select``: ask up to this many SELECT questions more of each counting and grounding picture (train split).
     ``caption_order``: the shapes of a caption top to bottom, then left to right ("reading"), or shuffled ("random").
@@ -460,8 +464,10 @@ def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 12
     if train < 0 or test < 0 or seed < 0:
         raise ValueError("train, test and seed must be non-negative")
     mix = dict(TRAIN_MIX if mix is None else mix)
-    if set(mix) - set(TASKS) or any(not (v >= 0) for v in mix.values()) or not sum(mix.values()) > 0:
-        raise ValueError(f"mix weighs tasks of {TASKS} with non-negative numbers, not all zero; got {mix}")
+    for name, weights in (("mix", mix), ("test_mix", test_mix)):
+        if weights is not None and (set(weights) - set(TASKS) or any(not (v >= 0) for v in weights.values())
+                                    or not sum(weights.values()) > 0):  # fmt: skip
+            raise ValueError(f"{name} weighs tasks of {TASKS} with non-negative numbers, not all zero; got {weights}")
     if not 56 <= min_side <= max_side or -(-min_side // 28) * 28 > max_side:
         raise ValueError(f"need 56 <= min_side <= max_side with a multiple of 28 between, got {min_side}, {max_side}")
     if caption_order not in CAPTION_ORDERS:
@@ -475,7 +481,7 @@ def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 12
     taken: set[tuple] = set()
     o = Options(min_side, max_side, grid, frame, select, caption_order, lone_boxes)
     train_records, captions, train_counts = _split(out, "train", train, seed, mix, o, taken)
-    test_records, _, test_counts = _split(out, "test", test, seed, None, o, taken)
+    test_records, _, test_counts = _split(out, "test", test, seed, test_mix, o, taken)
     _write_jsonl(out / "pretrain.jsonl", captions)
     _write_jsonl(out / "train.jsonl", train_records)
     _write_jsonl(out / "test.jsonl", test_records)
