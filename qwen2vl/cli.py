@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="before the reading focus, this many steps on the shape, counting and grounding "
                           "conversations alone (default 0: none)")
     cur.add_argument("--see-lr", type=float, default=Curriculum.see_lr, help="peak learning rate of --see-steps")
+    cur.add_argument("--split-boxes", action=argparse.BooleanOptionalAction, default=Curriculum.split_boxes,
+                     help="stage 3 asks each picture's \"Where is\" questions one per conversation, so that no box "
+                          "can be told by leaving out those already given (default: %(default)s)")
     cur.add_argument("--dtype", choices=["float32", "bfloat16"], default=Curriculum.dtype,
                      help="bfloat16: every stage trains under bf16 autocast (weights and optimizer stay fp32)")
     cur.add_argument("--rope-theta", type=float, default=Curriculum(out="").model["rope_theta"],
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                            focus_steps=args.focus_steps, lr=tuple(args.lr), focus_lr=args.focus_lr,
                            see_steps=args.see_steps, see_lr=args.see_lr, dtype=args.dtype, model=model,
                            select=args.select, caption_order=args.caption_order,
-                           lone_boxes=args.lone_boxes))  # fmt: skip
+                           lone_boxes=args.lone_boxes, split_boxes=args.split_boxes))  # fmt: skip
         elif args.verb == "data" and args.data_verb == "synth":
             from .train.synth import synthesize
 

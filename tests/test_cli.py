@@ -158,14 +158,15 @@ def test_curriculum_flags_reach_the_run(monkeypatch):
                  "--see-lr", "6e-4", "--dtype", "float32",
                  "--rope-theta", "1e6", "--mix", "shape=2,ocr=1", "--grid", "1", "--frame", "--select", "2",
                  "--mrope-section", "4", "8", "20", "--caption-order", "random", "--no-lone-boxes",
-                 "--kv-heads", "2"]) == 0  # fmt: skip
+                 "--kv-heads", "2", "--no-split-boxes"]) == 0  # fmt: skip
     c = seen[-1]
     assert (c.seed, c.steps, c.lr, c.focus_steps, c.focus_lr, c.train_examples, c.mix, c.grid, c.frame) == (
         3, (1, 2, 3), (1e-3, 2e-3, 3e-3), 5, 4e-4, 10, {"shape": 2.0, "ocr": 1.0}, 1, True)  # fmt: skip
     assert c.model == {"rope_theta": 1e6, "mrope_section": (4, 8, 20), "kv_heads": 2}
     assert curriculum.Curriculum(out="").model["kv_heads"] == 4  # the default, one per query head
+    assert curriculum.Curriculum(out="").split_boxes is True  # the default: one box question per conversation
     assert (c.see_steps, c.see_lr, c.dtype, c.select) == (7, 6e-4, "float32", 2)  # not the default (bfloat16)
-    assert c.caption_order == "random" and c.lone_boxes is False
+    assert c.caption_order == "random" and c.lone_boxes is False and c.split_boxes is False
 
 
 def test_curriculum_refuses_kv_heads_that_do_not_divide_the_heads(monkeypatch, capsys):

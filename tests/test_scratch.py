@@ -85,8 +85,10 @@ def test_curriculum_tokenizer_and_pipeline(tmp_path):
         assert (out / f"stage{stage}-model" / "tokenizer.json").is_file()
     clips = len(list((data := out / "data").glob("videos/train-*.mp4")))  # decoded once, read back by later stages
     assert clips and len(list((out / "cache" / "videos").rglob("*.npz"))) == clips
-    assert json.loads((out / "stage3" / "checkpoint-2" / "trainer_state.json").read_text())["config"][
-        "video_cache"] == str(out / "cache" / "videos")
+    stage3 = json.loads((out / "stage3" / "checkpoint-2" / "trainer_state.json").read_text())["config"]
+    assert stage3["video_cache"] == str(out / "cache" / "videos")
+    assert stage3["data"] == str(data / "stage3.jsonl")  # split_boxes (default): one box question per conversation
+    assert len((data / "stage3.jsonl").read_text().splitlines()) > len((data / "train.jsonl").read_text().splitlines())
     shipped = qwen2vl.Qwen2VL.from_pretrained(out / "model")  # what is evaluated: the last stage, in bfloat16
     assert {p.dtype for p in shipped.parameters()} == {torch.bfloat16}
     tok = Tokenizer.from_file(out / "init" / "tokenizer.json")

@@ -4,6 +4,7 @@ The answers are checked against the pictures themselves (connected regions of no
 bounding boxes and a crude shape classifier), not against the generator's own bookkeeping."""
 
 import hashlib
+import json
 import re
 from collections import deque
 from pathlib import Path
@@ -468,3 +469,36 @@ def test_refuses_a_non_empty_directory(tmp_path):
     counts = synthesize(tmp_path / "empty", train=0, test=0)
     assert counts == {"train": dict.fromkeys(TASKS, 0), "test": dict.fromkeys(TASKS, 0)}
     assert (tmp_path / "empty" / "train.jsonl").read_text() == ""
+
+
+def test_one_box_each_splits_the_where_questions(data, tmp_path):
+    """Stage 3's --split-boxes data: every question and answer of the source once, each picture's "Where is"
+    questions one per conversation (the first keeps the others), every conversation opening with its picture."""
+    from qwen2vl.train.curriculum import one_box_each
+
+    out, _ = data
+    source = (out / "train.jsonl").read_text().splitlines()
+    split = one_box_each(out / "train.jsonl", tmp_path / "stage3.jsonl").read_text().splitlines()
+
+    def pairs(line: str) -> list[tuple[str, str, str]]:
+        record = json.loads(line)
+        m = record["messages"]
+        assert isinstance(m[0]["content"], list) and media(record)["type"] in ("image", "video")
+        texts = [q["content"] if i else question(record) for i, q in enumerate(m[::2])]
+        return [(json.dumps(media(record)), t, a["content"]) for t, a in zip(texts, m[1::2])]
+
+    def boxes_asked(line: str) -> int:
+        return sum(t.startswith("Where is") for _, t, _ in pairs(line))
+
+    assert sorted(p for line in split for p in pairs(line)) == sorted(p for line in source for p in pairs(line))
+    assert max(boxes_asked(line) for line in split) == 1
+    several = [line for line in source if boxes_asked(line) > 1]
+    assert several and len(split) == len(source) + sum(boxes_asked(line) - 1 for line in several)
+    assert set(source) - set(several) <= set(split)  # the others are copied byte for byte
+    first = json.loads(several[0])
+    parts = [json.loads(line) for line in split if media(json.loads(line)) == media(first)]
+    assert len(parts) == boxes_asked(several[0]) and {r["task"] for r in parts} == {first["task"]}
+    assert sum(len(r["messages"]) for r in parts) == len(first["messages"])
+    for line in several:  # each picture's first conversation opens with the question the picture opened with
+        opened = [json.loads(x) for x in split if media(json.loads(x)) == media(json.loads(line))][0]
+        assert question(opened) == question(json.loads(line))
