@@ -17,8 +17,8 @@ FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenize
 # What the shipped model scored on these 120 questions (20 per task) when it was committed, less one question per
 # task: greedy decoding on fixed pictures is deterministic on one machine, and the margin absorbs a borderline
 # answer that another CPU's float rounding may flip. Only a deliberate retraining should move these.
-# Measured: colour 20/20, counting 19/20, direction 20/20, grounding 9/20, OCR 20/20, shape 20/20.
-FLOORS = {"colour": 0.95, "counting": 0.9, "direction": 0.95, "grounding": 0.4, "ocr": 0.95, "shape": 0.95}
+# Measured: colour 20/20, counting 20/20, direction 20/20, grounding 10/20, OCR 20/20, shape 20/20.
+FLOORS = {"colour": 0.95, "counting": 0.95, "direction": 0.95, "grounding": 0.45, "ocr": 0.95, "shape": 0.95}
 
 
 def test_a_complete_hub_directory_within_20_mb():
