@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-model-len", type=int, default=32768, help="prompt + answer tokens per request")
     serve.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
     serve.add_argument("--max-queue", type=int, default=32, help="requests waiting for a slot; more get 429")
+    serve.add_argument("--max-request-bytes", type=int, default=64 * 2**20,
+                       help="largest request body accepted; more get 413 (default 64 MiB)")  # fmt: skip
     serve.add_argument("--limit-mm-per-prompt", default='{"image": 4, "video": 1}', help="JSON, per request")
     serve.add_argument("--allowed-local-media-path", metavar="DIR", help="local files (file:// or paths) only inside")
     serve.add_argument("--allowed-media-domains", nargs="*", default=[], metavar="D",
@@ -400,7 +402,7 @@ def run_serve(args: argparse.Namespace) -> None:
         api_key=args.api_key or os.environ.get("QWEN2VL_API_KEY"), max_model_len=args.max_model_len,
         max_batch_size=args.max_batch_size, max_queue=args.max_queue, limit_mm_per_prompt=limits,
         allowed_local_media_path=args.allowed_local_media_path,
-        allowed_media_domains=tuple(args.allowed_media_domains),
+        allowed_media_domains=tuple(args.allowed_media_domains), max_request_bytes=args.max_request_bytes,
     )  # fmt: skip
     if args.served_model_name:
         config.model_name = args.served_model_name

@@ -16,6 +16,7 @@ request runs at batch 1.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,14 +25,17 @@ import torch
 from .cache import KVCache
 from .sampling import SamplingParams, choose
 
+log = logging.getLogger("qwen2vl.batch")
+
 
 @dataclass
 class Sequence:
     """One request: its prompt (batch 1), limits and sampling, and where its tokens go.
 
     ``emit(token_id)`` receives every new token; ``finish(reason)`` is called once at the end with "stop"
-    (an eos id), "length" (max_new_tokens or the cache limit) or "cancelled". Set ``cancelled`` from any thread
-    to end the sequence at the next step."""
+    (an eos id), "length" (max_new_tokens or the cache limit), "cancelled" or "error" (choosing or emitting
+    its token raised: that sequence ends alone, the batch goes on). Set ``cancelled`` from any thread to end
+    the sequence at the next step."""
 
     input_ids: torch.Tensor  # [1, L]
     media: dict[str, torch.Tensor]
@@ -180,7 +184,14 @@ class Batcher:
     # -- per sequence -------------------------------------------------------------------------------------
 
     def _take(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Choose, emit and record the next token of ``seq``; retire it when it is done."""
+        """Choose, emit and record the next token of ``seq``; retire it when it is done, or alone when this fails."""
+        try:
+            self._next(seq, logits)
+        except Exception:
+            log.exception("sequence in row %d failed; ending it alone", seq.row)
+            self._retire(seq, "error")
+
+    def _next(self, seq: Sequence, logits: torch.Tensor) -> None:
         token = int(choose(logits, seq.params, seq.seen, seq.generator)[0])
         seq.generated += 1
         seq.last = token
@@ -193,6 +204,7 @@ class Batcher:
         if seq.generated >= seq.max_new_tokens or at_limit:
             self._retire(seq, "length")
 
+    @torch.inference_mode()  # the cache's tensors may be inference tensors (made in admit/step): write them here
     def _retire(self, seq: Sequence, reason: str) -> None:
         if seq.done:
             return
@@ -202,7 +214,10 @@ class Batcher:
             self.cache.key_mask[seq.row] = False
         if not self.active:
             self.cache.length = 0  # nothing live: start the timeline over
-        seq.finish(reason)
+        try:
+            seq.finish(reason)
+        except Exception:  # a listener that is gone must not take the engine with it
+            log.exception("finish callback failed")
 
     def end_all(self, reason: str) -> None:
         """End every live row now (``finish(reason)`` on each) and free its slot: what a server does when a step

@@ -1,8 +1,14 @@
 """Next-token choice from logits, in the order transformers applies its processors:
-repetition penalty, then temperature, top-k, top-p, then argmax or a draw."""
+repetition penalty, then temperature, top-k, top-p, then argmax or a draw.
+
+Every value that passes ``SamplingParams``' checks is numerically safe: logits are fp32, nan and inf are mapped
+to finite values first, the temperature divides logits already shifted so that their maximum is 0 (a tiny
+temperature then leaves the most likely token alone, never inf/inf), and top-k / top-p always keep at least one
+token."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +30,12 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 1; got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
-        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0; got {self.repetition_penalty}")
+        if self.repetition_penalty is not None and not 0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be > 0 and finite; got {self.repetition_penalty}")
+        if self.do_sample and not self.temperature < math.inf:
+            raise ValueError(f"temperature must be finite; got {self.temperature}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed must fit in 64 bits; got {self.seed}")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -57,18 +67,24 @@ def choose(
     logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Token ids [B] from last-position logits [B, V]."""
-    logits = logits.float()
+    logits = _finite(logits.float())
     if params.repetition_penalty is not None and params.repetition_penalty != 1.0 and seen is not None:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+        logits = _finite(apply_repetition_penalty(logits, seen, params.repetition_penalty))
     if not params.do_sample:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature  # max 0: no inf - inf
     if params.top_k is not None:
         logits = top_k_filter(logits, params.top_k)
     if params.top_p is not None and params.top_p < 1.0:
         logits = top_p_filter(logits, params.top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """nan -> the lowest value, +-inf -> the largest finite ones: a model's overflow never reaches the draw."""
+    big = torch.finfo(logits.dtype).max
+    return torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
 
 
 def openai_params(

@@ -24,11 +24,12 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -39,7 +40,8 @@ from ..processing.errors import MediaError
 from ..processing.fetch import FetchPolicy
 from ..processing.sources import MediaAccess
 from ..processing.tokenizer import TextStream
-from .schemas import ApiError, ChatRequest, chunk, completion, completion_id, to_qwen_messages
+from .metrics import Metrics
+from .schemas import ApiError, ChatRequest, chunk, completion, completion_id, parse_body, to_qwen_messages
 
 log = logging.getLogger("qwen2vl.serve")
 
@@ -56,6 +58,7 @@ class ServerConfig:
     allowed_media_domains: tuple[str, ...] = ()
     fetch_timeout: float = 10.0
     max_media_bytes: int = 32 * 2**20
+    max_request_bytes: int = 64 * 2**20  # a body over this is a 413 before it is read further
 
     def media_access(self) -> MediaAccess:
         local = Path(self.allowed_local_media_path) if self.allowed_local_media_path else False
@@ -67,15 +70,24 @@ class Overloaded(Exception):
     pass
 
 
+class EngineDown(Exception):
+    pass
+
+
 class Engine:
-    """The one thread that touches the model: admits queued sequences into free rows, then steps the batch."""
+    """The one thread that touches the model: admits queued sequences into free rows, then steps the batch.
+
+    A failed step ends what was running ("error") and the loop goes on. If that recovery fails too, the engine
+    restarts itself: a fresh batcher (a new cache), every sequence it held failed, ``restarts`` counted. Should
+    the thread still die, ``alive`` turns false: /health answers 503 and requests fail at once, never wait."""
 
     def __init__(self, model, max_batch_size: int, max_len: int, max_queue: int):
+        self.model, self.max_batch_size, self.max_len = model, max_batch_size, max_len
         self.batcher = Batcher(model, max_batch_size=max_batch_size, max_len=max_len)
         self.waiting: queue.Queue[Sequence] = queue.Queue(maxsize=max_queue)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="qwen2vl-engine", daemon=True)
-        self.steps = 0
+        self.steps = self.restarts = self.tokens = 0
 
     def start(self) -> None:
         self.thread.start()
@@ -84,7 +96,13 @@ class Engine:
         self.stopping.set()
         self.thread.join(timeout=10)
 
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and not self.stopping.is_set()
+
     def submit(self, seq: Sequence) -> None:
+        if not self.alive:
+            raise EngineDown
         try:
             self.waiting.put_nowait(seq)
         except queue.Full:
@@ -95,15 +113,42 @@ class Engine:
         return self.batcher.active
 
     def _run(self) -> None:
-        while not self.stopping.is_set():
+        try:
+            while not self.stopping.is_set():
+                try:
+                    self._admit()
+                    if self.batcher.active:
+                        self.batcher.step()
+                        self.steps += 1
+                except Exception:  # fail what is running, keep serving
+                    log.exception("engine step failed; ending the running requests")
+                    self._recover()
+        finally:
+            if not self.stopping.is_set():
+                log.critical("the engine thread died; /health now answers 503")
+            self._fail_waiting()
+
+    def _recover(self) -> None:
+        try:
+            self.batcher.end_all("error")
+        except Exception:
+            log.exception("recovery failed; restarting the engine with a fresh cache")
+            held = [s for s in self.batcher.rows if s is not None and not s.done]
+            self.batcher = Batcher(self.model, max_batch_size=self.max_batch_size, max_len=self.max_len)
+            self.restarts += 1
+            for s in held:
+                s.done = True
+                with contextlib.suppress(Exception):
+                    s.finish("error")
+
+    def _fail_waiting(self) -> None:
+        while True:
             try:
-                self._admit()
-                if self.batcher.active:
-                    self.batcher.step()
-                    self.steps += 1
-            except Exception:  # never let the loop die: fail what is running, keep serving
-                log.exception("engine step failed; ending the running requests")
-                self.batcher.end_all("error")
+                seq = self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            with contextlib.suppress(Exception):
+                seq.finish("error")
 
     def _admit(self) -> None:
         while self.batcher.free:
@@ -118,7 +163,9 @@ class Engine:
                 self.batcher.admit(seq)
             except Exception as e:
                 log.exception("prefill failed")
-                seq.finish("error" if not isinstance(e, ValueError) else "length")
+                if not seq.done:
+                    seq.done = True
+                    seq.finish("error" if not isinstance(e, ValueError) else "length")
 
 
 def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
@@ -134,7 +181,9 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
         engine.stop()
 
     app = FastAPI(title="qwen2vl", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.engine, app.state.config = engine, config
+    metrics = Metrics()
+    app.state.engine, app.state.config, app.state.metrics = engine, config, metrics
+    app.add_middleware(RequestIds, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -146,8 +195,9 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
-        log.exception("unexpected error")  # the traceback goes to the log, never to the client
-        return JSONResponse(ApiError(500, "internal error", "internal_error").body(), status_code=500)
+        rid = request.scope.get("request_id", "-")
+        log.exception("unexpected error in request %s", rid)  # the traceback goes to the log, never to the client
+        return JSONResponse(ApiError(500, f"internal error (request {rid})", "internal_error").body(), 500)
 
     def authorize(request: Request) -> None:
         if config.api_key is None:
@@ -156,8 +206,15 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
             raise ApiError(401, "invalid or missing API key", "authentication_error", "invalid_api_key")
 
     @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok", "running": engine.running, "waiting": engine.waiting.qsize()}
+    def health():
+        state = {"running": engine.running, "waiting": engine.waiting.qsize(), "restarts": engine.restarts}
+        if not engine.alive:
+            return JSONResponse({"status": "engine stopped", **state}, status_code=503)
+        return {"status": "ok", **state}
+
+    @app.get("/metrics")
+    def prometheus():
+        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     def models(request: Request) -> dict:
@@ -168,11 +225,10 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"invalid JSON body: {e}", code="invalid_json") from None
-        req = ChatRequest.parse(body)
+        req = ChatRequest.parse(parse_body(await read_body(request, config.max_request_bytes)))
+        if req.limit is not None and req.limit > config.max_model_len:
+            raise ApiError(400, f"max_tokens: {req.limit} is above the model length ({config.max_model_len})",
+                           code="invalid_value")  # fmt: skip
         if req.model is not None and req.model != config.model_name:
             raise ApiError(404, f"model {req.model!r} does not exist; this server has {config.model_name!r}",
                            code="model_not_found")  # fmt: skip
@@ -186,6 +242,8 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
             inputs = await run_in_threadpool(processor, messages, True, **options)
         except MediaError as e:
             raise ApiError(400, str(e), code="invalid_media") from None
+        except ValueError as e:  # the processor's own checks (sizes, options, text)
+            raise ApiError(400, str(e), code="invalid_value") from None
         L = inputs["input_ids"].shape[1]
         if L >= config.max_model_len:
             raise ApiError(400, f"the prompt has {L} tokens; --max-model-len is {config.max_model_len}",
@@ -201,7 +259,7 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
         media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         seq = Sequence(
             inputs["input_ids"], media, limit, params,
-            emit=lambda t: loop.call_soon_threadsafe(events.put_nowait, ("token", t)),
+            emit=lambda t: (metrics.token(), loop.call_soon_threadsafe(events.put_nowait, ("token", t))),
             finish=lambda r: loop.call_soon_threadsafe(events.put_nowait, ("finish", r)),
             eos_token_ids=frozenset(model.config.eos_token_ids),
         )  # fmt: skip
@@ -209,7 +267,10 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
             engine.submit(seq)
         except Overloaded:
             raise ApiError(429, "the server is at capacity; retry later", "rate_limit_error", "overloaded") from None
-        answer = Answer(id=completion_id(), text=TextStream(processor.tokenizer, req.stops), seq=seq)
+        except EngineDown:
+            raise ApiError(503, "the engine has stopped; the server must be restarted", "server_error",
+                           "engine_stopped") from None  # fmt: skip
+        answer = Answer(id=completion_id(), text=TextStream(processor.tokenizer, req.stops), seq=seq, engine=engine)
         usage = lambda: answer.usage(L, inputs.media)  # noqa: E731
 
         if not req.stream:
@@ -222,8 +283,14 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
                 return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
             yield event(chunk(answer.id, config.model_name, {"role": "assistant", "content": ""}))
-            async for piece in answer.pieces(events, request):
-                yield event(chunk(answer.id, config.model_name, {"content": piece}))
+            try:
+                async for piece in answer.pieces(events, request):
+                    yield event(chunk(answer.id, config.model_name, {"content": piece}))
+            except ApiError as e:  # the headers are sent: the error is an event, then the stream ends as usual
+                log.error("request %s: %s", request.scope.get("request_id", "-"), e.message)
+                yield event(e.body())
+                yield "data: [DONE]\n\n"
+                return
             yield event(chunk(answer.id, config.model_name, {}, answer.finish_reason))
             if req.stream_options and req.stream_options.include_usage:
                 yield event(chunk(answer.id, config.model_name, {}, usage=usage()))
@@ -241,6 +308,7 @@ class Answer:
     id: str
     text: TextStream
     seq: Sequence
+    engine: Engine
     full: str = ""
     finish_reason: str = "stop"
 
@@ -253,11 +321,13 @@ class Answer:
                 except TimeoutError:
                     if await request.is_disconnected():
                         return
+                    if not self.engine.alive and events.empty():
+                        raise ApiError(503, "the engine has stopped", "server_error", "engine_stopped") from None
                     continue
                 if kind == "finish":
                     self.finish_reason = "length" if value == "length" else "stop"
                     if value == "error":
-                        raise ApiError(500, "generation failed", "internal_error")
+                        raise ApiError(500, "generation failed", "server_error", "generation_failed")
                     if piece := self.text.finish():
                         self.full += piece
                         yield piece
@@ -280,6 +350,41 @@ class Answer:
                        "size": list(m.size), "original_size": list(m.original_size),
                        **({"frames": m.frames} if m.kind == "video" else {})} for m in media],
         }  # fmt: skip
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with a 413 as soon as it is known to exceed ``limit`` bytes (header or stream)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the body has {declared} bytes; --max-request-bytes is {limit}", code="body_too_large")
+    chunks, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise ApiError(413, f"the body exceeds --max-request-bytes ({limit})", code="body_too_large")
+        chunks.append(part)
+    return b"".join(chunks)
+
+
+class RequestIds:
+    """ASGI middleware: each HTTP request gets an id (``x-request-id`` in the answer, in the log of an internal
+    error) and its status is counted for /metrics. Plain ASGI, so streamed answers pass through untouched."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = scope["request_id"] = uuid.uuid4().hex[:16]
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                self.metrics.request(message["status"])
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: str | None = None, device: str | None = None,

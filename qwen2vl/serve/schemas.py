@@ -3,13 +3,18 @@ into the Qwen message format the processor takes, and the response/chunk bodies.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ROLES = ("system", "user", "assistant")
+MAX_STOPS = 4
+StopText = Annotated[str, Field(min_length=1, max_length=256)]
 PART_TYPES = ("text", "image_url", "video_url")
 
 
@@ -24,33 +29,98 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "code": self.code or str(self.status)}}
 
 
+MAX_DEPTH = 16  # a chat body nests about 6 deep (messages, parts, image_url); more is an attack or a bug
+MAX_NUMBER_CHARS = 64  # no field needs a longer number; Python's int() is quadratic in the digits
+
+
+def parse_body(raw: bytes) -> object:
+    """The request body as JSON, or an ApiError naming what is wrong: invalid UTF-8 or JSON, NaN/Infinity,
+    numbers of more than MAX_NUMBER_CHARS characters, nesting deeper than MAX_DEPTH, text with lone surrogates."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the body is not valid UTF-8 ({e.reason} at byte {e.start})", code="invalid_json") from None
+
+    def number(kind):
+        def parse(literal: str):
+            if len(literal) > MAX_NUMBER_CHARS:
+                raise ApiError(400, f"a number of {len(literal)} characters (at most {MAX_NUMBER_CHARS})",
+                               code="invalid_json")  # fmt: skip
+            return kind(literal)
+
+        return parse
+
+    def constant(name: str):
+        raise ApiError(400, f"{name} is not JSON", code="invalid_json")
+
+    try:
+        body = json.loads(text, parse_int=number(int), parse_float=number(float), parse_constant=constant)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"invalid JSON body: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, f"the body nests deeper than {MAX_DEPTH} levels", code="invalid_json") from None
+    _check_values(body)
+    return body
+
+
+def _check_values(body: object) -> None:
+    """Depth and strings (keys too), walked without recursion so that no body can exhaust the stack."""
+    todo = [(body, "body", 0)]
+    while todo:
+        value, where, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise ApiError(400, f"{where}: nests deeper than {MAX_DEPTH} levels", code="invalid_json")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, f"{where}: holds a lone surrogate (not valid Unicode text)",
+                               code="invalid_value") from None  # fmt: skip
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                todo += [(k, f"{where} key", depth + 1), (v, f"{where}.{k}" if where != "body" else k, depth + 1)]
+        elif isinstance(value, list):
+            todo += [(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
 
 
+MAX_PIXELS = 16384 * 28 * 28  # a picture of 16384 visual tokens, the most a video may take
+
+
 class MediaKwargs(BaseModel):
     """Per-request preprocessing (vLLM's ``mm_processor_kwargs``): honoured, not ignored."""
 
-    model_config = ConfigDict(extra="forbid")
-    min_pixels: int | None = Field(None, gt=0)
-    max_pixels: int | None = Field(None, gt=0)
-    fps: float | None = Field(None, gt=0)
-    max_frames: int | None = Field(None, ge=2)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    min_pixels: int | None = Field(None, gt=0, le=MAX_PIXELS)
+    max_pixels: int | None = Field(None, gt=0, le=MAX_PIXELS)
+    fps: float | None = Field(None, gt=0, le=60)
+    max_frames: int | None = Field(None, ge=2, le=768)
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) is above max_pixels ({self.max_pixels})")
+        return self
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI fields we do not use (user, logprobs=False, ...) pass
-    model: str | None = None
-    messages: list[dict] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    # OpenAI fields we do not use (user, logprobs=False, ...) pass. Every value we use has a bounded domain (as
+    # OpenAI's): what passes here is numerically safe in the sampler. top_k: 0 and -1 mean off (vLLM's values).
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model: str | None = Field(None, max_length=256)
+    messages: list[dict] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, lt=2**31)  # and at most the model length, checked by the server
+    max_completion_tokens: int | None = Field(None, ge=1, lt=2**31)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    top_k: int | None = Field(None, ge=-1, lt=2**31)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     mm_processor_kwargs: MediaKwargs | None = None

@@ -1,0 +1,62 @@
+"""What ``GET /metrics`` reports, in Prometheus' text format (version 0.0.4): requests by status, queue depth,
+running rows, generated tokens (a counter and the rate over the last 10 s), engine restarts and whether the
+engine is alive. Counters are plain ints under one lock; the engine thread and the request threads share them."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+
+WINDOW_S = 10.0
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: Counter[int] = Counter()  # by HTTP status
+        self.tokens = 0
+        self.recent: deque[tuple[float, int]] = deque()  # (second, tokens in it)
+
+    def request(self, status: int) -> None:
+        with self.lock:
+            self.requests[status] += 1
+
+    def token(self) -> None:
+        now = float(int(time.monotonic()))
+        with self.lock:
+            self.tokens += 1
+            if self.recent and self.recent[-1][0] == now:
+                self.recent[-1] = (now, self.recent[-1][1] + 1)
+            else:
+                self.recent.append((now, 1))
+            while self.recent and self.recent[0][0] < now - WINDOW_S:
+                self.recent.popleft()
+
+    def tokens_per_second(self) -> float:
+        now = time.monotonic()
+        with self.lock:
+            return sum(n for t, n in self.recent if t >= now - WINDOW_S) / WINDOW_S
+
+    def render(self, engine) -> str:
+        with self.lock:
+            by_status = sorted(self.requests.items())
+            tokens = self.tokens
+        lines = [
+            "# HELP qwen2vl_requests_total HTTP requests answered, by status code.",
+            "# TYPE qwen2vl_requests_total counter",
+            *(f'qwen2vl_requests_total{{status="{status}"}} {n}' for status, n in by_status),
+        ]
+        gauges = [
+            ("queue_depth", "gauge", "Requests waiting for a batch row.", engine.waiting.qsize()),
+            ("running_rows", "gauge", "Sequences decoding now.", engine.running),
+            ("generated_tokens_total", "counter", "Tokens generated since start.", tokens),
+            ("tokens_per_second", "gauge", f"Tokens generated per second over the last {WINDOW_S:g} s.",
+             round(self.tokens_per_second(), 3)),
+            ("engine_restarts_total", "counter", "Times the engine rebuilt its batch after a failed recovery.",
+             engine.restarts),
+            ("engine_alive", "gauge", "1 while the engine thread runs, else 0.", int(engine.alive)),
+        ]
+        for name, kind, help, value in gauges:
+            lines += [f"# HELP qwen2vl_{name} {help}", f"# TYPE qwen2vl_{name} {kind}", f"qwen2vl_{name} {value}"]
+        return "\n".join(lines) + "\n"
