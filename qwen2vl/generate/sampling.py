@@ -72,7 +72,9 @@ def choose(
         logits = _finite(apply_repetition_penalty(logits, seen, params.repetition_penalty))
     if not params.do_sample:
         return logits.argmax(dim=-1)
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature  # max 0: no inf - inf
+    # max 0, so no inf - inf; a temperature below fp32's smallest normal would round to 0 (0 / 0)
+    temperature = max(params.temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if params.top_k is not None:
         logits = top_k_filter(logits, params.top_k)
     if params.top_p is not None and params.top_p < 1.0:

@@ -193,12 +193,6 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
     async def _http_error(request: Request, e: StarletteHTTPException):
         return JSONResponse(ApiError(e.status_code, str(e.detail), "invalid_request_error").body(), e.status_code)
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception):
-        rid = request.scope.get("request_id", "-")
-        log.exception("unexpected error in request %s", rid)  # the traceback goes to the log, never to the client
-        return JSONResponse(ApiError(500, f"internal error (request {rid})", "internal_error").body(), 500)
-
     def authorize(request: Request) -> None:
         if config.api_key is None:
             return
@@ -367,8 +361,9 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 class RequestIds:
-    """ASGI middleware: each HTTP request gets an id (``x-request-id`` in the answer, in the log of an internal
-    error) and its status is counted for /metrics. Plain ASGI, so streamed answers pass through untouched."""
+    """ASGI middleware: each HTTP request gets an id (``x-request-id`` in the answer) and its status is counted
+    for /metrics. An unexpected exception is logged with that id and answered 500 in OpenAI's shape, never with
+    its traceback. Plain ASGI, so streamed answers pass through untouched."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -378,13 +373,23 @@ class RequestIds:
             return await self.app(scope, receive, send)
         rid = scope["request_id"] = uuid.uuid4().hex[:16]
 
+        started = False
+
         async def send_with_id(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.metrics.request(message["status"])
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unexpected error in request %s", rid)
+            if not started:  # else the answer is cut short: the client sees a broken stream, not a traceback
+                body = ApiError(500, f"internal error (request {rid})", "server_error", "internal_error").body()
+                await JSONResponse(body, status_code=500)(scope, receive, send_with_id)
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: str | None = None, device: str | None = None,
