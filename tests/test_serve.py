@@ -50,7 +50,7 @@ class Live:
             time.sleep(0.02)
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.base = f"http://127.0.0.1:{port}"
-        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key=KEY, max_retries=0, timeout=600)
 
     def close(self):
         self.server.should_exit = True
@@ -59,7 +59,7 @@ class Live:
     def post(self, body, key=KEY, raw=None):
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         content = raw if raw is not None else json.dumps(body)
-        return httpx.post(self.base + "/v1/chat/completions", content=content, headers=headers, timeout=60)
+        return httpx.post(self.base + "/v1/chat/completions", content=content, headers=headers, timeout=600)
 
 
 @pytest.fixture(scope="module")

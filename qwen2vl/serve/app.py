@@ -23,7 +23,6 @@ import json
 import logging
 import queue
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path

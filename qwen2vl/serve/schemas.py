@@ -39,7 +39,8 @@ def parse_body(raw: bytes) -> object:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ApiError(400, f"the body is not valid UTF-8 ({e.reason} at byte {e.start})", code="invalid_json") from None
+        message = f"the body is not valid UTF-8 ({e.reason} at byte {e.start})"
+        raise ApiError(400, message, code="invalid_json") from None
 
     def number(kind):
         def parse(literal: str):
