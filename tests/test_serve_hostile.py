@@ -420,3 +420,25 @@ def test_fuzz_full(live):
     print(f"fuzz: {stats['ok']} answered, {stats['4xx']} refused, {stats['hangups']} hang-ups, "
           f"RSS growth {stats['rss_growth'] / 2**20:.0f} MiB")  # fmt: skip
     check_fuzz(live, stats, 2000)
+
+
+@pytest.mark.parametrize(
+    "fields, needle",
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools: not supported"),
+        ({"response_format": {"type": "json_object"}}, "response_format: not supported"),
+        ({"logprobs": True}, "logprobs: not supported"),
+        ({"top_logprobs": 2}, "top_logprobs: not supported"),
+        ({"logit_bias": {"5": 100}}, "logit_bias: not supported"),
+        ({"presence_penalty": 0.5}, "presence_penalty: not supported"),
+        ({"min_p": 0.1}, "min_p: unknown or unsupported parameter"),
+    ],
+)
+def test_fields_we_do_not_implement_are_refused_by_name(live, fields, needle):
+    assert needle in error_of(live.post({**PROBE, **fields}), 400)
+
+
+def test_fields_at_their_off_values_and_harmless_ones_are_accepted(live):
+    fields = {"logprobs": False, "tools": [], "tool_choice": "none", "presence_penalty": 0.0, "user": "u1",
+              "response_format": {"type": "text"}, "metadata": {"k": "v"}}  # fmt: skip
+    assert live.post({**PROBE, **fields}).json()["choices"][0]["message"]["content"] == probe(live)

@@ -108,10 +108,19 @@ class MediaKwargs(BaseModel):
         return self
 
 
+# Fields that do not change the answer: accepted and unused. Fields that would, given at their "off" value, are
+# accepted too; at any other value, and any field not named here or below, the request is refused by name.
+HARMLESS = ("user", "metadata", "store", "service_tier")
+OFF_VALUES = {"logprobs": (None, False), "top_logprobs": (None,), "logit_bias": (None, {}), "tools": (None, []),
+              "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False), "functions": (None, []),
+              "function_call": (None, "none"), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+              "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "best_of": (None, 1)}
+
+
 class ChatRequest(BaseModel):
-    # OpenAI fields we do not use (user, logprobs=False, ...) pass. Every value we use has a bounded domain (as
-    # OpenAI's): what passes here is numerically safe in the sampler. top_k: 0 and -1 mean off (vLLM's values).
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # Every value we use has a bounded domain (as OpenAI's): what passes here is numerically safe in the sampler.
+    # top_k: 0 and -1 mean off (vLLM's values).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str | None = Field(None, max_length=256)
     messages: list[dict] = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1, lt=2**31)  # and at most the model length, checked by the server
@@ -131,6 +140,15 @@ class ChatRequest(BaseModel):
     def parse(cls, body: object) -> ChatRequest:
         if not isinstance(body, Mapping):
             raise ApiError(400, "the request body must be a JSON object")
+        for name, value in body.items():
+            offs = OFF_VALUES.get(name, ())
+            if offs and not any(value == off and isinstance(value, bool) == isinstance(off, bool) for off in offs):
+                allowed = " or ".join(json.dumps(off) for off in offs)
+                raise ApiError(400, f"{name}: not supported by this server (accepted only as {allowed})",
+                               code="unsupported_parameter")  # fmt: skip
+            if name not in cls.model_fields and name not in OFF_VALUES and name not in HARMLESS:
+                raise ApiError(400, f"{name}: unknown or unsupported parameter", code="unsupported_parameter")
+        body = {k: v for k, v in body.items() if k in cls.model_fields}
         try:
             return cls.model_validate(body)
         except ValidationError as e:
