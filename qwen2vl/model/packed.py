@@ -12,12 +12,24 @@ for a tied LM head, whose embedding keeps its dense copy), so a packed model can
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 
-def available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+@functools.cache
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN can pack weights of ``dtype`` on this CPU (its bf16 path needs AVX-512 or AVX-NE-CONVERT:
+    on an AVX2-only CPU a bf16 model stays unpacked)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), None)
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 16, dtype=dtype), w, None, "none", [], "")
+    except RuntimeError:
+        return False
+    return True
 
 
 class PackedLinear(nn.Module):
@@ -40,11 +52,9 @@ class PackedLinear(nn.Module):
 @torch.no_grad()
 def pack_linears(module: nn.Module) -> int:
     """Replace every CPU ``nn.Linear`` under ``module`` by a :class:`PackedLinear`; the number replaced."""
-    if not available():
-        return 0
     count = 0
     for name, child in list(module.named_children()):
-        if type(child) is nn.Linear and child.weight.device.type == "cpu":
+        if type(child) is nn.Linear and child.weight.device.type == "cpu" and available(child.weight.dtype):
             setattr(module, name, PackedLinear(child))
             count += 1
         else:

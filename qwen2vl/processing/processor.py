@@ -227,9 +227,24 @@ def preprocessor_config(min_pixels: int = img.IMAGE_MIN_PIXELS, max_pixels: int 
     }  # fmt: skip
 
 
-def save_processor_files(path: str | Path, tokenizer_json: str, *, model_max_length: int = 32768, **pixels) -> None:
+def video_preprocessor_config(min_pixels: int, max_pixels: int, fps: float = 2.0, min_frames: int = 4,
+                              max_frames: int = 768) -> dict:
+    """``video_preprocessor_config.json`` as transformers' ``Qwen2VLVideoProcessor`` reads it: per-frame pixel
+    bounds, the sampling rate and the frame limits (qwen-vl-utils' defaults unless a checkpoint was trained
+    otherwise)."""
+    return {
+        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}, "min_pixels": min_pixels,
+        "max_pixels": max_pixels, "fps": fps, "min_frames": min_frames, "max_frames": max_frames,
+        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "image_mean": list(img.CLIP_MEAN),
+        "image_std": list(img.CLIP_STD), "video_processor_type": "Qwen2VLVideoProcessor",
+    }  # fmt: skip
+
+
+def save_processor_files(path: str | Path, tokenizer_json: str, *, model_max_length: int = 32768,
+                         video: dict | None = None, **pixels) -> None:
     """tokenizer.json, tokenizer_config.json (REFERENCE §1.3), chat_template.json (the official template) and
-    preprocessor_config.json (``pixels``: min_pixels, max_pixels) of a Qwen2-VL-Instruct checkpoint."""
+    preprocessor_config.json (``pixels``: min_pixels, max_pixels) of a Qwen2-VL-Instruct checkpoint; with
+    ``video`` (the arguments of :func:`video_preprocessor_config`), video_preprocessor_config.json too."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "tokenizer.json").write_text(tokenizer_json)
@@ -240,17 +255,17 @@ def save_processor_files(path: str | Path, tokenizer_json: str, *, model_max_len
     }))  # fmt: skip
     (path / "chat_template.json").write_text(json.dumps({"chat_template": OFFICIAL_TEMPLATE}))
     (path / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(**pixels)))
+    if video is not None:
+        (path / "video_preprocessor_config.json").write_text(json.dumps(video_preprocessor_config(**video)))
 
 
 def media_settings(path: Path) -> dict:
-    """MediaLoader settings from a checkpoint's preprocessor_config.json (none when it has no such file)."""
-    pre = path / "preprocessor_config.json"
-    if not pre.is_file():
+    """MediaLoader settings from a checkpoint's preprocessor_config.json and, when it has one,
+    video_preprocessor_config.json (its per-frame pixel bounds, fps and frame limits become the default video
+    options; without it videos get qwen-vl-utils' defaults, as the official checkpoints expect)."""
+    cfg = _read_config(path / "preprocessor_config.json")
+    if cfg is None:
         return {}
-    try:
-        cfg = json.loads(pre.read_text())
-    except json.JSONDecodeError as e:
-        raise MediaError(f"{pre}: not valid JSON ({e})") from None
     size = cfg.get("size") or {}
     # transformers >= 4.5x writes the pixel bounds as size={shortest_edge, longest_edge}
     out = {
@@ -260,7 +275,32 @@ def media_settings(path: Path) -> dict:
     for key in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std"):
         if key in cfg:
             out[key] = tuple(cfg[key]) if isinstance(cfg[key], list) else cfg[key]
+    video = _read_config(path / "video_preprocessor_config.json")
+    if video is not None:
+        size = video.get("size") or {}
+        options = {
+            "min_pixels": video.get("min_pixels", size.get("shortest_edge")),
+            "max_pixels": video.get("max_pixels", size.get("longest_edge")),
+            **{k: video.get(k) for k in ("fps", "min_frames", "max_frames")},
+        }
+        for key, value in options.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise MediaError(f"{path / 'video_preprocessor_config.json'}: {key} must be a positive number, "
+                                 f"not {value!r}")  # fmt: skip
+        out["video_options"] = {k: v for k, v in options.items() if v is not None}
     return out
+
+
+def _read_config(file: Path) -> dict | None:
+    if not file.is_file():
+        return None
+    try:
+        cfg = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MediaError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise MediaError(f"{file}: expected a JSON object")
+    return cfg
 
 
 def _is_conversation(messages) -> bool:

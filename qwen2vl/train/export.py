@@ -12,8 +12,10 @@ from ..atomic import new_directory
 from ..weights import resolve_dtype
 from .checkpoint import latest_checkpoint, load_state
 
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json",
-                   "chat_template.jinja", "special_tokens_map.json", "vocab.json", "merges.txt")  # fmt: skip
+PROCESSOR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+    "chat_template.json", "chat_template.jinja", "special_tokens_map.json", "vocab.json", "merges.txt",
+)
 MODEL_FILES = ("config.json", "generation_config.json")
 
 
