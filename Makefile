@@ -1,21 +1,36 @@
-# Everything runs from a virtual environment in .venv, made on first use.
-# torch 2.14.1 / torchvision 0.29.1 are pinned: on this kind of machine pip takes them from local disk.
+# Everything runs from a virtual environment in .venv, made on first use: `make demo` installs the library alone
+# (inference), `make test` adds the extras and the test references. torch 2.14.1 / torchvision 0.29.1 are pinned
+# here, not in the package: on this kind of machine pip takes them from local disk.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -q --disable-pip-version-check
+TORCH := torch==2.14.1
 
-.PHONY: demo test test-all test-cuda bench
+.PHONY: demo test test-all test-cuda bench shell
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+
+$(BIN)/.demo: pyproject.toml | $(BIN)/python
+	$(PIP) -e . $(TORCH)
 	touch $@
 
-demo: $(BIN)/.installed
-	$(BIN)/qwen2vl demo
+$(BIN)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[test]' $(TORCH) torchvision==0.29.1
+	touch $@
 
+demo: $(BIN)/.demo
+	$(BIN)/qwen2vl demo
+	@printf "\nTo use qwen2vl yourself: source $(VENV)/bin/activate (puts qwen2vl on PATH), or: make shell\n"
+
+# A shell with the environment active, so `qwen2vl` is on PATH
+shell: $(BIN)/.demo
+	@echo "qwen2vl is on PATH here; exit to leave"; . $(BIN)/activate && exec $${SHELL:-bash} -i
+
+# pytest's last line gives the suite's duration; --durations names the five slowest tests above it
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -m "not slow and not cuda"
+	$(BIN)/python -m pytest -q -m "not slow and not cuda" --durations=5
 
 test-all: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not cuda"
