@@ -61,3 +61,18 @@ def tiny_checkpoint(tiny_dir):
 
     write_processor_files(tiny_dir[0])
     return tiny_dir[0]
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory):
+    """A complete tiny model directory over a 272-token byte-level vocabulary (helpers.small_config): for the
+    tests of serving, training and the CLI, which need a working tokenizer but not the genuine one, and whose
+    checkpoints are then ~1 MB rather than ~160 MB."""
+    from helpers import small_config, small_tokenizer_json
+
+    from qwen2vl.processing.processor import save_processor_files
+
+    path = tmp_path_factory.mktemp("small")
+    make_reference(small_config(), path)
+    save_processor_files(path, small_tokenizer_json())
+    return path

@@ -131,6 +131,37 @@ def qwen2_tokenizer_json() -> str:
     return _TOKENIZER_JSON
 
 
+SMALL_VOCAB = 272  # 256 byte tokens, the 14 special tokens at 256..269, two spare rows
+
+
+def small_tokenizer_json() -> str:
+    """A byte-level tokenizer with no merges: one token per byte, then the 14 Qwen2-VL special tokens in Qwen's
+    order (``<|endoftext|>`` = 256 ... ``<|video_pad|>`` = 269). For tests that need a working tokenizer but not
+    the genuine one: a model over it has an embedding of 272 rows instead of 151,936."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from qwen2vl.processing.tokenizer import SPECIAL_TOKENS
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(alphabet)}, [], fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS])
+    return tok.to_str()
+
+
+def small_config() -> qwen2vl.Qwen2VLConfig:
+    """``qwen2vl.tiny()`` over :func:`small_tokenizer_json`'s vocabulary."""
+    import dataclasses
+
+    special = {"endoftext": 256, "im_end": 258, "vision_start": 265, "vision_end": 266, "image": 268, "video": 269}
+    return dataclasses.replace(
+        qwen2vl.tiny(vocab_size=SMALL_VOCAB), bos_token_id=special["endoftext"], pad_token_id=special["endoftext"],
+        eos_token_ids=(special["im_end"], special["endoftext"]), vision_start_token_id=special["vision_start"],
+        vision_end_token_id=special["vision_end"], image_token_id=special["image"], video_token_id=special["video"],
+    )
+
+
 def write_processor_files(path) -> None:
     """The tokenizer, chat template and preprocessor files of a Qwen2-VL-Instruct checkpoint, into ``path``."""
     from qwen2vl.processing.processor import save_processor_files

@@ -56,7 +56,7 @@ def test_multiple_choice_letter():
     assert choice("The answer is B.", "B") == 1.0 and choice("C", "(B)") == 0.0
 
 
-def test_eval_runner(tiny_checkpoint, tmp_path, capsys):
+def test_eval_runner(small_checkpoint, tmp_path, capsys):
     from PIL import Image
 
     Image.new("RGB", (56, 56), "red").save(tmp_path / "red.png")
@@ -70,7 +70,7 @@ def test_eval_runner(tiny_checkpoint, tmp_path, capsys):
     ]
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "report.json"
-    assert main(["eval", str(tiny_checkpoint), "--data", str(tmp_path / "test.jsonl"), "--metric", "choice",
+    assert main(["eval", str(small_checkpoint), "--data", str(tmp_path / "test.jsonl"), "--metric", "choice",
                  "--max-new-tokens", "4", "--out", str(out)]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "| task | metric | n | score |" in printed and "| colour | exact | 2 |" in printed and "| mc | choice | 1 |" in printed
@@ -82,5 +82,5 @@ def test_eval_runner(tiny_checkpoint, tmp_path, capsys):
     assert report["tasks"]["grounding"]["mean_iou"] == grounding[0]["iou"] == round(
         box_iou(grounding[0]["prediction"], "(0,0),(999,999)"), 4)  # fmt: skip
     assert "mean_iou" not in report["tasks"]["colour"]
-    assert main(["eval", str(tiny_checkpoint), "--data", str(tmp_path / "test.jsonl"), "--metric", "bleu"]) == 1
+    assert main(["eval", str(small_checkpoint), "--data", str(tmp_path / "test.jsonl"), "--metric", "bleu"]) == 1
     assert "unknown metric 'bleu'" in capsys.readouterr().err

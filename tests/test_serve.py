@@ -63,8 +63,8 @@ class Live:
 
 
 @pytest.fixture(scope="module")
-def assistant(tiny_checkpoint):
-    return qwen2vl.load(tiny_checkpoint)
+def assistant(small_checkpoint):
+    return qwen2vl.load(small_checkpoint)
 
 
 @pytest.fixture(scope="module")

@@ -30,10 +30,10 @@ def live(assistant):
 
 
 @pytest.fixture(scope="module")
-def assistant(tiny_checkpoint):
+def assistant(small_checkpoint):
     import qwen2vl
 
-    return qwen2vl.load(tiny_checkpoint)
+    return qwen2vl.load(small_checkpoint)
 
 
 PROBE = {"messages": user(text("Describe a red square.")), "max_tokens": 8, "temperature": 0}

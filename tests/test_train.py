@@ -39,8 +39,8 @@ def dataset(tmp_path_factory):
     return d / "train.jsonl"
 
 
-def config(tiny_checkpoint, dataset, out, **kw):
-    base = dict(stage=2, model=str(tiny_checkpoint), data=str(dataset), out=str(out), max_steps=4,
+def config(small_checkpoint, dataset, out, **kw):
+    base = dict(stage=2, model=str(small_checkpoint), data=str(dataset), out=str(out), max_steps=4,
                 batch_tokens=256, lr=1e-3, warmup_steps=2, progress=False, save_every=100)  # fmt: skip
     return TrainConfig(**{**base, **kw})
 
@@ -61,11 +61,11 @@ def test_recipe_then_flags(tmp_path):
         TrainConfig.from_recipe(None, stage=1)
 
 
-def test_overlong_samples_are_counted_and_fail_past_the_threshold(tiny_checkpoint, dataset, tmp_path, capsys):
-    with pytest.raises(ValueError, match="4 of 6 samples exceed batch_tokens=30"):
-        train(config(tiny_checkpoint, dataset, tmp_path / "o", batch_tokens=30))
-    train(config(tiny_checkpoint, dataset, tmp_path / "o", batch_tokens=30, max_overlong=0.9, max_steps=1))
-    assert "4 of 6 samples are longer than batch_tokens=30 and are left out" in capsys.readouterr().err
+def test_overlong_samples_are_counted_and_fail_past_the_threshold(small_checkpoint, dataset, tmp_path, capsys):
+    with pytest.raises(ValueError, match="4 of 6 samples exceed batch_tokens=80"):
+        train(config(small_checkpoint, dataset, tmp_path / "o", batch_tokens=80))
+    train(config(small_checkpoint, dataset, tmp_path / "o", batch_tokens=80, max_overlong=0.9, max_steps=1))
+    assert "4 of 6 samples are longer than batch_tokens=80 and are left out" in capsys.readouterr().err
 
 
 def test_lr_schedule():
@@ -75,10 +75,10 @@ def test_lr_schedule():
     assert lr_factor(55, cfg) == pytest.approx(0.55)
 
 
-def test_accumulation_equals_one_bigger_batch(tiny_checkpoint, dataset, tmp_path):
+def test_accumulation_equals_one_bigger_batch(small_checkpoint, dataset, tmp_path):
     """All 6 samples in one packed row vs one sample per row accumulated over 6 rows: the same step."""
-    one = train(config(tiny_checkpoint, dataset, tmp_path / "one", max_steps=2, batch_tokens=4096))
-    many = train(config(tiny_checkpoint, dataset, tmp_path / "many", max_steps=2, batch_tokens=40, rows_per_step=6))
+    one = train(config(small_checkpoint, dataset, tmp_path / "one", max_steps=2, batch_tokens=4096))
+    many = train(config(small_checkpoint, dataset, tmp_path / "many", max_steps=2, batch_tokens=100, rows_per_step=6))
     assert [m["loss"] for m in one] == pytest.approx([m["loss"] for m in many], rel=1e-5)
     assert one[0]["grad_norm"] == pytest.approx(many[0]["grad_norm"], rel=1e-5)  # the same gradient
     # Adam divides by sqrt(v): where a gradient is ~0, float noise between the two sums moves a weight by up to
@@ -87,21 +87,21 @@ def test_accumulation_equals_one_bigger_batch(tiny_checkpoint, dataset, tmp_path
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 5e-4
 
 
-def test_stage_presets_freeze_what_they_should(tiny_checkpoint, dataset, tmp_path):
-    before = qwen2vl.Qwen2VL.from_pretrained(tiny_checkpoint).state_dict()
-    train(config(tiny_checkpoint, dataset, tmp_path / "s3", stage=3, max_steps=1))
+def test_stage_presets_freeze_what_they_should(small_checkpoint, dataset, tmp_path):
+    before = qwen2vl.Qwen2VL.from_pretrained(small_checkpoint).state_dict()
+    train(config(small_checkpoint, dataset, tmp_path / "s3", stage=3, max_steps=1))
     after = weights(tmp_path / "s3")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert not any(k.startswith("visual.blocks") or k.startswith("visual.patch_embed") for k in changed)
     assert any(k.startswith("visual.merger") for k in changed) and any(k.startswith("model.layers") for k in changed)
-    train(config(tiny_checkpoint, dataset, tmp_path / "s1", stage=1, max_steps=1))
+    train(config(small_checkpoint, dataset, tmp_path / "s1", stage=1, max_steps=1))
     changed = {k for k in before if not torch.equal(before[k], weights(tmp_path / "s1")[k])}
     assert changed and all(k.startswith("visual.") for k in changed)
 
 
-def test_metrics_and_export(tiny_checkpoint, dataset, tmp_path, tiny_ref):
+def test_metrics_and_export(small_checkpoint, dataset, tmp_path, tiny_ref):
     out = tmp_path / "run"
-    train(config(tiny_checkpoint, dataset, out, max_steps=3, save_every=2))
+    train(config(small_checkpoint, dataset, out, max_steps=3, save_every=2))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
     assert set(lines[0]) == {"step", "loss", "lr", "grad_norm", "tokens", "seconds"}
@@ -111,7 +111,7 @@ def test_metrics_and_export(tiny_checkpoint, dataset, tmp_path, tiny_ref):
 
     ours = qwen2vl.Qwen2VL.from_pretrained(tmp_path / "exported")
     ref = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "exported").eval()
-    ids = torch.tensor([[151644, 872, 198, 9707, 151645]])
+    ids = torch.tensor([[257, 84, 82, 68, 81, 198, 258]])  # <|im_start|>user\n<|im_end|>
     with torch.no_grad():
         assert (ours(ids) - ref(input_ids=ids).logits).abs().max() < 1e-4
     assert qwen2vl.load(tmp_path / "exported").chat("hi", max_new_tokens=2) is not None
@@ -129,8 +129,8 @@ def run_cli(args, **kw):
                             stderr=subprocess.PIPE, text=True, **kw)  # fmt: skip
 
 
-def test_sigkill_then_resume_gives_the_same_loss_curve(tiny_checkpoint, dataset, tmp_path):
-    common = ["--stage", "2", "--model", str(tiny_checkpoint), "--data", str(dataset), "--batch-tokens", "100",
+def test_sigkill_then_resume_gives_the_same_loss_curve(small_checkpoint, dataset, tmp_path):
+    common = ["--stage", "2", "--model", str(small_checkpoint), "--data", str(dataset), "--batch-tokens", "256",
               "--rows-per-step", "2", "--lr", "1e-3", "--max-steps", "20", "--save-every", "3", "--no-progress"]  # fmt: skip
     whole = run_cli([*common, "--out", str(tmp_path / "whole")])
     assert whole.wait(timeout=300) == 0, whole.stderr.read()
@@ -151,17 +151,17 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(tiny_checkpoint, dataset,
     assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], abs=1e-6)
 
 
-def test_the_tiny_model_learns(tiny_checkpoint, dataset, tmp_path):
-    history = train(config(tiny_checkpoint, dataset, tmp_path / "learn", max_steps=60, lr=3e-3, warmup_steps=5,
+def test_the_tiny_model_learns(small_checkpoint, dataset, tmp_path):
+    history = train(config(small_checkpoint, dataset, tmp_path / "learn", max_steps=60, lr=3e-3, warmup_steps=5,
                            batch_tokens=4096))  # fmt: skip
     assert history[0]["loss"] > 5 and history[-1]["loss"] < 0.05
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_one(tiny_checkpoint, dataset, tmp_path, parallel):
+def test_two_processes_match_one(small_checkpoint, dataset, tmp_path, parallel):
     """torchrun, gloo, 2 processes x 1 row == 1 process x 2 rows: the same global batches. Rows hold one sample
     each, so some steps give one rank the text-only sample and no image: it must not hang."""
-    common = ["--stage", "2", "--model", str(tiny_checkpoint), "--data", str(dataset), "--batch-tokens", "40",
+    common = ["--stage", "2", "--model", str(small_checkpoint), "--data", str(dataset), "--batch-tokens", "100",
               "--lr", "1e-3", "--max-steps", "4", "--no-progress"]  # fmt: skip
     single = run_cli([*common, "--out", str(tmp_path / "one"), "--rows-per-step", "2"])
     assert single.wait(timeout=300) == 0, single.stderr.read()
@@ -176,8 +176,8 @@ def test_two_processes_match_one(tiny_checkpoint, dataset, tmp_path, parallel):
     assert len(a) == len(b) == 4 and a == pytest.approx(b, abs=1e-5)
 
 
-def test_data_check(tiny_checkpoint, dataset, tmp_path, capsys):
-    assert main(["data", "check", str(dataset), "--model", str(tiny_checkpoint)]) == 0
+def test_data_check(small_checkpoint, dataset, tmp_path, capsys):
+    assert main(["data", "check", str(dataset), "--model", str(small_checkpoint)]) == 0
     out = capsys.readouterr().out
     assert "6 of 6 records usable" in out and "[[red<|im_end|>]]" in out and "<|image_pad|>x4" in out
     bad = tmp_path / "bad.jsonl"
@@ -189,31 +189,31 @@ def test_data_check(tiny_checkpoint, dataset, tmp_path, capsys):
 
     for name in COLOURS:
         shutil.copy(dataset.parent / f"{name}.png", tmp_path / f"{name}.png")
-    assert main(["data", "check", str(bad), "--model", str(tiny_checkpoint)]) == 1
+    assert main(["data", "check", str(bad), "--model", str(small_checkpoint)]) == 1
     out = capsys.readouterr().out
     assert "bad.jsonl:7" in out and "no such file" in out
     assert "bad.jsonl:8" in out and "more <image> placeholders" in out and "6 of 8 records usable" in out
 
 
-def test_bf16_autocast_checkpointing_and_tensorboard(tiny_checkpoint, dataset, tmp_path):
-    plain = train(config(tiny_checkpoint, dataset, tmp_path / "plain", max_steps=2))
-    recomputed = train(config(tiny_checkpoint, dataset, tmp_path / "ckpt", max_steps=2, activation_checkpointing=True,
+def test_bf16_autocast_checkpointing_and_tensorboard(small_checkpoint, dataset, tmp_path):
+    plain = train(config(small_checkpoint, dataset, tmp_path / "plain", max_steps=2))
+    recomputed = train(config(small_checkpoint, dataset, tmp_path / "ckpt", max_steps=2, activation_checkpointing=True,
                               tensorboard=True))  # fmt: skip
     assert [m["loss"] for m in recomputed] == pytest.approx([m["loss"] for m in plain], rel=1e-5)
     assert any((tmp_path / "ckpt" / "tensorboard").glob("events.out.tfevents.*"))
-    bf16 = train(config(tiny_checkpoint, dataset, tmp_path / "bf16", max_steps=2, dtype="bfloat16"))
+    bf16 = train(config(small_checkpoint, dataset, tmp_path / "bf16", max_steps=2, dtype="bfloat16"))
     assert [m["loss"] for m in bf16] == pytest.approx([m["loss"] for m in plain], rel=2e-2)
     assert bf16[0]["loss"] != plain[0]["loss"]  # it did run in bf16
 
 
-def test_the_device_is_chosen_or_refused_by_name(tiny_checkpoint, dataset, tmp_path, capsys):
+def test_the_device_is_chosen_or_refused_by_name(small_checkpoint, dataset, tmp_path, capsys):
     from qwen2vl.train.distributed import pick_device
 
     assert pick_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert pick_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="'banana'"):
         pick_device("banana")
-    args = ["train", "--stage", "2", "--model", str(tiny_checkpoint), "--data", str(dataset), "--max-steps", "1",
+    args = ["train", "--stage", "2", "--model", str(small_checkpoint), "--data", str(dataset), "--max-steps", "1",
             "--no-progress"]  # fmt: skip
     if not torch.cuda.is_available():  # asking for a GPU that is not there: one line, before any work
         assert main([*args, "--out", str(tmp_path / "gpu"), "--device", "cuda"]) == 1
@@ -223,26 +223,30 @@ def test_the_device_is_chosen_or_refused_by_name(tiny_checkpoint, dataset, tmp_p
     assert (tmp_path / "cpu" / "latest").exists()
 
 
-def test_turn_loss_weighting(tiny_checkpoint, dataset, tmp_path, capsys):
-    """--loss-weighting turn: every reply here is one word and <|im_end|> (2 tokens), so the mean over replies is
-    the token mean and training takes the same steps (the window's normaliser is right); a bad name fails first.
-    (Replies of different lengths: test_train_data.py.)"""
-    token = train(config(tiny_checkpoint, dataset, tmp_path / "token", max_steps=3, batch_tokens=4096))
-    turn = train(config(tiny_checkpoint, dataset, tmp_path / "turn", max_steps=3, batch_tokens=4096,
+def test_turn_loss_weighting(small_checkpoint, tmp_path, capsys):
+    """--loss-weighting turn: every reply here is three bytes and <|im_end|> (4 tokens), so the mean over replies
+    is the token mean and training takes the same steps (the window's normaliser is right); a bad name fails
+    first. (Replies of different lengths: test_train_data.py.)"""
+    dataset = tmp_path / "even.jsonl"
+    dataset.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant",
+                       "content": a}]}) + "\n" for q, a in [("Say hi.", "hey"), ("Say red.", "red"),
+                                                             ("No?", "nah")]))  # fmt: skip
+    token = train(config(small_checkpoint, dataset, tmp_path / "token", max_steps=3, batch_tokens=4096))
+    turn = train(config(small_checkpoint, dataset, tmp_path / "turn", max_steps=3, batch_tokens=4096,
                         loss_weighting="turn"))  # fmt: skip
     assert [m["loss"] for m in turn] == pytest.approx([m["loss"] for m in token], rel=1e-5)
     assert turn[2]["loss"] < turn[0]["loss"]
     with pytest.raises(ValueError, match="loss_weighting must be 'token' or 'turn', got 'reply'"):
-        train(config(tiny_checkpoint, dataset, tmp_path / "bad", loss_weighting="reply"))
+        train(config(small_checkpoint, dataset, tmp_path / "bad", loss_weighting="reply"))
     assert not (tmp_path / "bad").exists()
-    args = ["train", "--stage", "2", "--model", str(tiny_checkpoint), "--data", str(dataset), "--max-steps", "1",
+    args = ["train", "--stage", "2", "--model", str(small_checkpoint), "--data", str(dataset), "--max-steps", "1",
             "--no-progress", "--loss-weighting", "turn", "--out", str(tmp_path / "cli")]  # fmt: skip
     assert main(args) == 0
     last = tmp_path / "cli" / (tmp_path / "cli" / "latest").read_text()
     assert json.loads((last / "trainer_state.json").read_text())["config"]["loss_weighting"] == "turn"
 
 
-def test_video_cache_decodes_each_clip_once_across_runs(tiny_checkpoint, tmp_path, monkeypatch):
+def test_video_cache_decodes_each_clip_once_across_runs(small_checkpoint, tmp_path, monkeypatch):
     """--video-cache DIR: the first run decodes the clips and keeps them in DIR; a second run on the same files
     reads them back and decodes nothing."""
     import qwen2vl.processing.video as video_mod
@@ -259,7 +263,7 @@ def test_video_cache_decodes_each_clip_once_across_runs(tiny_checkpoint, tmp_pat
             {"role": "assistant", "content": colour}]})  # fmt: skip
     (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     cache = tmp_path / "cache"
-    args = ["train", "--stage", "2", "--model", str(tiny_checkpoint), "--data", str(d / "train.jsonl"),
+    args = ["train", "--stage", "2", "--model", str(small_checkpoint), "--data", str(d / "train.jsonl"),
             "--max-steps", "1", "--batch-tokens", "512", "--no-progress", "--video-cache", str(cache)]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "first")]) == 0
     assert len(list(cache.rglob("*.npz"))) == 2
