@@ -301,8 +301,9 @@ def test_overload_is_answered_at_once(assistant):
         with concurrent.futures.ThreadPoolExecutor(5) as pool:
             results = list(pool.map(ask, range(5)))
         refused = [t for status, t in results if status == 429]
-        assert refused and all(status in (200, 429) for status, _ in results)
-        assert max(refused) < 2.0  # not queued behind the others
+        answered = [t for status, t in results if status == 200]
+        assert refused and answered and all(status in (200, 429) for status, _ in results)
+        assert max(refused) < max(answered)  # not queued behind the others (relative: a busy machine slows both)
     finally:
         server.close()
 
