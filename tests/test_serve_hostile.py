@@ -442,3 +442,21 @@ def test_fields_at_their_off_values_and_harmless_ones_are_accepted(live):
     fields = {"logprobs": False, "tools": [], "tool_choice": "none", "presence_penalty": 0.0, "user": "u1",
               "response_format": {"type": "text"}, "metadata": {"k": "v"}}  # fmt: skip
     assert live.post({**PROBE, **fields}).json()["choices"][0]["message"]["content"] == probe(live)
+
+
+def test_every_error_has_a_type_for_its_status_and_a_word_for_a_code(live):
+    """One scheme, OpenAI's: before, a refusal without a code of its own carried its status as the code ("400")."""
+    answers = [
+        live.post({"messages": user(text("hi")), "model": "other"}),  # 404
+        live.post({"messages": user(text("hi"))}, key="wrong"),  # 401
+        live.post({"messages": [{"role": "wizard", "content": "hi"}]}),  # 400, malformed messages
+        live.post(None, raw="[1, 2]"),  # 400, not an object
+        httpx.get(live.base + "/v1/nothing", timeout=600),  # 404, no such route
+        httpx.get(live.base + "/v1/chat/completions", timeout=600),  # 405
+    ]
+    types = {401: "authentication_error", 429: "rate_limit_error"}
+    for r in answers:
+        error = r.json()["error"]
+        assert error["type"] == types.get(r.status_code, "invalid_request_error"), (r.status_code, error)
+        assert re.fullmatch(r"[a-z_]+", error["code"]), (r.status_code, error)
+    assert [r.status_code for r in answers] == [404, 401, 400, 400, 404, 405]

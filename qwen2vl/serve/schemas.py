@@ -18,15 +18,25 @@ StopText = Annotated[str, Field(min_length=1, max_length=256)]
 PART_TYPES = ("text", "image_url", "video_url")
 
 
-class ApiError(Exception):
-    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "code"}}``."""
+# OpenAI's error scheme: a ``type`` per kind of status and a semantic ``code``; these are the defaults
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+ERROR_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
+               413: "body_too_large", 429: "overloaded", 500: "internal_error", 503: "engine_stopped"}  # fmt: skip
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None):
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "code"}}``, ``type`` from the status
+    (``invalid_request_error`` for other 4xx, ``server_error`` for 5xx) unless given, ``code`` a word, never a
+    number."""
+
+    def __init__(self, status: int, message: str, type: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.type, self.code = status, message, type, code
+        self.status, self.message = status, message
+        self.type = type or ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.code = code or ERROR_CODES.get(status, "server_error" if status >= 500 else "invalid_request")
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code or str(self.status)}}
+        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
 
 
 MAX_DEPTH = 16  # a chat body nests about 6 deep (messages, parts, image_url); more is an attack or a bug
@@ -139,7 +149,7 @@ class ChatRequest(BaseModel):
     @classmethod
     def parse(cls, body: object) -> ChatRequest:
         if not isinstance(body, Mapping):
-            raise ApiError(400, "the request body must be a JSON object")
+            raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
         for name, value in body.items():
             offs = OFF_VALUES.get(name, ())
             if offs and not any(value == off and isinstance(value, bool) == isinstance(off, bool) for off in offs):
@@ -169,7 +179,7 @@ def _url(part: Mapping, key: str, where: str) -> str:
     value = part.get(key)
     url = value.get("url") if isinstance(value, Mapping) else value
     if not isinstance(url, str) or not url:
-        raise ApiError(400, f"{where}: {key} needs a 'url' string")
+        raise ApiError(400, f"{where}: {key} needs a 'url' string", code="invalid_messages")
     return url
 
 
@@ -180,21 +190,24 @@ def to_qwen_messages(messages: list[dict]) -> tuple[list[dict], dict[str, int]]:
         where = f"messages[{i}]"
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            raise ApiError(400, f"{where}.role: must be one of {', '.join(ROLES)}, got {role!r}")
+            message = f"{where}.role: must be one of {', '.join(ROLES)}, got {role!r}"
+            raise ApiError(400, message, code="invalid_messages")
         if isinstance(content, str):
             out.append({"role": role, "content": content})
             continue
         if not isinstance(content, list):
-            raise ApiError(400, f"{where}.content: must be a string or a list of content parts")
+            raise ApiError(400, f"{where}.content: must be a string or a list of content parts",
+                           code="invalid_messages")
         parts = []
         for j, part in enumerate(content):
             at = f"{where}.content[{j}]"
             kind = part.get("type") if isinstance(part, Mapping) else None
             if kind not in PART_TYPES:
-                raise ApiError(400, f"{at}: unknown content type {kind!r} (use {', '.join(PART_TYPES)})")
+                raise ApiError(400, f"{at}: unknown content type {kind!r} (use {', '.join(PART_TYPES)})",
+                               code="invalid_messages")
             if kind == "text":
                 if not isinstance(part.get("text"), str):
-                    raise ApiError(400, f"{at}: a text part needs a 'text' string")
+                    raise ApiError(400, f"{at}: a text part needs a 'text' string", code="invalid_messages")
                 parts.append({"type": "text", "text": part["text"]})
             else:
                 media = "image" if kind == "image_url" else "video"
