@@ -184,3 +184,15 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
         draw_boxes(Image.new("RGB", (50, 40), GREY), [Box(1, 1, 20, 20, "x")], dest)
     assert dest.read_bytes() == b"old picture"
     assert os.listdir(tmp_path) == ["out.png"]  # no temporary file left behind
+
+
+def test_draw_in_given_colours_and_dashed():
+    boxes = [Box(20, 20, 90, 90, "the blue square\nIoU 0.00 wrong"), Box(110, 20, 180, 90)]
+    solid = draw_boxes(Image.new("RGB", (200, 150), GREY), boxes, colours=[(40, 80, 230), "red"])
+    assert solid.getpixel((20, 60)) == (40, 80, 230) and solid.getpixel((110, 60)) == (255, 0, 0)
+    dashed = draw_boxes(Image.new("RGB", (200, 150), GREY), boxes[1:], colours=["red"], dashed=True)
+    edge = [dashed.getpixel((110, y)) for y in range(20, 91)]  # the left edge: dashes of red, gaps of grey
+    assert edge.count((255, 0, 0)) > 0.4 * len(edge) and edge.count(GREY) > 0.2 * len(edge)
+    assert dashed.getpixel((145, 55)) == GREY  # still only an outline
+    with pytest.raises(ValueError, match="2 colours for 1 boxes"):
+        draw_boxes(Image.new("RGB", (50, 40), GREY), boxes[:1], colours=["red", "blue"])

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageColor, ImageDraw, ImageFont
 
 from ..atomic import write_file
 from .errors import MediaError, describe
@@ -31,12 +32,12 @@ _MARKUP = re.compile(
     rf"<\|object_ref_start\|>(?P<ref>{_BODY})<\|object_ref_end\|>"
     rf"|<\|box_start\|>(?P<box>{_BODY})<\|box_end\|>"
     rf"|<\|quad_start\|>(?P<quad>{_BODY})<\|quad_end\|>",
-    re.S,
+    re.DOTALL,
 )
 _ANY_MARKUP = re.compile(r"<\|(?:object_ref|box|quad)_(?:start|end)\|>")
 _BARE_BOX = re.compile(rf"{_POINT}\s*,\s*{_POINT}")  # the stripped-markup form
 _SPAN = rf"(?:<\|box_start\|>{_BODY}<\|box_end\|>|<\|quad_start\|>{_BODY}<\|quad_end\|>)"
-_SPAN_RUN = re.compile(rf"(?P<lead>[ \t]?){_SPAN}(?:[ \t]*{_SPAN})*(?P<trail>[ \t]?)", re.S)
+_SPAN_RUN = re.compile(rf"(?P<lead>[ \t]?){_SPAN}(?:[ \t]*{_SPAN})*(?P<trail>[ \t]?)", re.DOTALL)
 _BARE_RUN = re.compile(rf"(?P<lead>[ \t]?){_BARE_BOX.pattern}(?:[ \t]*{_BARE_BOX.pattern})*(?P<trail>[ \t]?)")
 _WORDY = re.compile(r"\w")  # text between a label and a box that ends the label's run of boxes
 _PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
@@ -170,16 +171,47 @@ def _open(image: Image.Image | str | os.PathLike) -> Image.Image:
         raise MediaError(f"image {describe(str(image))}: not a readable image ({e})") from e
 
 
-def draw_boxes(image: Image.Image | str | os.PathLike, boxes: list[Box], out_path: str | os.PathLike | None = None,
-               *, width: int = 3) -> Image.Image:
+Colour = tuple[int, int, int] | str  # an RGB triple, or a name PIL knows ("red", "#e6194b")
+
+
+def _dashed_rectangle(draw: ImageDraw.ImageDraw, xy: tuple[int, int, int, int], colour: Colour, width: int) -> None:
+    """A rectangle outline ``width`` px thick inward, as ``draw.rectangle`` draws it, in dashes of 3 widths on, 2
+    off (PIL has no dashed line)."""
+    x1, y1, x2, y2 = xy
+    dash, period = 3 * width, 5 * width
+    for x in range(x1, x2 + 1, period):  # top and bottom edges
+        end = min(x + dash - 1, x2)
+        draw.rectangle((x, y1, end, min(y1 + width - 1, y2)), fill=colour)
+        draw.rectangle((x, max(y2 - width + 1, y1), end, y2), fill=colour)
+    for y in range(y1, y2 + 1, period):  # left and right edges
+        end = min(y + dash - 1, y2)
+        draw.rectangle((x1, y, min(x1 + width - 1, x2), end), fill=colour)
+        draw.rectangle((max(x2 - width + 1, x1), y, x2, end), fill=colour)
+
+
+def draw_boxes(
+    image: Image.Image | str | os.PathLike,
+    boxes: list[Box],
+    out_path: str | os.PathLike | None = None,
+    *,
+    width: int = 3,
+    colours: Sequence[Colour | None] | None = None,
+    dashed: bool = False,
+    font_size: int | None = None,
+) -> Image.Image:
     """An RGB copy of ``image`` with each box (in pixels) outlined and its label written on a filled tag above it.
 
-    Boxes with the same label share a colour; each unlabelled box gets its own. Boxes outside the image are skipped.
+    ``colours`` gives each box its colour (one entry per box; None: pick one). Picked colours: boxes with the same
+    label share one, each unlabelled box gets its own. ``dashed``: dashed outlines (e.g. the true boxes beside
+    a model's). A label may hold several lines; ``font_size`` defaults to a 25th of the image's smaller side.
+    Boxes outside the image are skipped.
     """
+    if colours is not None and len(colours) != len(boxes):
+        raise ValueError(f"{len(colours)} colours for {len(boxes)} boxes: give one per box")
     img = _open(image)
     draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default(size=max(12, min(img.size) // 25))
-    colours: dict[object, tuple[int, int, int]] = {}
+    font = ImageFont.load_default(size=font_size or max(12, min(img.size) // 25))
+    picked: dict[object, Colour] = {}
     for i, b in enumerate(boxes):
         x1, x2 = sorted((b.x1, b.x2))
         y1, y2 = sorted((b.y1, b.y2))
@@ -187,9 +219,14 @@ def draw_boxes(image: Image.Image | str | os.PathLike, boxes: list[Box], out_pat
         x2, y2 = min(img.width - 1, round(x2)), min(img.height - 1, round(y2))
         if x1 > x2 or y1 > y2:
             continue
-        key = b.label if b.label is not None else ("unlabelled", i)
-        colour = colours.setdefault(key, _PALETTE[len(colours) % len(_PALETTE)])
-        draw.rectangle((x1, y1, x2, y2), outline=colour, width=width)
+        colour = colours[i] if colours is not None else None
+        if colour is None:
+            key = b.label if b.label is not None else ("unlabelled", i)
+            colour = picked.setdefault(key, _PALETTE[len(picked) % len(_PALETTE)])
+        if dashed:
+            _dashed_rectangle(draw, (x1, y1, x2, y2), colour, width)
+        else:
+            draw.rectangle((x1, y1, x2, y2), outline=colour, width=width)
         if not b.label:
             continue
         left, top, right, bottom = draw.textbbox((0, 0), b.label, font=font)
@@ -198,8 +235,20 @@ def draw_boxes(image: Image.Image | str | os.PathLike, boxes: list[Box], out_pat
         tx = max(0, min(x1, img.width - tw))
         ty = y1 - th if y1 - th >= 0 else y1  # no room above the box: put the tag just inside its top edge
         draw.rectangle((tx, ty, tx + tw - 1, ty + th - 1), fill=colour)
-        ink = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)  # dark text on light tags, light on dark
+        rgb = ImageColor.getrgb(colour) if isinstance(colour, str) else colour
+        ink = (0, 0, 0) if sum(rgb[:3]) > 380 else (255, 255, 255)  # dark text on light tags, light on dark
         draw.text((tx + pad - left, ty + pad - top), b.label, fill=ink, font=font)
     if out_path is not None:
         write_file(out_path, lambda tmp: img.save(tmp, format="PNG"))  # never a half-written picture
     return img
+
+
+def draw_answer(image: object, answer: str, out_path: str | os.PathLike, *, name: str = "image") -> list[Box]:
+    """The boxes of a model's ``answer`` (0-1000 coordinates) drawn on ``image`` (a path, URL or PIL image, as
+    the model saw it) in its own pixels and saved to ``out_path``; returns them."""
+    from .image import load_image
+
+    picture = load_image(image, name=name)
+    boxes = parse_boxes(answer, picture.width, picture.height)
+    draw_boxes(picture, boxes, out_path)
+    return boxes
