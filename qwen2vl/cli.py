@@ -1,18 +1,20 @@
-"""``qwen2vl <verb>``: the command line. Each verb calls library functions; this file owns the terminal."""
+"""``qwen2vl <verb>``: the command line. Argument parsing, then one library call per verb; this file owns the
+terminal. Heavy modules (torch, training) are imported inside the verbs, so that ``--help`` loads none of them."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import torch
+# examples/make_examples.py reads the truths here
+from .demo import ONE_TRUTH, SHAPES_TRUTH, SHIPPED_MODEL, TEXT_TRUTH  # noqa: F401
 
 
-# The model that `qwen2vl curriculum` trained from scratch on the synthetic curriculum, shipped in the repository.
-SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "qwen2vl-synth"
+class ArgumentError(ValueError):
+    """A command-line argument that cannot be used (a missing file, an unreadable image), found before anything
+    loads: one line naming it, exit code 2 as for argparse's own usage errors."""
 
 
 def _mix(text: str | None, flag: str = "--mix") -> dict[str, float] | None:
@@ -39,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--preset", choices=["tiny", "2b"], help="architecture of --random (default tiny; implies it)")
     demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     demo.add_argument("--new-tokens", type=int, default=16, help="tokens --random generates")
-    demo.add_argument("--out", default="demo_boxes.png", help="where to save the grounding picture")
+    demo.add_argument("--out", help="where to save the grounding picture (default: demo_boxes.png, or "
+                      "demo_random_boxes.png with --random)")
 
     verbs.add_parser("params", help="parameter counts of the presets (the paper's Table 1)")
 
@@ -183,16 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        check_inputs(args)
         if args.verb == "params":
-            print_params()
+            run_params()
         elif args.verb == "demo":
-            if args.random or args.preset or not Path(args.model).is_dir():
-                if not (args.random or args.preset):
-                    print(f"(no model at {args.model}: showing the architecture with random weights instead)")
-                print_params()
-                run_demo(args.preset or "tiny", getattr(torch, args.dtype), args.new_tokens, args.out)
-            else:
-                run_trained_demo(args.model, getattr(torch, args.dtype), args.out)
+            run_demo(args)
         elif args.verb == "tokens":
             run_tokens(args)
         elif args.verb == "chat":
@@ -232,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_data_check(args)
     except KeyboardInterrupt:
         return 130
+    except ArgumentError as e:
+        print(f"qwen2vl: error: {e}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as e:  # our errors are one line and name the problem
         print(f"qwen2vl: error: {e}", file=sys.stderr)
         return 1
@@ -274,11 +275,82 @@ def media_content(args: argparse.Namespace) -> list[dict]:
     return [{"type": "image", "image": p} for p in args.image] + [{"type": "video", "video": p} for p in args.video]
 
 
+# The local files and directories each verb reads, checked before anything loads: (attribute, its name, kind).
+# A "model" is a directory or a hub id; "image" and "video" are paths (checked and decoded) or URLs (fetched later).
+INPUTS = {
+    "chat": [("model", "MODEL", "model"), ("image", "--image", "image"), ("video", "--video", "video")],
+    "tokens": [("model", "--model", "model"), ("image", "--image", "image"), ("video", "--video", "video")],
+    "serve": [("model", "MODEL", "model"), ("allowed_local_media_path", "--allowed-local-media-path", "directory")],
+    "eval": [("model", "MODEL", "model"), ("data", "--data", "file")],
+    "train": [("recipe", "--recipe", "file"), ("model", "--model", "directory"), ("data", "--data", "file")],
+    "export": [("checkpoint", "CHECKPOINT", "directory"), ("base", "--base", "directory")],
+    "data": [("file", "FILE", "file"), ("model", "--model", "model")],
+}
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Every local file a verb's arguments name exists and reads, and its media decode, before a model loads:
+    else an :class:`ArgumentError` naming the argument."""
+    for attr, name, kind in INPUTS.get(args.verb, []):
+        value = getattr(args, attr, None)
+        for v in value if isinstance(value, list) else [value]:
+            if v is None:
+                continue
+            if kind in ("image", "video"):
+                check_media(kind, v, name)
+            else:
+                check_path(v, name, kind)
+
+
+def check_path(value: str, name: str, kind: str) -> None:
+    """``kind``: "file", "directory", or "model" (a directory, or a hub id that is fetched later)."""
+    from .hub import HUB_ID
+
+    path = Path(value).expanduser()
+    if not path.exists():
+        if kind == "model" and HUB_ID.fullmatch(value):
+            return
+        raise ArgumentError(f"{name} {value}: no such {'file' if kind == 'file' else 'directory'}")
+    if kind == "file" and path.is_dir():
+        raise ArgumentError(f"{name} {value}: a directory, not a file")
+    if kind != "file" and not path.is_dir():
+        raise ArgumentError(f"{name} {value}: not a directory")
+    if not os.access(path, os.R_OK):
+        raise ArgumentError(f"{name} {value}: not readable (permission denied)")
+
+
+def check_media(kind: str, source: str, name: str) -> None:
+    """A local image decodes, a local video opens and its first frame decodes; URLs are left to the loader."""
+    from .processing.errors import MediaError, describe
+
+    if source.startswith(("http://", "https://", "data:")):
+        return
+    path = source.removeprefix("file://")
+    check_path(path, name, "file")
+    try:
+        if kind == "image":
+            from .processing.image import load_image
+
+            load_image(path, name=name)
+            return
+        import av
+
+        try:
+            with av.open(path) as container:
+                if not container.streams.video:
+                    raise MediaError("no video stream")
+                if next(container.decode(container.streams.video[0]), None) is None:
+                    raise MediaError("no decodable frame")
+        except (av.FFmpegError, OSError) as e:
+            raise MediaError(f"not a readable video ({e})") from None
+    except MediaError as e:  # the library names the item by a shortened path: name it by the whole one
+        raise ArgumentError(f"{name} {source}: {str(e).removeprefix(f'{name} ({describe(path)}): ')}") from None
+
+
 def run_tokens(args: argparse.Namespace) -> None:
     """One line per item: original and model size, frames, grid, tokens; then the total."""
-    from .processing.processor import MediaLoader, media_settings
-
     from .hub import resolve_model
+    from .processing.processor import MediaLoader, media_settings
 
     items = media_content(args)
     if not items:
@@ -295,11 +367,13 @@ def run_tokens(args: argparse.Namespace) -> None:
         (h0, w0), (h, w) = info.original_size, info.size
         source = info.source if len(info.source) <= 36 else "..." + info.source[-33:]
         print(f"{kind + ' ' + str(n):<10} {source:<36} {f'{w0}x{h0}':>11} {f'{w}x{h}':>13} {info.frames:>6} "
-              f"{str(tuple(info.grid)):>14} {info.tokens:>7}")
+              f"{tuple(info.grid)!s:>14} {info.tokens:>7}")
     print(f"total: {total} visual tokens ({total + 2 * len(items)} with <|vision_start|>/<|vision_end|>)")
 
 
 def run_chat(args: argparse.Namespace) -> None:
+    """One answer, or an interactive session where a bad /image path or a failed turn is an error line and the
+    conversation goes on."""
     from . import load
 
     assistant = load(args.model, dtype=args.dtype, device=args.device)
@@ -321,9 +395,17 @@ def run_chat(args: argparse.Namespace) -> None:
                 break
             if not line or line in ("/exit", "/quit"):
                 break
-            if line.startswith(("/image ", "/video ")):
-                kind, _, path = line[1:].partition(" ")
-                media.append({"type": kind, kind: path.strip()})
+            command, _, path = line.partition(" ")
+            if command in ("/image", "/video"):
+                kind, path = command[1:], path.strip()
+                try:
+                    if not path:
+                        raise ArgumentError(f"{command} wants a path or URL: {command} PATH")
+                    check_media(kind, path, command)
+                except ArgumentError as e:
+                    print(f"qwen2vl: error: {e} (the conversation goes on)", file=sys.stderr)
+                    continue
+                media.append({"type": kind, kind: path})
                 continue
             question = line
         else:
@@ -331,9 +413,17 @@ def run_chat(args: argparse.Namespace) -> None:
         history.append({"role": "user", "content": [*media, {"type": "text", "text": question}]})
         media = []
         answer = []
-        for piece in assistant.stream(history, **generation):
-            answer.append(piece)
-            print(piece, end="", flush=True)
+        try:
+            for piece in assistant.stream(history, **generation):
+                answer.append(piece)
+                print(piece, end="", flush=True)
+        except ValueError as e:  # a media file that fails to decode, a prompt too long: this turn only
+            if not interactive:
+                raise
+            history.pop()
+            print(f"{chr(10) if answer else ''}qwen2vl: error: {e} (this turn is dropped; the conversation goes on)",
+                  file=sys.stderr)  # fmt: skip
+            continue
         print()
         history.append({"role": "assistant", "content": "".join(answer)})
         if args.draw_boxes:
@@ -342,15 +432,26 @@ def run_chat(args: argparse.Namespace) -> None:
             break
 
 
-def run_train(args: argparse.Namespace) -> None:
-    import os
+def draw_answer_boxes(history: list[dict], answer: str, out: str) -> None:
+    from .processing.grounding import draw_answer
 
+    images = [p["image"] for m in history if isinstance(m["content"], list) for p in m["content"] if "image" in p]
+    if not images:
+        raise ValueError("--draw-boxes needs an --image to draw on")
+    boxes = draw_answer(images[0], answer, out, name="image 1")
+    print(f"[{len(boxes)} box{'es' if len(boxes) != 1 else ''} drawn on image 1 -> {out}]", file=sys.stderr)
+
+
+def run_train(args: argparse.Namespace) -> None:
     from .train.loop import TrainConfig, train
 
     keys = ("stage", "model", "data", "out", "resume", "max_steps", "batch_tokens", "rows_per_step", "lr",
             "vision_lr_scale", "warmup_steps", "save_every", "seed", "dtype", "activation_checkpointing", "parallel",
             "loss_weighting", "device", "progress", "tensorboard", "video_cache")  # fmt: skip
     cfg = TrainConfig.from_recipe(args.recipe, **{k: getattr(args, k) for k in keys})
+    for key, kind in (("model", "directory"), ("data", "file")):
+        if getattr(args, key) is None:  # the recipe's (the flags were checked before it was read)
+            check_path(getattr(cfg, key), f"{args.recipe}: {key}", kind)
     history = train(cfg)
     if history and int(os.environ.get("RANK", "0")) == 0:
         last = history[-1]
@@ -384,7 +485,6 @@ def run_data_check(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> None:
     import json
-    import os
 
     try:
         from .serve.app import ServerConfig, serve
@@ -396,8 +496,6 @@ def run_serve(args: argparse.Namespace) -> None:
             raise ValueError
     except ValueError:
         raise ValueError(f"--limit-mm-per-prompt must be a JSON object of counts, got {args.limit_mm_per_prompt!r}")
-    if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
-        raise ValueError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
     config = ServerConfig(
         api_key=args.api_key or os.environ.get("QWEN2VL_API_KEY"), max_model_len=args.max_model_len,
         max_batch_size=args.max_batch_size, max_queue=args.max_queue, limit_mm_per_prompt=limits,
@@ -409,151 +507,17 @@ def run_serve(args: argparse.Namespace) -> None:
     serve(args.model, args.host, args.port, dtype=args.dtype, device=args.device, config=config)
 
 
-def draw_answer_boxes(history: list[dict], answer: str, out: str) -> None:
-    """The answer's boxes (0-1000 coordinates) drawn on the conversation's first image, in its own pixels."""
-    from .processing.grounding import draw_boxes, parse_boxes
-    from .processing.image import load_image
+def run_params() -> None:
+    from .demo import params_table
 
-    images = [p["image"] for m in history if isinstance(m["content"], list) for p in m["content"] if "image" in p]
-    if not images:
-        raise ValueError("--draw-boxes needs an --image to draw on")
-    picture = load_image(images[0], name="image 1")
-    boxes = parse_boxes(answer, picture.width, picture.height)
-    draw_boxes(picture, boxes, out)
-    print(f"[{len(boxes)} box{'es' if len(boxes) != 1 else ''} drawn on image 1 -> {out}]", file=sys.stderr)
+    print(params_table())
 
 
-def print_params() -> None:
-    from . import Qwen2VL, qwen2vl_2b, qwen2vl_7b, qwen2vl_72b
+def run_demo(args: argparse.Namespace) -> None:
+    from . import demo
 
-    print("Parameters of the presets, counted on the meta device (paper, Table 1):")
-    print(f"  {'model':<6} {'vision (ViT+merger)':>20} {'LLM':>16} {'total':>16}")
-    for name, make in (("2B", qwen2vl_2b), ("7B", qwen2vl_7b), ("72B", qwen2vl_72b)):
-        with torch.device("meta"):
-            m = Qwen2VL(make())
-        vis = sum(p.numel() for p in m.visual.parameters())
-        total = sum(p.numel() for p in m.parameters())
-        print(f"  {name:<6} {vis:>20,} {total - vis:>16,} {total:>16,}")
-
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-EXAMPLE_IMAGE = EXAMPLES / "scene.png"
-EXAMPLE_BOXES = {"the red ball": (70, 90, 210, 230), "the blue box": (300, 160, 420, 280)}  # pixels, ground truth
-
-
-# examples/make_examples.py draws these; the true boxes in pixels, [x1, x2) x [y1, y2): each shape fills a block of
-# 2x2 of the 28-px cells, drawn 2 px inside it, as the curriculum lays its shapes out
-SHAPES_TRUTH = {"the red circle": (30, 30, 82, 82), "the blue square": (86, 86, 138, 138),
-                "the green triangle": (142, 2, 194, 54)}  # fmt: skip
-ONE_TRUTH = ("yellow", "square")
-TEXT_TRUTH = "KR7"
-BALL_TRUTH = "right"
-
-
-def run_trained_demo(model_dir: str, dtype: torch.dtype, out: str = "demo_boxes.png") -> None:
-    """The shipped model (or any directory) answers about examples/shapes.png, one.png, text.png and ball.mp4 (the
-    clip at the size the curriculum trains on); its boxes are compared with the true ones and drawn (on a 3x
-    enlargement) to ``out``."""
-    from . import load
-    from .processing.grounding import Box, draw_boxes, parse_boxes
-    from .processing.image import load_image
-    from .train.synth import VIDEO_MIN_PIXELS
-
-    t0 = time.perf_counter()
-    assistant = load(model_dir, dtype=dtype)
-    size = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
-    print(f"loaded {model_dir} ({size / 2**20:.1f} MiB of weights, computing in {dtype}) in "
-          f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
-    shapes, one, text, clip = (EXAMPLES / n for n in ("shapes.png", "one.png", "text.png", "ball.mp4"))
-    questions = [(shapes, "How many shapes are there?"), *((shapes, f"Where is {name}?") for name in SHAPES_TRUTH),
-                 (one, "What colour is the shape?"), (one, "What shape is it?"), (text, "What does the text say?"),
-                 (clip, "Which direction does the ball move?")]  # fmt: skip
-    picture = load_image(shapes)
-    w, h = picture.size
-    drawn = []
-    for image, question in questions:
-        t = time.perf_counter()
-        kind = "video" if image.suffix == ".mp4" else "image"
-        part = {"type": kind, kind: str(image)} | ({"min_pixels": VIDEO_MIN_PIXELS} if kind == "video" else {})
-        messages = [{"role": "user", "content": [part, {"type": "text", "text": question}]}]
-        answer = assistant.chat(messages, max_new_tokens=40)
-        ms = (time.perf_counter() - t) * 1000
-        print(f"\n{image.name}: {question}\n  -> {answer}   ({ms:.0f} ms)")
-        for box in parse_boxes(answer, w, h):
-            truth = SHAPES_TRUTH.get(box.label or "")
-            if truth is not None:
-                print(f"     IoU with the true box of {box.label}: {box.iou(Box(*truth)):.2f}")
-            drawn.append(Box(box.x1 * 3, box.y1 * 3, box.x2 * 3, box.y2 * 3, box.label))
-    big = picture.resize((w * 3, h * 3), resample=0)  # nearest: the flat shapes stay flat
-    draw_boxes(big, drawn, out)
-    print(f"\n(the truth: 3 shapes; one.png holds a {' '.join(ONE_TRUTH)}; the text says {TEXT_TRUTH}; the ball "
-          f"moves {BALL_TRUTH})")  # fmt: skip
-    print(f"the {len(drawn)} boxes drawn on {shapes.name}, 3x enlarged, in {out}")
-
-
-def run_demo(preset: str, dtype: torch.dtype, new_tokens: int, out: str = "demo_boxes.png") -> None:
-    """The architecture walk-through with random weights: the example image through the real preprocessing, a
-    random-weight model through save -> strict load -> vision -> M-RoPE -> cached decoding, and the grounding
-    format on the image's ground-truth boxes."""
-    from . import Qwen2VL, qwen2vl_2b, tiny
-    from .processing.grounding import Box, draw_boxes, format_box, parse_boxes
-    from .processing.image import load_image
-    from .processing.processor import MediaLoader
-
-    c = config = tiny() if preset == "tiny" else qwen2vl_2b()
-    print(f"\nDemo on the {preset} architecture with random weights ({dtype}); `qwen2vl demo` runs the trained one.")
-
-    # 1. preprocessing of a real image: what it costs in tokens, at the default and at a smaller budget
-    loader = MediaLoader()
-    part = {"type": "image", "image": str(EXAMPLE_IMAGE)}
-    info, patches = loader.load("image", part, "example image", {})
-    small, _ = loader.load("image", part, "example image", {"max_pixels": 64 * 28 * 28})
-    (h0, w0), (h, w) = info.original_size, info.size
-    print(f"image {EXAMPLE_IMAGE.name}: {w0}x{h0} -> model input {w}x{h} (multiples of 28) -> grid {info.grid} "
-          f"-> {info.grid[1] * info.grid[2]} patches of 14x14 -> {info.tokens} tokens after the 2x2 merge "
-          f"(+2 for <|vision_start|>/<|vision_end|>); with max_pixels=64*28*28: {small.size[1]}x{small.size[0]}, "
-          f"{small.tokens} tokens")
-
-    # 2. a random-weight model through the checkpoint path and generation, fed those real patches
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Qwen2VL(config)
-    model = model.to_empty(device="cpu")
-    model.tie_weights()
-    model.init_weights()
-    if preset == "tiny":  # exercise the checkpoint path too: hub-layout save, strict meta-device load
-        with tempfile.TemporaryDirectory() as d:
-            model.save_pretrained(d)
-            model = Qwen2VL.from_pretrained(d, dtype=dtype)
-    model = model.to(dtype).eval()
-    grid = torch.tensor([info.grid])
-    text = [9707, 11, 1128, 374, 304, 419, 2168, 30]  # token ids of a question ("Hello, what is in this image?")
-    ids = torch.tensor([[c.vision_start_token_id] + [c.image_token_id] * info.tokens + [c.vision_end_token_id] + text])
-    pixels = torch.from_numpy(patches).to(dtype)
-    pos, delta = model.positions(ids, None, grid, None)
-    gh, gw = info.grid[1] // 2, info.grid[2] // 2
-    print(f"M-RoPE: the {info.tokens} image tokens span t 1..1, h 1..{gh}, w 1..{gw}; the text after them resumes "
-          f"at {int(pos[0, 0, info.tokens + 2])}; next position {ids.shape[1] + int(delta)} (delta {int(delta)})")
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        feats = model.visual(pixels, grid)
-        t1 = time.perf_counter()
-        new = model.generate(ids, pixel_values=pixels, image_grid_thw=grid, max_new_tokens=new_tokens)
-        t2 = time.perf_counter()
-    print(f"vision tower: {tuple(feats.shape)} features in {t1 - t0:.2f} s")
-    print(f"generate: {new_tokens} greedy tokens in {t2 - t1:.2f} s (prefill included), random weights so "
-          f"random ids: {new[0].tolist()}")
-
-    # 3. grounding: the ground-truth boxes in Qwen2-VL's text format, parsed back and drawn
-    answer = " and ".join(format_box(Box(*xyxy), w0, h0, label=label) for label, xyxy in EXAMPLE_BOXES.items())
-    boxes = parse_boxes(answer, w0, h0)
-    draw_boxes(load_image(EXAMPLE_IMAGE), boxes, out)
-    print(f"grounding format (0-1000 coordinates): {answer}")
-    print(f"parsed back to pixels: {[(b.label, round(b.x1), round(b.y1), round(b.x2), round(b.y2)) for b in boxes]}; "
-          f"drawn to {out}")
-    print("\nNext: `qwen2vl chat MODEL_DIR --image examples/scene.png \"What is in the picture?\"` with a real "
-          "checkpoint (or models/qwen2vl-synth and examples/shapes.png); `qwen2vl tokens --image examples/scene.png` "
-          "prices any image or video.")
+    demo.run(args.model, random=args.random, preset=args.preset, dtype=args.dtype, new_tokens=args.new_tokens,
+             out=args.out)
 
 
 if __name__ == "__main__":

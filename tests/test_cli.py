@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import qwen2vl
+from qwen2vl import cli
 from qwen2vl.assistant import Assistant
 from qwen2vl.cli import main
 
@@ -43,9 +44,9 @@ def test_tokens_with_a_budget(media, capsys):
 
 
 def test_tokens_errors_are_one_line(media, capsys):
-    assert main(["tokens", "--image", str(media / "missing.png")]) == 1
+    assert main(["tokens", "--image", str(media / "missing.png")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("qwen2vl: error: image 1 (") and "no such file" in err and "Traceback" not in err
+    assert err == f"qwen2vl: error: --image {media / 'missing.png'}: no such file\n"
     assert main(["tokens"]) == 1
     assert "at least one --image or --video" in capsys.readouterr().err
 
@@ -91,14 +92,14 @@ def test_draw_boxes_saves_the_grounding_picture(tiny_checkpoint, media, monkeypa
 
 
 def test_chat_errors(tmp_path, capsys):
-    assert main(["chat", str(tmp_path / "nowhere"), "hi"]) == 1
+    assert main(["chat", str(tmp_path / "nowhere"), "hi"]) == 2
     assert "no such directory" in capsys.readouterr().err
 
 
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "qwen2vl", "tokens", "--image", "nope.png"], capture_output=True,
                          text=True, timeout=120)  # fmt: skip
-    assert out.returncode == 1 and "qwen2vl: error: image 1 ('nope.png'): no such file" in out.stderr
+    assert out.returncode == 2 and out.stderr == "qwen2vl: error: --image nope.png: no such file\n"
 
 
 def test_random_demo_runs_offline_on_the_example_image(tmp_path, capsys):
@@ -113,6 +114,93 @@ def test_random_demo_runs_offline_on_the_example_image(tmp_path, capsys):
 def test_demo_without_a_model_falls_back_to_random_weights(tmp_path, capsys):
     assert main(["demo", "--model", str(tmp_path / "none"), "--new-tokens", "2", "--out", str(tmp_path / "b.png")]) == 0
     assert "no model at" in capsys.readouterr().out
+
+
+def test_a_bad_media_path_in_interactive_chat_is_an_error_line(tiny_checkpoint, media, monkeypatch, tmp_path,
+                                                              capsys):
+    """A mistyped /image or /video path, an undecodable file, and a turn that fails inside the model: each is one
+    error line; the session goes on and keeps its conversation."""
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    seen, real = [], Assistant.stream
+
+    def spy(self, messages, **kw):
+        seen.append([dict(m) for m in messages])
+        if messages[-1]["content"][-1]["text"] == "fail":
+            raise ValueError("the prompt is too long")
+        yield from real(self, messages, **kw)
+
+    monkeypatch.setattr(Assistant, "stream", spy)
+    lines = ["Hello", f"/image {media / 'typo.png'}", f"/video {media / 'typo.mp4'}", f"/image {tmp_path / 'bad.png'}",
+             "/image", "fail", f"/image {media / 'a.png'}", "And this?", ""]  # fmt: skip
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert main(["chat", str(tiny_checkpoint), "--max-new-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("qwen2vl: error:")]
+    assert len(errors) == 5 and "Traceback" not in captured.err
+    assert "typo.png" in errors[0] and "no such file" in errors[0] and "typo.mp4" in errors[1]
+    assert "bad.png" in errors[2] and "/image wants a path" in errors[3] and "too long" in errors[4]
+    assert len(seen) == 3  # Hello, the failed turn, And this?
+    last = seen[2]
+    assert [m["role"] for m in last] == ["user", "assistant", "user"]  # the failed turn left no trace
+    assert last[2]["content"][0] == {"type": "image", "image": str(media / "a.png")}
+    assert len(captured.out.splitlines()) == 2
+
+
+def test_command_line_media_are_checked_before_the_model_loads(tiny_checkpoint, media, monkeypatch, tmp_path,
+                                                               capsys):
+    monkeypatch.setattr(qwen2vl, "load", lambda *a, **k: pytest.fail("the model loaded before the media were checked"))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    (tmp_path / "bad.mp4").write_bytes(b"not a video at all")
+    for flag, path, reason in (("--image", media / "typo.png", "no such file"),
+                               ("--image", tmp_path / "bad.png", "not a readable image"),
+                               ("--video", media / "typo.mp4", "no such file"),
+                               ("--video", tmp_path / "bad.mp4", "not a readable video"),
+                               ("--image", media, "a directory, not a file")):  # fmt: skip
+        assert main(["chat", str(tiny_checkpoint), flag, str(path), "hi"]) == 2, (flag, path)
+        err = capsys.readouterr().err
+        assert err.startswith(f"qwen2vl: error: {flag} {path}: {reason}"), err
+        assert len(err.splitlines()) == 1
+
+
+def test_every_missing_file_argument_is_one_line_naming_it(tiny_checkpoint, tmp_path, capsys):
+    missing, data = str(tmp_path / "missing"), tmp_path / "data.jsonl"
+    data.write_text("")
+    (tmp_path / "recipe.yaml").write_text(f"stage: 1\nmodel: {tiny_checkpoint}\ndata: {missing}.jsonl\nout: o\n")
+    model, out = str(tiny_checkpoint), str(tmp_path / "out")
+    cases = [
+        (["train", "--stage", "1", "--model", model, "--data", missing, "--out", out], f"--data {missing}: no such file"),
+        (["train", "--recipe", missing], f"--recipe {missing}: no such file"),
+        (["train", "--recipe", str(tmp_path / "recipe.yaml")], f"recipe.yaml: data {missing}.jsonl: no such file"),
+        (["train", "--stage", "1", "--model", missing, "--data", str(data), "--out", out],
+         f"--model {missing}: no such directory"),
+        (["train", "--stage", "1", "--model", model, "--data", str(tmp_path), "--out", out], "a directory, not a file"),
+        (["eval", model, "--data", missing], f"--data {missing}: no such file"),
+        (["eval", missing, "--data", str(data)], f"MODEL {missing}: no such directory"),
+        (["data", "check", missing, "--model", model], f"FILE {missing}: no such file"),
+        (["data", "check", str(data), "--model", missing], f"--model {missing}: no such directory"),
+        (["export", missing, out], f"CHECKPOINT {missing}: no such directory"),
+        (["export", model, out, "--base", missing], f"--base {missing}: no such directory"),
+        (["chat", missing, "hi"], f"MODEL {missing}: no such directory"),
+        (["serve", missing], f"MODEL {missing}: no such directory"),
+        (["tokens", "--image", missing], f"--image {missing}: no such file"),
+        (["tokens", "--model", missing, "--video", missing], f"--model {missing}: no such directory"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err == f"qwen2vl: error: {err.removeprefix('qwen2vl: error: ').strip()}\n" and message in err, (argv, err)
+        assert "Errno" not in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.xfail(hasattr(cli, "add_synth_arguments"), strict=True,
+                   reason="the curriculum's flags import its module, until they leave cli.py (issue 23.1)")
+def test_help_imports_no_training_code():
+    code = ("import sys\nfrom qwen2vl.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('qwen2vl.train')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_serve_starts_on_localhost(tiny_checkpoint):
@@ -141,8 +229,8 @@ def test_serve_starts_on_localhost(tiny_checkpoint):
 def test_serve_argument_errors(tiny_checkpoint, tmp_path, capsys):
     assert main(["serve", str(tiny_checkpoint), "--limit-mm-per-prompt", "{bad"]) == 1
     assert "--limit-mm-per-prompt must be a JSON object" in capsys.readouterr().err
-    assert main(["serve", str(tiny_checkpoint), "--allowed-local-media-path", str(tmp_path / "none")]) == 1
-    assert "not a directory" in capsys.readouterr().err
+    assert main(["serve", str(tiny_checkpoint), "--allowed-local-media-path", str(tmp_path / "none")]) == 2
+    assert "--allowed-local-media-path" in capsys.readouterr().err
 
 
 def test_curriculum_flags_reach_the_run(monkeypatch):
