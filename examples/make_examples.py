@@ -1,11 +1,11 @@
 """Re-create the synthetic examples (shapes.png, one.png, text.png, ball.mp4) that `make demo` asks the shipped
-model about, from the truths the demo checks its answers against (qwen2vl.cli).
+model about, from the truths the demo checks its answers against (qwen2vl/demo.py).
 They are drawn by the curriculum's own code (qwen2vl.train.synth), so they look like its held-out split, but no
 split contains them. Run: python examples/make_examples.py"""
 
 from pathlib import Path
 
-from qwen2vl.cli import ONE_TRUTH, SHAPES_TRUTH, TEXT_TRUTH
+from qwen2vl.demo import ONE_TRUTH, SHAPES_TRUTH, TEXT_TRUTH
 from qwen2vl.train.synth import VIDEO_FRAMES, Shape, _canvas, _write_mp4, ball_frame, text_strip
 
 HERE = Path(__file__).resolve().parent
