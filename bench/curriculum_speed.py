@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from qwen2vl.model.qwen2vl import Qwen2VL
+from qwen2vl import Qwen2VL
 from qwen2vl.processing.processor import Processor
 from qwen2vl.train.curriculum import Curriculum, _texts, stage2_data
 from qwen2vl.train.data import IGNORE

@@ -159,8 +159,9 @@ def generation_stamps(impl: str, model, inputs: dict, new_tokens: int) -> tuple[
     """Seconds from the call to each new token id on the host ([ttft, t2, t3, ...]) and the ids."""
     if impl == "ours":
         from qwen2vl.generate.engine import stream
+        from qwen2vl.model.qwen2vl import Media
 
-        media = dict(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+        media = Media(inputs["pixel_values"], inputs["image_grid_thw"])
         t0 = time.perf_counter()
         stamps, tokens = [], []
         for token in stream(model, inputs["input_ids"], media=media, max_new_tokens=new_tokens, eos_token_ids=()):

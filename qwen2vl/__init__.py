@@ -2,7 +2,7 @@
 
 from .assistant import Assistant, load
 from .config import ConfigError, Qwen2VLConfig, TextConfig, VisionConfig, qwen2vl_2b, qwen2vl_7b, qwen2vl_72b, tiny
-from .model.qwen2vl import Qwen2VL
+from .pretrained import Qwen2VL
 from .positions import PlaceholderError, mrope_positions
 from .processing import MediaError, Processor
 from .weights import CheckpointError

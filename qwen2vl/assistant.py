@@ -15,7 +15,8 @@ import torch
 from .generate.engine import stream as stream_ids
 from .generate.sampling import openai_params
 from .hub import resolve_model
-from .model.qwen2vl import Qwen2VL
+from .model.qwen2vl import Media
+from .pretrained import Qwen2VL
 from .processing.errors import MediaError
 from .processing.processor import BatchInputs, Processor
 from .processing.tokenizer import TextStream
@@ -73,10 +74,9 @@ class Assistant:
         could begin a stop string is held back until it is known not to."""
         params = openai_params(temperature, top_p, top_k, repetition_penalty, seed)
         inputs = inputs if inputs is not None else self.prepare(messages, **media_options)
-        media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         text = TextStream(self.processor.tokenizer, stop)
         tokens = stream_ids(
-            self.model, inputs["input_ids"], attention_mask=inputs["attention_mask"], media=media,
+            self.model, inputs["input_ids"], attention_mask=inputs["attention_mask"], media=Media.of(inputs),
             max_new_tokens=max_new_tokens, params=params,
         )  # fmt: skip
         try:

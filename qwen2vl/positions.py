@@ -70,6 +70,11 @@ def next_positions(attention_mask: torch.Tensor | None, deltas: torch.Tensor, le
     return n_real.to(deltas.device) + deltas
 
 
+def decode_positions(next_position: torch.Tensor) -> torch.Tensor:
+    """Position ids [3, B, 1] of one decoded token per row: a text token, so the same id in all three rows."""
+    return next_position.view(1, -1, 1).expand(3, -1, 1)
+
+
 def _grid_iter(grid_thw: torch.Tensor | None) -> Iterator[tuple[int, int, int]]:
     rows = [] if grid_thw is None else grid_thw.tolist()
     for row in rows:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -21,8 +21,9 @@ from .atomic import write_file, write_text
 from .config import ConfigError, Qwen2VLConfig
 
 if TYPE_CHECKING:
-    from .model.qwen2vl import Qwen2VL
+    from .model.qwen2vl import Qwen2VLModel
 
+M = TypeVar("M", bound="Qwen2VLModel")
 log = logging.getLogger(__name__)
 
 # transformers >= 4.52 prefix -> hub prefix (ours). Order matters: most specific first.
@@ -96,12 +97,12 @@ def _keys_of(file: Path) -> list[str]:
 
 
 def load_pretrained(
-    cls: type[Qwen2VL],
+    cls: type[M],
     path: str | Path,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     hf5_compat: bool = False,
-) -> Qwen2VL:
+) -> M:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
@@ -167,7 +168,7 @@ def load_pretrained(
     return model.eval()
 
 
-def save_pretrained(model: Qwen2VL, path: str | Path, max_shard_size: int = 5 * 2**30) -> None:
+def save_pretrained(model: Qwen2VLModel, path: str | Path, max_shard_size: int = 5 * 2**30) -> None:
     """Hub layout: config.json (flat form), generation_config.json, model.safetensors or shards with
     an index. Every file is written to a temporary name, fsynced and renamed into place; the index
     and config come last, so a crash mid-save never leaves a directory that looks complete but is not."""

@@ -5,6 +5,7 @@ import torch
 
 from helpers import pixels, prompt
 from qwen2vl.generate.batch import Batcher, Sequence
+from qwen2vl.model.qwen2vl import Media
 from qwen2vl.generate.engine import generate
 from qwen2vl.generate.sampling import SamplingParams
 
@@ -30,7 +31,7 @@ def test_joining_and_leaving_gives_the_tokens_of_a_lone_run(tiny):
     rows = [torch.randint(0, 150000, (1, n), generator=g) for n in (5, 17, 3, 40, 9, 12, 25, 7)]
     ids, ig, _ = prompt(11, ("image", 1, 4, 6), 12)
     rows.insert(2, torch.tensor([ids]))
-    media = {2: {"pixel_values": pixels(ig, 1176), "image_grid_thw": ig}}
+    media = {2: Media(pixels(ig, 1176), ig)}
     lengths = [12, 7, 12, 3, 12, 9, 12, 12, 5]
     alone = [generate(tiny, r, max_new_tokens=n, media=media.get(i), eos_token_ids=())[0].tolist()
              for i, (r, n) in enumerate(zip(rows, lengths))]  # fmt: skip
@@ -39,7 +40,7 @@ def test_joining_and_leaving_gives_the_tokens_of_a_lone_run(tiny):
     for k, v in batcher.cache.layers:  # stale values in slots a row never wrote must stay masked out
         k.fill_(1e4)
         v.fill_(-1e4)
-    run(batcher, [make(r, media.get(i, {}), n, out, done) for i, (r, n) in enumerate(zip(rows, lengths))])
+    run(batcher, [make(r, media.get(i, Media()), n, out, done) for i, (r, n) in enumerate(zip(rows, lengths))])
     assert [out[i] for i in range(len(rows))] == alone
     assert set(done.values()) == {"length"}
     assert batcher.cache.capacity <= 65 and batcher.cache.length == 0
@@ -51,8 +52,8 @@ def test_eos_cancel_and_the_length_limit(tiny):
     first = generate(tiny, a, max_new_tokens=4, eos_token_ids=())[0].tolist()
     out, done = {}, {}
     batcher = Batcher(tiny, max_batch_size=2, max_len=40)
-    stop_at_third = make(a, {}, 10, out, done, eos=frozenset({first[2]}))
-    cancelled = make(b, {}, 50, out, done)
+    stop_at_third = make(a, Media(), 10, out, done, eos=frozenset({first[2]}))
+    cancelled = make(b, Media(), 50, out, done)
     batcher.admit(stop_at_third)
     batcher.admit(cancelled)
     batcher.step()
@@ -61,14 +62,14 @@ def test_eos_cancel_and_the_length_limit(tiny):
     batcher.step()
     assert out[0] == first[: first.index(first[2])] and done[0] == "stop"  # the eos token itself is not emitted
     assert len(out[1]) == 3 and done[1] == "cancelled"
-    again = make(b, {}, 50, out, done)
+    again = make(b, Media(), 50, out, done)
     batcher.admit(again)
     batcher.step()
     batcher.end_all("error")  # what the server does after a failed step
     assert done[2] == "error" and batcher.active == 0 and batcher.free == 2 and batcher.cache.length == 0
     batcher.end_all("error")  # nothing live: nothing to end
     out, done = {}, {}
-    long = make(b, {}, 100, out, done)
+    long = make(b, Media(), 100, out, done)
     run(Batcher(tiny, max_batch_size=1, max_len=40), [long])
     assert done[0] == "length" and len(out[0]) == 40 - 30  # the cache limit, not max_new_tokens
 
@@ -77,6 +78,6 @@ def test_sampled_rows_are_seeded_per_request(tiny):
     ids = torch.tensor([[5, 6, 7, 8]])
     params = SamplingParams(do_sample=True, temperature=1.0, seed=3)
     out, done = {}, {}
-    run(Batcher(tiny, max_batch_size=2), [make(ids, {}, 8, out, done, params), make(ids, {}, 8, out, done, params)])
+    run(Batcher(tiny, max_batch_size=2), [make(ids, Media(), 8, out, done, params), make(ids, Media(), 8, out, done, params)])
     alone = generate(tiny, ids, max_new_tokens=8, params=params, eos_token_ids=())[0].tolist()
     assert out[0] == out[1] == alone

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from helpers import left_pad, pixels, prompt
-from qwen2vl.generate.cache import KVCache
+from qwen2vl.model.cache import KVCache
+from qwen2vl.model.qwen2vl import Media
 from qwen2vl.generate.engine import stream
 from qwen2vl.generate.sampling import SamplingParams, top_k_filter, top_p_filter, apply_repetition_penalty
 
@@ -31,7 +32,7 @@ def test_cached_decode_equals_full_recompute(tiny):
     # and the logits themselves, step by step
     cache = KVCache.allocate(tiny.config.text, 3, ids.shape[1] + n, torch.float32, "cpu")
     with torch.no_grad():
-        step_logits, cache = tiny.prefill(ids, cache, mask, pv, ig, pvv, vg)
+        step_logits, cache = tiny.prefill(ids, cache, mask, Media(pv, ig, pvv, vg))
         for i in range(n):
             assert (step_logits - logits[:, ids.shape[1] - 1 + i]).abs().max() < 1e-4
             step_logits, cache = tiny.decode(out[:, i], cache)
@@ -44,8 +45,8 @@ def test_appending_a_turn_to_the_cache_equals_one_prompt(tiny):
     pa, pb = pixels(ig_a, 1176), pixels(ig_b, 1176, 5)
     cache = KVCache.allocate(tiny.config.text, 1, len(a) + len(b), torch.float32, "cpu")
     with torch.no_grad():
-        _, cache = tiny.prefill(torch.tensor([a]), cache, None, pa, ig_a)
-        last, cache = tiny.prefill(torch.tensor([b]), cache, None, pb, ig_b)
+        _, cache = tiny.prefill(torch.tensor([a]), cache, None, Media(pa, ig_a))
+        last, cache = tiny.prefill(torch.tensor([b]), cache, None, Media(pb, ig_b))
         whole = tiny(torch.tensor([a + b]), None, torch.cat([pa, pb]), torch.cat([ig_a, ig_b]))
     assert (last - whole[:, -1]).abs().max() < 1e-4
 

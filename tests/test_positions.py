@@ -5,7 +5,6 @@ import torch
 
 import qwen2vl
 from helpers import IMG, VE, VID, VS, left_pad, mm_token_type_ids, prompt
-from qwen2vl.model.attention import segment_runs
 from qwen2vl.model.rope import mrope_cos_sin, vision_position_ids
 from qwen2vl.positions import PlaceholderError, mrope_positions, next_positions
 
@@ -16,59 +15,6 @@ def test_vision_ids_follow_2x2_windows():
     hw = vision_position_ids([(1, 4, 4)], merge=2)
     assert hw[:, 0].tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3]
     assert hw[:, 1].tolist() == [0, 1, 0, 1, 2, 3, 2, 3, 0, 1, 0, 1, 2, 3, 2, 3]
-
-
-def test_attention_segments():
-    # grid [[1,4,6],[3,4,4]] -> cu_seqlens [0,24,40,56,72]; a video with t = 3 is 3 separate segments
-    seqlens = [h * w for t, h, w in [(1, 4, 6), (3, 4, 4)] for _ in range(t)]
-    assert [0, *torch.tensor(seqlens).cumsum(0).tolist()] == [0, 24, 40, 56, 72]
-    assert segment_runs(seqlens) == [(0, 1, 24), (24, 3, 16)]
-
-
-def test_one_masked_call_equals_the_calls_per_run(monkeypatch):
-    """The GPU's single block-diagonal SDPA call (attention.py) gives what the per-run calls give, values and
-    gradients, for the ViT (non-causal) and a packed LLM row (causal, GQA). Forced here on the CPU."""
-    from qwen2vl.model import attention
-
-    seqlens = [24, 16, 16, 16, 5, 30, 30, 1]  # runs of equal lengths and singles, one of a single token
-    g = torch.Generator().manual_seed(0)
-    T = sum(seqlens)
-    vit = [torch.randn(T, 4, 8, generator=g, requires_grad=True) for _ in range(3)]  # [T, heads, D]
-    llm = [torch.randn(1, h, T, 8, generator=g, requires_grad=True) for h in (4, 2, 2)]  # GQA: 4 query heads, 2 kv
-
-    def both(fn, inputs):
-        results = []
-        for forced in (False, True):
-            monkeypatch.setattr(attention, "_one_masked_call", lambda x, s, r, forced=forced: forced)
-            out = fn(*inputs)
-            grads = torch.autograd.grad((out * torch.arange(out.numel()).reshape(out.shape).sin()).sum(), inputs)
-            results.append((out, grads))
-        return results
-
-    for fn, inputs in ((lambda q, k, v: attention.varlen_attention(q, k, v, seqlens), vit),
-                       (lambda q, k, v: attention.causal_attention(q, k, v, None, seqlens), llm)):  # fmt: skip
-        (o1, g1), (o2, g2) = both(fn, inputs)
-        assert (o1 - o2).abs().max() < 1e-5
-        assert all((a - b).abs().max() < 1e-5 for a, b in zip(g1, g2))
-    assert attention.block_mask([2, 1], torch.device("cpu"), causal=True).tolist() == [
-        [True, False, False], [True, True, False], [False, False, True]]  # fmt: skip
-
-
-def test_cpu_bf16_autocast_attends_in_fp32():
-    """Under the CPU's bf16 autocast (``qwen2vl train --dtype bfloat16``) the per-run attention runs in fp32 (the
-    CPU's bf16 kernel is the slower one): exactly what fp32 attention gives on the same inputs."""
-    from qwen2vl.model import attention
-
-    seqlens = [24, 16, 16, 5, 30]
-    g = torch.Generator().manual_seed(0)
-    T = sum(seqlens)
-    vit = [torch.randn(T, 4, 8, generator=g).bfloat16() for _ in range(3)]
-    llm = [torch.randn(1, h, T, 8, generator=g).bfloat16() for h in (4, 2, 2)]
-    for fn, inputs in ((lambda q, k, v: attention.varlen_attention(q, k, v, seqlens), vit),
-                       (lambda q, k, v: attention.causal_attention(q, k, v, None, seqlens), llm)):  # fmt: skip
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = fn(*inputs)
-        assert out.dtype == torch.float32 and torch.equal(out, fn(*(x.float() for x in inputs)))
 
 
 def test_worked_example_item7():
@@ -113,7 +59,8 @@ def test_left_padding_and_decode_item9():
 
 def test_decode_positions_inside_the_model(tiny):
     """The cache's next_position after prefill is the item-9 value, then +1 per step."""
-    from qwen2vl.generate.cache import KVCache
+    from qwen2vl.model.cache import KVCache
+    from qwen2vl.model.qwen2vl import Media
 
     seq0 = [11, 12, VS] + [IMG] * 6 + [VE, 13]
     seq1 = [VS] + [IMG] * 4 + [VE, 13]
@@ -122,7 +69,7 @@ def test_decode_positions_inside_the_model(tiny):
     pv = torch.randn(40, 1176)
     cache = KVCache.allocate(tiny.config.text, 2, 16, torch.float32, "cpu")
     with torch.no_grad():
-        logits, cache = tiny.prefill(ids, cache, mask, pv, grid)
+        logits, cache = tiny.prefill(ids, cache, mask, Media(pv, grid))
         assert cache.next_position.tolist() == [8, 5]
         _, cache = tiny.decode(logits.argmax(-1), cache)
     assert cache.next_position.tolist() == [9, 6] and cache.length == 12

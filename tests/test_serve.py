@@ -21,6 +21,7 @@ from PIL import Image
 import qwen2vl
 from helpers import loopback_server
 from qwen2vl.processing import fetch
+from qwen2vl.model.qwen2vl import Media
 from qwen2vl.serve.app import ServerConfig, create_app
 
 
@@ -234,7 +235,7 @@ def test_private_addresses_are_refused_before_connecting(live, monkeypatch):
     assert "non-public address" in message
 
 
-class Media(BaseHTTPRequestHandler):
+class MediaServer(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
@@ -257,7 +258,7 @@ class Media(BaseHTTPRequestHandler):
 
 def test_allowed_domain_fetches_with_limits(live, monkeypatch):
     monkeypatch.setattr(fetch, "resolve", lambda host, p: ["127.0.0.1"] if host == "cdn.media.test" else ["10.0.0.1"])
-    with loopback_server(Media) as base:
+    with loopback_server(MediaServer) as base:
         port = base.rsplit(":", 1)[1]
         ok = live.post({"messages": user(image_url(f"http://cdn.media.test:{port}/cat.png")), "max_tokens": 1})
         assert ok.status_code == 200 and ok.json()["usage"]["media"][0]["original_size"] == [48, 64]
@@ -345,7 +346,7 @@ def test_a_failed_engine_step_ends_what_runs_and_the_engine_keeps_serving(tiny, 
 
     def request(key):
         finished = threading.Event()
-        seq = Sequence(torch.tensor([[5, 6, 7]]), {}, 20, SamplingParams(), emit=lambda t: None,
+        seq = Sequence(torch.tensor([[5, 6, 7]]), Media(), 20, SamplingParams(), emit=lambda t: None,
                        finish=lambda r: (ends.__setitem__(key, r), finished.set()), eos_token_ids=frozenset())  # fmt: skip
         engine.submit(seq)
         return finished

@@ -16,6 +16,7 @@ import torch
 
 from qwen2vl.generate.batch import Batcher, Sequence
 from qwen2vl.generate.sampling import SamplingParams, choose
+from qwen2vl.model.qwen2vl import Media
 from qwen2vl.serve.app import Engine, ServerConfig
 from test_serve import KEY, Live, data_url, error_of, png, text, user
 
@@ -85,7 +86,7 @@ def test_ending_rows_after_a_grown_cache_works_outside_inference_mode(tiny):
     batcher = Batcher(tiny, max_batch_size=2, max_len=256, initial_slots=4)
     ends = []
     for n in (10, 12):
-        batcher.admit(Sequence(torch.arange(5, 5 + n)[None], {}, 50, SamplingParams(), emit=lambda t: None,
+        batcher.admit(Sequence(torch.arange(5, 5 + n)[None], Media(), 50, SamplingParams(), emit=lambda t: None,
                                finish=ends.append))  # fmt: skip
     batcher.step()
     assert batcher.cache.capacity > 4 and batcher.active == 2
@@ -106,7 +107,7 @@ def test_a_failing_sequence_ends_alone_and_the_batch_goes_on(tiny):
         return f
 
     for key in ("bad", "good"):
-        batcher.admit(Sequence(torch.tensor([[5, 6, 7]]), {}, 6, SamplingParams(), emit=emit(key),
+        batcher.admit(Sequence(torch.tensor([[5, 6, 7]]), Media(), 6, SamplingParams(), emit=emit(key),
                                finish=lambda r, key=key: ends.__setitem__(key, r)))  # fmt: skip
     while batcher.active:
         batcher.step()
@@ -118,7 +119,7 @@ def test_a_failing_sequence_ends_alone_and_the_batch_goes_on(tiny):
 
 def request(engine, ends, key, finished=None):
     finished = threading.Event()
-    seq = Sequence(torch.tensor([[5, 6, 7]]), {}, 20, SamplingParams(), emit=lambda t: None,
+    seq = Sequence(torch.tensor([[5, 6, 7]]), Media(), 20, SamplingParams(), emit=lambda t: None,
                    finish=lambda r: (ends.__setitem__(key, r), finished.set()))  # fmt: skip
     engine.submit(seq)
     return finished

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from qwen2vl.train.data import IGNORE, DataError, encode, read_jsonl, to_messages
+from qwen2vl.records import DataError, read_jsonl
+from qwen2vl.train.data import IGNORE, encode, to_messages
 from qwen2vl.train.packing import loss_sum, pack, plan_rows
 
 
@@ -146,8 +147,9 @@ def test_packed_loss_and_gradients_equal_unpacked(tiny_checkpoint, processor, tm
 
 
 def test_sample_loss_equals_transformers(tiny_checkpoint, tiny_ref, processor, tmp_path):
-    import qwen2vl
     from helpers import mm_token_type_ids
+
+    import qwen2vl
 
     model = qwen2vl.Qwen2VL.from_pretrained(tiny_checkpoint)
     s = samples(processor, tmp_path)[0]

@@ -16,7 +16,7 @@ from ..atomic import write_text
 from ..processing.chat import check_messages
 from ..progress import end as end_progress
 from ..progress import show
-from ..train.data import read_jsonl, with_root
+from ..records import read_jsonl, with_root
 from .metrics import SCORERS, box_iou
 
 

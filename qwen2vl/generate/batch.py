@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import KVCache
+from ..model.cache import KVCache
+from ..model.qwen2vl import Media
 from .sampling import SamplingParams, choose
 
 log = logging.getLogger("qwen2vl.batch")
@@ -38,7 +39,7 @@ class Sequence:
     the sequence at the next step."""
 
     input_ids: torch.Tensor  # [1, L]
-    media: dict[str, torch.Tensor]
+    media: Media
     max_new_tokens: int
     params: SamplingParams
     emit: Callable[[int], None]
@@ -129,8 +130,7 @@ class Batcher:
         row = self.rows.index(None)
         device = self.model.device
         own = KVCache.allocate(self.config.text, 1, L, self.model.dtype, device)
-        media = {k: v.to(device) for k, v in seq.media.items()}
-        logits, own = self.model.prefill(seq.input_ids.to(device), own, **media)
+        logits, own = self.model.prefill(seq.input_ids.to(device), own, media=seq.media.to(device))
         if seq.params.repetition_penalty is not None:
             seq.seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=device)
             seq.seen[0, seq.input_ids[0].to(device)] = True

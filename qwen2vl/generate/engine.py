@@ -4,24 +4,21 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 
-from .cache import KVCache
+from ..model.cache import KVCache
+from ..model.qwen2vl import Media, Qwen2VLModel
 from .sampling import SamplingParams, choose
-
-if TYPE_CHECKING:
-    from ..model.qwen2vl import Qwen2VL
 
 
 @torch.inference_mode()
 def stream(
-    model: Qwen2VL,
+    model: Qwen2VLModel,
     input_ids: torch.Tensor,
     *,
     attention_mask: torch.Tensor | None = None,
-    media: dict[str, torch.Tensor | None] | None = None,
+    media: Media | None = None,
     max_new_tokens: int,
     params: SamplingParams = SamplingParams(),
     eos_token_ids: tuple[int, ...] | list[int] | None = None,
@@ -39,9 +36,8 @@ def stream(
     pad = cfg.pad_token_id
 
     cache = KVCache.allocate(cfg.text, B, L + max_new_tokens, model.dtype, device)
-    logits, cache = model.prefill(input_ids.to(device), cache, attention_mask=_to(attention_mask, device), **{
-        k: _to(v, device) for k, v in (media or {}).items()
-    })
+    mask = None if attention_mask is None else attention_mask.to(device)
+    logits, cache = model.prefill(input_ids.to(device), cache, mask, (media or Media()).to(device))
     generator = None
     if params.do_sample and params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -64,7 +60,7 @@ def stream(
 
 
 def generate(
-    model: Qwen2VL,
+    model: Qwen2VLModel,
     input_ids: torch.Tensor,
     *,
     max_new_tokens: int,
@@ -75,7 +71,3 @@ def generate(
     for step, token in enumerate(stream(model, input_ids, max_new_tokens=max_new_tokens, **kwargs)):
         out[:, step] = token.cpu()
     return out
-
-
-def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if x is None else x.to(device)

@@ -3,24 +3,49 @@
 Takes exactly the tensors transformers' Qwen2-VL processor produces. Visual features replace the
 ``<|image_pad|>`` / ``<|video_pad|>`` embeddings in reading order (all images of the batch, then all
 videos). Parameter names equal the hub checkpoint's, so ``state_dict()`` is the hub layout.
+
+This is the network alone: it knows nothing of checkpoints files, tokenizers or sampling. ``qwen2vl.Qwen2VL``
+(pretrained.py) adds ``from_pretrained``, ``save_pretrained`` and ``generate`` on top of it.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
 from ..config import Qwen2VLConfig
-from ..generate.cache import KVCache, causal_padding_mask
-from ..positions import PlaceholderError, mrope_positions
+from ..positions import PlaceholderError, decode_positions, mrope_positions, next_positions
+from .cache import KVCache, causal_padding_mask
 from .rope import mrope_cos_sin
 from .text import RMSNorm, TextModel
 from .vision import VisionTransformer
 
 
-class Qwen2VL(nn.Module):
+@dataclass(frozen=True)
+class Media:
+    """The visual inputs of a batch, as the processor makes them: the patches and (t, h, w) grids of all its
+    images, and of all its videos. Empty when the prompts are text only."""
+
+    pixel_values: torch.Tensor | None = None  # [patches, 1176]
+    image_grid_thw: torch.Tensor | None = None  # [images, 3]
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, inputs) -> Media:
+        """The media tensors of a processor's output (a mapping that may hold other keys)."""
+        return cls(**{f.name: inputs.get(f.name) for f in fields(cls)})
+
+    def to(self, device: torch.device | str) -> Media:
+        return Media(*(None if x is None else x.to(device) for x in self.tensors()))
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return self.pixel_values, self.image_grid_thw, self.pixel_values_videos, self.video_grid_thw
+
+
+class Qwen2VLModel(nn.Module):
     def __init__(self, config: Qwen2VLConfig, *, hf5_compat: bool = False):
         """``hf5_compat``: place text after long videos as transformers 5.x does (see positions.py)."""
         super().__init__()
@@ -37,7 +62,7 @@ class Qwen2VL(nn.Module):
         return not isinstance(self.lm_head, nn.Linear)
 
     @torch.no_grad()
-    def pack_for_cpu(self) -> Qwen2VL:
+    def pack_for_cpu(self) -> Qwen2VLModel:
         """Inference on the CPU: every Linear's weight reordered once into oneDNN's layout (see model/packed.py;
         fp32 decoding ~2.5x faster here). Inference only: the model can no longer be trained or saved. A no-op
         off the CPU or where oneDNN is missing."""
@@ -69,28 +94,6 @@ class Qwen2VL(nn.Module):
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        dtype: torch.dtype | str | None = None,
-        device: torch.device | str | None = None,
-        *,
-        hf5_compat: bool = False,
-    ) -> Qwen2VL:
-        """Load a local checkpoint directory (hub layout or transformers >= 4.52 layout), strictly."""
-        from ..weights import load_pretrained
-
-        return load_pretrained(cls, path, dtype=dtype, device=device, hf5_compat=hf5_compat)
-
-    def save_pretrained(self, path: str | Path, max_shard_size: int = 5 * 2**30) -> None:
-        """Write config.json, generation_config.json and safetensors in the hub layout, atomically."""
-        from ..weights import save_pretrained
-
-        if self.packed:
-            raise ValueError("this model was packed for CPU inference (pack_for_cpu); load it again to save it")
-        save_pretrained(self, path, max_shard_size=max_shard_size)
-
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
@@ -100,20 +103,13 @@ class Qwen2VL(nn.Module):
         return self.model.embed_tokens.weight.device
 
     # ---- the pieces of a forward ---------------------------------------------------------------
-    def embed(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        image_grid_thw: torch.Tensor | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        video_grid_thw: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, media: Media | None = None) -> torch.Tensor:
         """Token embeddings [B, L, D] with the visual features scattered into their placeholders."""
         h = self.model.embed_tokens(input_ids)
-        c = self.config
+        c, m = self.config, media or Media()
         for kind, token, pixels, grid in (
-            ("image", c.image_token_id, pixel_values, image_grid_thw),
-            ("video", c.video_token_id, pixel_values_videos, video_grid_thw),
+            ("image", c.image_token_id, m.pixel_values, m.image_grid_thw),
+            ("video", c.video_token_id, m.pixel_values_videos, m.video_grid_thw),
         ):
             slots = input_ids == token
             n_slots = int(slots.sum())
@@ -185,7 +181,7 @@ class Qwen2VL(nn.Module):
         """Final hidden states [B, L, D] (no cache), before the LM head: training computes logits only where
         there are labels. A packed row (B = 1) of several samples passes ``seqlens`` (attention stays inside
         each sample) and ``position_ids`` [3, 1, L] (each sample's own M-RoPE positions, see train/packing.py)."""
-        h = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        h = self.embed(input_ids, Media(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw))
         if position_ids is None:
             position_ids, _ = self.positions(input_ids, attention_mask, image_grid_thw, video_grid_thw)
         cos, sin = self._cos_sin(position_ids, h.dtype)
@@ -199,10 +195,7 @@ class Qwen2VL(nn.Module):
         input_ids: torch.Tensor,
         cache: KVCache,
         attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_grid_thw: torch.Tensor | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        video_grid_thw: torch.Tensor | None = None,
+        media: Media | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
         """Run a left-padded prompt into ``cache`` (after what it already holds); logits [B, V] of the
         last position. Positions of the new tokens start at each row's ``cache.next_position``."""
@@ -212,8 +205,9 @@ class Qwen2VL(nn.Module):
             raise ValueError(f"the prompt needs {start + L} cache slots but the cache holds {cache.capacity}")
         if attention_mask is not None and not bool(attention_mask[:, -1].all()):
             raise ValueError("prompts must be left-padded: attention_mask[:, -1] has a 0")
-        h = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        pos, deltas = self.positions(input_ids, attention_mask, image_grid_thw, video_grid_thw)
+        media = media or Media()
+        h = self.embed(input_ids, media)
+        pos, deltas = self.positions(input_ids, attention_mask, media.image_grid_thw, media.video_grid_thw)
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         pos = pos + cache.next_position.view(1, B, 1) * real  # continue after earlier turns
         cos, sin = self._cos_sin(pos, h.dtype)
@@ -223,7 +217,7 @@ class Qwen2VL(nn.Module):
         mask = cache.attention_mask(L)
         h = self.model(h, cos, sin, mask, cache.layers, start)
         cache.length = start + L
-        cache.next_position = cache.next_position + real.sum(-1) + deltas
+        cache.next_position = cache.next_position + next_positions(real, deltas, L)
         return self.lm_head(h[:, -1]), cache
 
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
@@ -232,7 +226,7 @@ class Qwen2VL(nn.Module):
         if start + 1 > cache.capacity:
             raise ValueError(f"the KV cache is full ({cache.capacity} slots)")
         h = self.model.embed_tokens(tokens[:, None])
-        pos = cache.next_position.view(1, -1, 1).expand(3, -1, 1)
+        pos = decode_positions(cache.next_position)
         cos, sin = self._cos_sin(pos, h.dtype)
         cache.key_mask[:, start] = True
         mask = cache.attention_mask(1)
@@ -240,41 +234,3 @@ class Qwen2VL(nn.Module):
         cache.length = start + 1
         cache.next_position = cache.next_position + 1
         return self.lm_head(h[:, -1]), cache
-
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_grid_thw: torch.Tensor | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        video_grid_thw: torch.Tensor | None = None,
-        max_new_tokens: int = 128,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        eos_token_ids: tuple[int, ...] | list[int] | None = None,
-    ) -> torch.Tensor:
-        """New token ids [B, max_new_tokens]; a row that stopped on an eos id is filled with the pad id
-        after it. ``eos_token_ids`` defaults to the checkpoint's (generation_config.json)."""
-        from ..generate.engine import generate
-        from ..generate.sampling import SamplingParams
-
-        params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
-        return generate(
-            self,
-            input_ids,
-            attention_mask=attention_mask,
-            media=dict(
-                pixel_values=pixel_values,
-                image_grid_thw=image_grid_thw,
-                pixel_values_videos=pixel_values_videos,
-                video_grid_thw=video_grid_thw,
-            ),
-            max_new_tokens=max_new_tokens,
-            params=params,
-            eos_token_ids=eos_token_ids,
-        )

@@ -1,7 +1,7 @@
 """The Qwen2 decoder with M-RoPE: GQA with q/k/v bias, RMSNorm, SwiGLU (REFERENCE §3.1-3.2).
 
 Module and parameter names equal the checkpoint's (``model.layers.N.self_attn.q_proj`` ...), so a
-hub state dict loads without renaming. The KV cache is passed in (``generate/cache.py``); nothing is
+hub state dict loads without renaming. The KV cache is passed in (``model/cache.py``); nothing is
 kept on the modules between calls.
 """
 

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..assistant import Assistant
 from ..generate.batch import Batcher, Sequence
 from ..generate.sampling import openai_params
+from ..model.qwen2vl import Media
 from ..processing.errors import MediaError
 from ..processing.fetch import FetchPolicy
 from ..processing.sources import MediaAccess
@@ -249,9 +250,8 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         seq = Sequence(
-            inputs["input_ids"], media, limit, params,
+            inputs["input_ids"], Media.of(inputs), limit, params,
             emit=lambda t: (metrics.token(), loop.call_soon_threadsafe(events.put_nowait, ("token", t))),
             finish=lambda r: loop.call_soon_threadsafe(events.put_nowait, ("finish", r)),
             eos_token_ids=frozenset(model.config.eos_token_ids),

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from ..processing.processor import Processor
-from .data import IGNORE, DataError, encode, read_jsonl, to_messages
+from ..records import DataError, read_jsonl
+from .data import IGNORE, encode, to_messages
 
 
 def render_supervised(sample, tokenizer) -> str:

@@ -20,25 +20,21 @@ so the ids are exactly those inference produces for the same conversation.
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..processing.chat import bodies, check_messages, media_parts, part_kind, turns
+from ..processing.chat import bodies, check_messages, media_parts, turns
 from ..processing.errors import MediaError
 from ..processing.processor import Processor, placeholder_repeats
+from ..records import DataError, with_root
 
 IGNORE = -100  # label of a token that is not supervised
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-class DataError(ValueError):
-    pass
 
 
 @dataclass
@@ -72,21 +68,6 @@ class Sample:
     def weight(self) -> float:
         """What the sample adds to a window's loss normaliser: its supervised tokens, or the sum of its weights."""
         return float(self.supervised) if self.weights is None else float(self.weights.sum())
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for every non-empty line; a line that is not a JSON object is a DataError."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{n}: a record is a JSON object")
-            yield n, record
 
 
 def to_messages(record: dict, where: str = "record", root: Path | None = None) -> tuple[list[dict], str]:
@@ -137,24 +118,6 @@ def _from_sharegpt(record: dict, where: str) -> list[dict]:
         if used[kind] != len(media[kind]):
             raise DataError(f"{where}: {len(media[kind])} {kind}s listed but {used[kind]} <{kind}> placeholders")
     return messages
-
-
-def with_root(messages: list[dict], root: Path) -> list[dict]:
-    """The messages with relative media paths made relative to ``root`` (a data file's directory)."""
-    out = []
-    for message in messages:
-        if isinstance(message["content"], str):
-            out.append(message)
-            continue
-        parts = []
-        for part in message["content"]:
-            kind = part_kind(part)
-            source = part.get(kind) if kind in ("image", "video") else None
-            if isinstance(source, str) and "://" not in source and not source.startswith(("data:", "/")):
-                part = {**part, kind: str(root / source)}
-            parts.append(part)
-        out.append({**message, "content": parts})
-    return out
 
 
 def encode(messages: list[dict], kind: str, processor: Processor, where: str = "record", *, levels: bool = False,

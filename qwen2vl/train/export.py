@@ -39,7 +39,7 @@ def export(checkpoint: str | Path, dest: str | Path, base: str | Path | None = N
                 if f.name in MODEL_FILES or f.name.startswith("model") and f.suffix in (".safetensors", ".json"):
                     shutil.copy2(f, tmp / f.name)
         else:
-            from ..model.qwen2vl import Qwen2VL
+            from ..pretrained import Qwen2VL
 
             Qwen2VL.from_pretrained(checkpoint, dtype=dtype).save_pretrained(tmp)
         for name in PROCESSOR_FILES:

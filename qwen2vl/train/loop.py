@@ -22,13 +22,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..model.qwen2vl import Qwen2VL
+from ..pretrained import Qwen2VL
 from ..processing.processor import Processor
 from ..progress import end as end_progress
 from ..progress import show
+from ..records import DataError, read_jsonl
 from . import distributed as dist_utils
 from .checkpoint import latest_checkpoint, load_state, save_checkpoint
-from .data import DataError, Sample, encode, read_jsonl, to_messages
+from .data import Sample, encode, to_messages
 from .packing import PackedRow, loss_sum, pack, plan_rows
 from .stages import param_groups, stage
 
