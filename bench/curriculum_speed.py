@@ -1,8 +1,8 @@
-"""Training throughput on the synthetic curriculum's own rows: what `qwen2vl curriculum` spends its minutes on.
+"""Training throughput on the synthetic curriculum's rows, where `python -m recipes.synth run` spends its time.
 
-The model is the curriculum's (``scratch.small_config`` with ``Curriculum.model``: ViT 4x128, LLM 4x256 with 4
-heads and 4 KV heads, rope_theta 1000, its ~430-token vocabulary; the README's figures were measured with the
-earlier 2 KV heads and rope_theta 50), random weights from ``init_model_dir`` on a small synthesis
+The model is the curriculum's (``recipes.synth.scratch.small_config`` with ``Curriculum.model``: ViT 4x128, LLM
+4x256 with 4 heads and 4 KV heads, rope_theta 1000, its ~430-token vocabulary; bench/README.md's figures were
+measured with the earlier 2 KV heads and rope_theta 50), random weights from ``init_model_dir`` on a small synthesis
 (``--examples`` of the stage-2 mix: captions and conversations, images 112-224 px, 8-frame clips). Each step is
 one packed row of <= 2048 tokens (some 20 samples and as many pictures), forward + backward + AdamW, 2 threads.
 
@@ -27,14 +27,16 @@ from pathlib import Path
 
 import torch
 
-from qwen2vl import Qwen2VL
-from qwen2vl.processing.processor import Processor
-from qwen2vl.train.curriculum import Curriculum, _texts, stage2_data
-from qwen2vl.train.data import IGNORE
-from qwen2vl.train.loop import TrainConfig, epoch_rows, prepare_samples
-from qwen2vl.train.packing import loss_sum, pack
-from qwen2vl.train.scratch import init_model_dir
-from qwen2vl.train.synth import synthesize
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for recipes/
+
+from qwen2vl import Qwen2VL  # noqa: E402
+from qwen2vl.processing.processor import Processor  # noqa: E402
+from qwen2vl.train.data import IGNORE  # noqa: E402
+from qwen2vl.train.loop import TrainConfig, epoch_rows, prepare_samples  # noqa: E402
+from qwen2vl.train.packing import loss_sum, pack  # noqa: E402
+from recipes.synth.curriculum import Curriculum, _texts, stage2_data  # noqa: E402
+from recipes.synth.data import synthesize  # noqa: E402
+from recipes.synth.scratch import init_model_dir  # noqa: E402
 
 
 def padded_batch(samples, config):

@@ -26,6 +26,7 @@ Threads: torch.set_num_threads(2) (this machine's cores) for both.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +35,8 @@ import numpy as np
 import torch
 
 from timing import timed  # bench/timing.py
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: recipes/ draws the clips
 
 CAP_PIXELS = 16384 * 28 * 28
 
@@ -124,7 +127,8 @@ def bench_video(path: Path, repeats: int) -> list[tuple[str, float, float, str]]
 
 def make_clips(d: Path, n: int = 100) -> list[Path]:
     """The synthetic curriculum's clips: 112x112, 8 frames at 4 fps, a ball crossing (lossless H.264)."""
-    from qwen2vl.train.synth import COLOURS, VIDEO_FRAMES, _write_mp4, ball_frame
+    from recipes.synth.data import COLOURS, VIDEO_FRAMES, ball_frame
+    from recipes.synth.data import write_mp4 as _write_mp4
 
     colours = list(COLOURS)
     paths = []
@@ -143,7 +147,7 @@ def bench_clips(paths: list[Path], cache_dir: Path, repeats: int) -> list[tuple[
     from transformers import Qwen2VLVideoProcessor
 
     from qwen2vl.processing.processor import MediaLoader
-    from qwen2vl.train.synth import VIDEO_MIN_PIXELS
+    from recipes.synth.data import VIDEO_MIN_PIXELS
 
     video_processor = Qwen2VLVideoProcessor.from_pretrained(_preprocessor_dir())
     parts = [{"video": str(p), "min_pixels": VIDEO_MIN_PIXELS} for p in paths]

@@ -16,20 +16,6 @@ class ArgumentError(ValueError):
     loads: one line naming it, exit code 2 as for argparse's own usage errors."""
 
 
-def _mix(text: str | None, flag: str = "--mix") -> dict[str, float] | None:
-    """``--mix colour=1,ocr=2`` -> {"colour": 1.0, "ocr": 2.0}; synthesize checks the task names and weights."""
-    if text is None:
-        return None
-    mix = {}
-    for item in text.split(","):
-        task, _, weight = item.partition("=")
-        try:
-            mix[task.strip()] = float(weight)
-        except ValueError:
-            raise ValueError(f"{flag} wants TASK=WEIGHT pairs separated by commas, got {item!r}") from None
-    return mix
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qwen2vl", description="Qwen2-VL in plain PyTorch")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -120,54 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--out", help="write the JSON report here")
     ev.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute in this type (default: as stored)")
 
-    from .train.curriculum import Curriculum  # its defaults are the flags'
-
-    cur = verbs.add_parser("curriculum", help="from scratch through the three stages on synthetic data, then eval")
-    cur.add_argument("--out", required=True)
-    cur.add_argument("--seed", type=int, default=0)
-    cur.add_argument("--train-examples", type=int, default=Curriculum.train_examples)
-    cur.add_argument("--test-examples", type=int, default=Curriculum.test_examples)
-    cur.add_argument("--mix", metavar="TASK=W,...", help="weigh the train split's tasks (default: the synth mix)")
-    add_synth_arguments(cur)  # the synthesis's own flags, shared with `data synth`
-    cur.add_argument("--steps", type=int, nargs=3, default=list(Curriculum.steps), metavar=("S1", "S2", "S3"))
-    cur.add_argument("--batch-tokens", type=int, default=Curriculum.batch_tokens)
-    cur.add_argument("--focus-steps", type=int, default=Curriculum.focus_steps,
-                     help="stage 2 opens with this many steps on the OCR conversations alone (0: none)")
-    cur.add_argument("--lr", type=float, nargs=3, default=list(Curriculum.lr), metavar=("LR1", "LR2", "LR3"),
-                     help="peak learning rate of each stage")
-    cur.add_argument("--focus-lr", type=float, default=Curriculum.focus_lr, help="peak learning rate of the focus")
-    cur.add_argument("--see-steps", type=int, default=Curriculum.see_steps,
-                     help="before the reading focus, this many steps on the shape, counting and grounding "
-                          "conversations alone (default 0: none)")
-    cur.add_argument("--see-lr", type=float, default=Curriculum.see_lr, help="peak learning rate of --see-steps")
-    cur.add_argument("--split-boxes", action=argparse.BooleanOptionalAction, default=Curriculum.split_boxes,
-                     help="stage 3 asks each picture's \"Where is\" questions one per conversation, so that no box "
-                          "can be told by leaving out those already given (default: %(default)s)")
-    cur.add_argument("--dtype", choices=["float32", "bfloat16"], default=Curriculum.dtype,
-                     help="bfloat16: every stage trains under bf16 autocast (weights and optimizer stay fp32)")
-    cur.add_argument("--rope-theta", type=float, default=Curriculum(out="").model["rope_theta"],
-                     help="the LLM's rotary base (default %(default)g; Qwen2-VL's own is 1e6, at which the LLM cannot "
-                          "tell a small picture's columns apart)")
-    cur.add_argument("--mrope-section", type=int, nargs=3, metavar=("T", "H", "W"),
-                     default=Curriculum(out="").model.get("mrope_section"),
-                     help="how many of the LLM's head_dim/2 rotary frequencies, fastest first, turn with the temporal, "
-                          "height and width positions (default: %(default)s; Qwen2-VL splits 1:1.5:1.5)")
-    cur.add_argument("--kv-heads", type=int, choices=[1, 2, 4], default=Curriculum(out="").model["kv_heads"],
-                     help="the LLM's key/value heads, shared by its 4 query heads (default %(default)s: one each)")
-
     data = verbs.add_parser("data", help="training data tools")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
-    synth = data_verbs.add_parser("synth", help="write the synthetic curriculum (train and held-out splits)")
-    synth.add_argument("--out", required=True)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--train", type=int, default=4000)
-    synth.add_argument("--test", type=int, default=Curriculum.test_examples)
-    synth.add_argument("--mix", metavar="TASK=W,...", help="weigh the train split's tasks, e.g. ocr=1 or "
-                       "colour=1,grounding=2 (tasks left out get none; default: the curriculum's mix)")
-    synth.add_argument("--test-mix", metavar="TASK=W,...", help="weigh the held-out split's tasks the same way "
-                       "(default: all six equally); e.g. --seed 1000 --train 0 --test 600 --test-mix grounding=1 "
-                       "for 600 fresh grounding pictures")
-    add_synth_arguments(synth)
     check = data_verbs.add_parser("check", help="validate every record and show one with its supervised tokens")
     check.add_argument("file")
     check.add_argument("--model", required=True, help="checkpoint directory (its tokenizer and preprocessor)")
@@ -202,29 +142,6 @@ def main(argv: list[str] | None = None) -> int:
             run_export(args)
         elif args.verb == "eval":
             run_eval(args)
-        elif args.verb == "curriculum":
-            from .train.curriculum import Curriculum, run
-
-            model = {**Curriculum(out=args.out).model, "rope_theta": args.rope_theta}  # keep its other model keys
-            if args.mrope_section:
-                model["mrope_section"] = tuple(args.mrope_section)
-            model["kv_heads"] = args.kv_heads
-            run(Curriculum(out=args.out, seed=args.seed, train_examples=args.train_examples,
-                           test_examples=args.test_examples, mix=_mix(args.mix), grid=args.grid,
-                           frame=args.frame, steps=tuple(args.steps), batch_tokens=args.batch_tokens,
-                           focus_steps=args.focus_steps, lr=tuple(args.lr), focus_lr=args.focus_lr,
-                           see_steps=args.see_steps, see_lr=args.see_lr, dtype=args.dtype, model=model,
-                           select=args.select, caption_order=args.caption_order,
-                           lone_boxes=args.lone_boxes, split_boxes=args.split_boxes))  # fmt: skip
-        elif args.verb == "data" and args.data_verb == "synth":
-            from .train.synth import synthesize
-
-            counts = synthesize(args.out, args.seed, args.train, args.test, mix=_mix(args.mix),
-                                test_mix=_mix(args.test_mix, "--test-mix"), grid=args.grid,
-                                frame=args.frame, select=args.select, caption_order=args.caption_order,
-                                lone_boxes=args.lone_boxes)
-            for split, tasks in counts.items():
-                print(f"{split}: " + ", ".join(f"{k} {v}" for k, v in tasks.items()))
         elif args.verb == "data" and args.data_verb == "check":
             return run_data_check(args)
     except KeyboardInterrupt:
@@ -236,24 +153,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qwen2vl: error: {e}", file=sys.stderr)
         return 1
     return 0
-
-
-def add_synth_arguments(p: argparse.ArgumentParser) -> None:
-    """The synthesis options that `data synth` and `curriculum` share, with the curriculum's defaults."""
-    from .train.curriculum import Curriculum
-
-    p.add_argument("--grid", type=int, default=Curriculum.grid, choices=[1, 2, 7, 14, 28],
-                   help="shapes' positions and sizes are multiples of this many pixels (14: the patch grid; "
-                   "28: blocks of the 28-px cells one merged token covers, each shape drawn 2 px inside its block)")
-    p.add_argument("--frame", action=argparse.BooleanOptionalAction, default=Curriculum.frame,
-                   help="draw a grey line along the edges of the shapes pictures (default: no)")
-    p.add_argument("--caption-order", choices=["reading", "random"], default=Curriculum.caption_order,
-                   help="list the shapes of a caption top to bottom, then left to right, or in a random order")
-    p.add_argument("--select", type=int, default=Curriculum.select,
-                   help="ask up to this many selection questions more of each counting and grounding picture "
-                        "(\"What colour is the circle?\", \"How many red shapes are there?\"; default 0)")
-    p.add_argument("--lone-boxes", action=argparse.BooleanOptionalAction, default=Curriculum.lone_boxes,
-                   help="ask where the shape is (and give its box in the caption) also in one-shape pictures")
 
 
 def add_media_arguments(p: argparse.ArgumentParser) -> None:

@@ -99,7 +99,7 @@ def qwen2_tokenizer_json() -> str:
         from tokenizers import AddedToken, Tokenizer, models, processors
 
         from qwen2vl.processing.tokenizer import SPECIAL_TOKENS
-        from qwen2vl.train.scratch import qwen2_pipeline
+        from recipes.synth.scratch import qwen2_pipeline
 
         ranks = {}
         # found without importing dashscope, whose client pulls in cryptography, requests, ...: only this file is used

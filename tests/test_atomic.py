@@ -15,7 +15,7 @@ from qwen2vl.eval.run import write_report
 from qwen2vl.processing.grounding import Box, draw_boxes
 from qwen2vl.train.checkpoint import save_checkpoint
 from qwen2vl.train.export import export
-from qwen2vl.train.scratch import init_model_dir
+from recipes.synth.scratch import init_model_dir
 
 TEXTS = ["A red circle and two blue squares.", "What colour is the shape?", "red"] * 10
 

@@ -1,6 +1,5 @@
 """`qwen2vl chat` and `qwen2vl tokens` on a tiny random checkpoint saved with the genuine tokenizer."""
 
-import inspect
 import io
 import subprocess
 import sys
@@ -10,7 +9,6 @@ import pytest
 from PIL import Image
 
 import qwen2vl
-from qwen2vl import cli
 from qwen2vl.assistant import Assistant
 from qwen2vl.cli import main
 
@@ -193,8 +191,6 @@ def test_every_missing_file_argument_is_one_line_naming_it(tiny_checkpoint, tmp_
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(hasattr(cli, "add_synth_arguments"), strict=True,
-                   reason="the curriculum's flags import its module, until they leave cli.py (issue 23.1)")
 def test_help_imports_no_training_code():
     code = ("import sys\nfrom qwen2vl.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in sys.modules if m.startswith('qwen2vl.train')))")
@@ -231,151 +227,3 @@ def test_serve_argument_errors(tiny_checkpoint, tmp_path, capsys):
     assert "--limit-mm-per-prompt must be a JSON object" in capsys.readouterr().err
     assert main(["serve", str(tiny_checkpoint), "--allowed-local-media-path", str(tmp_path / "none")]) == 2
     assert "--allowed-local-media-path" in capsys.readouterr().err
-
-
-def test_curriculum_flags_reach_the_run(monkeypatch):
-    """Every `qwen2vl curriculum` flag lands in the Curriculum it runs, and no flag means the dataclass defaults."""
-    from qwen2vl.train import curriculum
-
-    seen = []
-    monkeypatch.setattr(curriculum, "run", lambda c: seen.append(c) or {})
-    assert main(["curriculum", "--out", "x"]) == 0
-    assert seen[-1] == curriculum.Curriculum(out="x")
-    assert main(["curriculum", "--out", "y", "--seed", "3", "--steps", "1", "2", "3", "--lr", "1e-3", "2e-3",
-                 "3e-3", "--focus-steps", "5", "--focus-lr", "4e-4", "--train-examples", "10", "--see-steps", "7",
-                 "--see-lr", "6e-4", "--dtype", "float32",
-                 "--rope-theta", "1e6", "--mix", "shape=2,ocr=1", "--grid", "1", "--frame", "--select", "2",
-                 "--mrope-section", "4", "8", "20", "--caption-order", "random", "--no-lone-boxes",
-                 "--kv-heads", "2", "--no-split-boxes"]) == 0  # fmt: skip
-    c = seen[-1]
-    assert (c.seed, c.steps, c.lr, c.focus_steps, c.focus_lr, c.train_examples, c.mix, c.grid, c.frame) == (
-        3, (1, 2, 3), (1e-3, 2e-3, 3e-3), 5, 4e-4, 10, {"shape": 2.0, "ocr": 1.0}, 1, True)  # fmt: skip
-    assert c.model == {"rope_theta": 1e6, "mrope_section": (4, 8, 20), "kv_heads": 2}
-    assert curriculum.Curriculum(out="").model["kv_heads"] == 4  # the default, one per query head
-    assert curriculum.Curriculum(out="").split_boxes is True  # the default: one box question per conversation
-    assert (c.see_steps, c.see_lr, c.dtype, c.select) == (7, 6e-4, "float32", 2)  # not the default (bfloat16)
-    assert c.caption_order == "random" and c.lone_boxes is False and c.split_boxes is False
-
-
-def test_curriculum_refuses_kv_heads_that_do_not_divide_the_heads(monkeypatch, capsys):
-    from qwen2vl.train import curriculum
-
-    monkeypatch.setattr(curriculum, "run", lambda c: pytest.fail("ran"))
-    with pytest.raises(SystemExit):
-        main(["curriculum", "--out", "x", "--kv-heads", "3"])
-    assert "--kv-heads: invalid choice: 3" in capsys.readouterr().err
-
-
-def test_the_curriculum_mix_reaches_the_synthesis(monkeypatch, tmp_path):
-    from qwen2vl.train import curriculum, synth
-
-    class Stop(Exception):
-        pass
-
-    def fake(out, seed, train, test, *, mix=None, grid=None, frame=None, select=None, caption_order=None,
-             lone_boxes=None):
-        raise Stop(mix, grid, frame, select, caption_order, lone_boxes)
-
-    defaults = inspect.signature(synth.synthesize).parameters
-    frame_default = defaults["frame"].default
-    monkeypatch.setattr(synth, "synthesize", fake)
-    with pytest.raises(Stop) as stopped:
-        curriculum.run(curriculum.Curriculum(out=str(tmp_path), mix={"shape": 2.0}))
-    assert stopped.value.args[:4] == ({"shape": 2.0}, 28, False, 0)  # the 28-px cells, no frame, no selection questions
-    assert stopped.value.args[4] == curriculum.Curriculum.caption_order == defaults["caption_order"].default
-    assert stopped.value.args[5] is curriculum.Curriculum.lone_boxes is defaults["lone_boxes"].default is True
-    with pytest.raises(Stop) as stopped:
-        curriculum.run(curriculum.Curriculum(out=str(tmp_path), lone_boxes=False))
-    assert stopped.value.args[5] is False
-    with pytest.raises(Stop) as stopped:
-        curriculum.run(curriculum.Curriculum(out=str(tmp_path), select=2))
-    assert stopped.value.args[3] == 2
-    assert curriculum.Curriculum.select == defaults["select"].default == 0
-    assert curriculum.Curriculum.grid == synth.SHAPE_GRID  # data synth's --grid defaults to it too
-    # and data synth's --frame to the curriculum's, which is synthesize's own default
-    assert curriculum.Curriculum.frame is frame_default is False
-    # one held-out size everywhere: synthesize's, the curriculum's and data synth's --test (200 per task)
-    assert curriculum.Curriculum.test_examples == defaults["test"].default == 1200
-
-
-def test_data_synth_mix_weighs_the_train_split(tmp_path, capsys):
-    import json
-
-    assert main(["data", "synth", "--out", str(tmp_path / "a"), "--train", "9", "--test", "6",
-                 "--mix", "ocr=2, colour=1"]) == 0  # fmt: skip
-    tasks = [json.loads(line)["task"] for line in (tmp_path / "a" / "train.jsonl").read_text().splitlines()]
-    assert sorted(tasks) == ["colour"] * 3 + ["ocr"] * 6
-    assert "train: colour 3," in capsys.readouterr().out
-    colour_pictures = [f"images/train-{i:06d}.png" for i in range(9) if tasks[i] == "colour"]
-    for grid in ("14", "28"):  # --grid 14: the same scenes with a grey frame along the edges; 28: off its cells
-        for frame in ("--no-frame", "--frame"):
-            assert main(["data", "synth", "--out", str(tmp_path / f"{grid}{frame}"), "--train", "9", "--test", "0",
-                         "--mix", "ocr=2, colour=1", "--grid", grid, frame]) == 0  # fmt: skip
-        for p in colour_pictures:
-            bare, framed = (np.asarray(Image.open(tmp_path / f"{grid}{f}" / p)) for f in ("--no-frame", "--frame"))
-            assert (framed[0] != bare[0]).any() and (framed[:4] == 160).all()
-            if grid == "14":
-                assert (framed[4:-4, 4:-4] == bare[4:-4, 4:-4]).all()
-            else:  # the frame's ring of cells holds no shape
-                inside = framed[4:-4, 4:-4]
-                assert (inside[:24] == 30).all() and (inside[-24:] == 30).all()
-                assert (inside[:, :24] == 30).all() and (inside[:, -24:] == 30).all()
-    for bad, named in (("ocr", "'ocr'"), ("ocr=x", "'ocr=x'"), ("ocr=1,bogus=2", "bogus")):
-        assert main(["data", "synth", "--out", str(tmp_path / "b"), "--train", "2", "--test", "0", "--mix", bad]) == 1
-        err = capsys.readouterr().err
-        assert err.startswith("qwen2vl: error:") and named in err and "Traceback" not in err
-
-
-def test_data_synth_test_mix_weighs_the_held_out_split(tmp_path, capsys):
-    """--test-mix grounding=1 --train 0: a held-out split of grounding pictures alone, to score the boxes on
-    fresh pictures; the default split stays even over the six tasks."""
-    import json
-
-    assert main(["data", "synth", "--out", str(tmp_path / "g"), "--seed", "1000", "--train", "0", "--test", "8",
-                 "--test-mix", "grounding=1"]) == 0  # fmt: skip
-    test = [json.loads(line) for line in (tmp_path / "g" / "test.jsonl").read_text().splitlines()]
-    assert [(r["task"], r["metric"]) for r in test] == [("grounding", "box")] * 8
-    assert "test: colour 0, shape 0, counting 0, grounding 8, ocr 0, direction 0" in capsys.readouterr().out
-    assert (tmp_path / "g" / "train.jsonl").read_text() == ""
-    assert main(["data", "synth", "--out", str(tmp_path / "h"), "--train", "0", "--test", "6",
-                 "--test-mix", "grounding=1,ocr=2"]) == 0  # fmt: skip
-    tasks = [json.loads(line)["task"] for line in (tmp_path / "h" / "test.jsonl").read_text().splitlines()]
-    assert sorted(tasks) == ["grounding"] * 2 + ["ocr"] * 4
-    capsys.readouterr()
-    for bad, named in (("grounding", "--test-mix wants"), ("grounding=1,boxes=1", "test_mix"),
-                       ("grounding=0", "test_mix")):  # fmt: skip
-        assert main(["data", "synth", "--out", str(tmp_path / "b"), "--train", "0", "--test", "2",
-                     "--test-mix", bad]) == 1  # fmt: skip
-        err = capsys.readouterr().err
-        assert err.startswith("qwen2vl: error:") and named in err and "Traceback" not in err
-    assert not (tmp_path / "b").exists()  # refused before anything was written
-
-
-def test_data_synth_select_asks_selection_questions(tmp_path):
-    import json
-
-    for select in ("0", "2"):
-        assert main(["data", "synth", "--out", str(tmp_path / select), "--train", "6", "--test", "0",
-                     "--mix", "grounding=1", "--select", select]) == 0  # fmt: skip
-    asked = {select: [m["content"] for line in (tmp_path / select / "train.jsonl").read_text().splitlines()
-                      for m in json.loads(line)["messages"][2::2]] for select in ("0", "2")}  # fmt: skip
-    selection = [q for q in asked["2"] if q not in asked["0"]]
-    assert len(selection) == 12 and all(q.startswith(("What colour is the", "Which shape is", "How many"))
-                                        for q in selection)  # fmt: skip
-
-
-def test_data_synth_caption_order_reaches_the_captions(tmp_path):
-    for order in ("reading", "random"):
-        assert main(["data", "synth", "--out", str(tmp_path / order), "--train", "12", "--test", "0",
-                     "--mix", "counting=1", "--caption-order", order]) == 0  # fmt: skip
-    reading, shuffled = ((tmp_path / o / "pretrain.jsonl").read_text() for o in ("reading", "random"))
-    assert reading != shuffled and sorted(reading) == sorted(shuffled)  # the same phrases, other orders
-
-
-def test_data_synth_lone_boxes_reaches_the_questions(tmp_path):
-    for flag in ("--lone-boxes", "--no-lone-boxes"):
-        assert main(["data", "synth", "--out", str(tmp_path / flag), "--train", "6", "--test", "0",
-                     "--mix", "colour=1", flag]) == 0  # fmt: skip
-    boxes, lone = ((tmp_path / f / "train.jsonl").read_text().count("<|box_start|>") for f in ("--lone-boxes",
-                                                                                           "--no-lone-boxes"))
-    assert boxes == 6 and lone == 0  # one "Where is" per one-shape picture, or none

@@ -97,7 +97,7 @@ def test_bf16_autocast_on_the_gpu_and_a_gpu_checkpoint_resumed_on_the_cpu(
 def test_the_shipped_model_answers_the_same_on_the_gpu(tmp_path):
     from qwen2vl.cli import SHIPPED_MODEL
     from qwen2vl.eval.run import evaluate
-    from qwen2vl.train.synth import synthesize
+    from recipes.synth.data import synthesize
 
     synthesize(tmp_path, seed=0, train=0, test=60)
     kw = dict(max_new_tokens=32, progress=False)

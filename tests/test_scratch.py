@@ -1,14 +1,24 @@
-"""From nothing: a small tokenizer with the Qwen2-VL special tokens, and a random model directory around it that
-our loader, the processor, chat and transformers all accept."""
+"""The synthetic curriculum's run (recipes/synth): from nothing, a small tokenizer with the Qwen2-VL special tokens
+and a random model directory around it that our loader, the processor, chat and transformers all accept; the
+three stages end to end at toy size; and `python -m recipes.synth run`'s flags."""
 
 import pytest
 import torch
 
 import qwen2vl
-from qwen2vl.train.scratch import init_model_dir, train_tokenizer
+from recipes.synth import curriculum
+from recipes.synth.__main__ import main
+from recipes.synth.scratch import init_model_dir, train_tokenizer
 
-TEXTS = ["A red circle and two blue squares.", "What colour is the shape?", "red", "The text says KQ7.",
-         "A green ball moves to the left.", "How many shapes are there?", "3"] * 20  # fmt: skip
+TEXTS = [
+    "A red circle and two blue squares.",
+    "What colour is the shape?",
+    "red",
+    "The text says KQ7.",
+    "A green ball moves to the left.",
+    "How many shapes are there?",
+    "3",
+] * 20
 
 
 def test_small_tokenizer_keeps_qwen_behaviour():
@@ -30,8 +40,9 @@ def test_init_model_dir_is_a_complete_checkpoint(tmp_path):
     assert assistant.processor.image_token_id == cfg.image_token_id
     from PIL import Image
 
-    answer = assistant.chat([{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (60, 60))},
-                                                          {"type": "text", "text": "What colour?"}]}], max_new_tokens=3)  # fmt: skip
+    picture = {"type": "image", "image": Image.new("RGB", (60, 60))}
+    answer = assistant.chat([{"role": "user", "content": [picture, {"type": "text", "text": "What colour?"}]}],
+                            max_new_tokens=3)
     assert isinstance(answer, str)
     import transformers
 
@@ -47,35 +58,33 @@ def test_init_model_dir_is_a_complete_checkpoint(tmp_path):
 def test_a_failing_stage_stops_the_curriculum_naming_it(tmp_path, capfd):
     """Each stage trains in a process of its own: its error shows, and the curriculum stops with one naming the
     stage instead of going on to the next."""
-    from qwen2vl.train.curriculum import Curriculum, run
+    from recipes.synth.curriculum import Curriculum, run
 
     out = tmp_path / "cur"
     with pytest.raises(RuntimeError, match=f"training into {out / 'stage1'} failed"):
         run(Curriculum(out=str(out), train_examples=12, test_examples=6, steps=(1, 1, 1), batch_tokens=16,
-                       focus_steps=0))  # fmt: skip
+                       focus_steps=0))
     assert "exceed batch_tokens=16" in capfd.readouterr().err  # the stage's own error, from its process
     assert not (out / "stage1-model").exists() and not (out / "stage2").exists()
 
 
 def test_curriculum_tokenizer_and_pipeline(tmp_path):
-    """`qwen2vl curriculum` end to end at toy size: synth -> tokenizer and model -> stages 1-3 -> eval. Its
-    tokenizer spends one token per word of the chat template and one per OCR character."""
+    """The run end to end at toy size: data -> tokenizer and model -> stages 1-3 -> eval. Its tokenizer spends one
+    token per word of the chat template and one per OCR character."""
     import json
 
     from qwen2vl.processing.tokenizer import Tokenizer
-    from qwen2vl.train.curriculum import Curriculum, _texts, run
+    from recipes.synth.curriculum import Curriculum, _texts, run
 
     out = tmp_path / "cur"
-    report = run(Curriculum(out=str(out), train_examples=48, test_examples=12, steps=(2, 2, 2), batch_tokens=1024,
-                            warmup_steps=1, focus_steps=2, see_steps=2))  # fmt: skip
+    c = Curriculum(out=str(out), train_examples=48, test_examples=12, steps=(2, 2, 2), batch_tokens=1024,
+                   warmup_steps=1, focus_steps=2)
+    report = run(c)
     assert set(report["tasks"]) == {"colour", "shape", "counting", "grounding", "ocr", "direction"}
     assert sum(t["n"] for t in report["tasks"].values()) == 12
-    assert list(report["train_seconds"]) == ["stage1", "stage2-see", "stage2-focus", "stage2", "stage3", "total"]
-    see = [json.loads(line) for line in (out / "data" / "see.jsonl").read_text().splitlines()]
-    assert see and {r["task"] for r in see} == {"shape", "counting", "grounding"}  # the shapes pictures alone
-    assert json.loads((out / "stage2-see-model" / "config.json").read_text())  # the reading focus starts from it
-    assert json.loads((out / "stage2-focus" / "checkpoint-2" / "trainer_state.json").read_text())["config"][
-        "model"] == str(out / "stage2-see-model")
+    assert list(report["train_seconds"]) == ["stage1", "stage2-focus", "stage2", "stage3", "total"]
+    focus_state = json.loads((out / "stage2-focus" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert focus_state["config"]["model"] == str(out / "stage1-model")  # the reading focus follows stage 1
     focus = [json.loads(line) for line in (out / "data" / "focus.jsonl").read_text().splitlines()]
     assert focus and {r["task"] for r in focus} == {"ocr"}  # stage 2 opens with the reading conversations alone
     assert (out / "stage2-focus" / "checkpoint-2" / "trainer_state.json").is_file()
@@ -87,10 +96,12 @@ def test_curriculum_tokenizer_and_pipeline(tmp_path):
     assert clips and len(list((out / "cache" / "videos").rglob("*.npz"))) == clips
     stage3 = json.loads((out / "stage3" / "checkpoint-2" / "trainer_state.json").read_text())["config"]
     assert stage3["video_cache"] == str(out / "cache" / "videos")
-    assert stage3["data"] == str(data / "stage3.jsonl")  # split_boxes (default): one box question per conversation
+    assert stage3["data"] == str(data / "stage3.jsonl")  # one box question per conversation
     assert len((data / "stage3.jsonl").read_text().splitlines()) > len((data / "train.jsonl").read_text().splitlines())
     shipped = qwen2vl.Qwen2VL.from_pretrained(out / "model")  # what is evaluated: the last stage, in bfloat16
     assert {p.dtype for p in shipped.parameters()} == {torch.bfloat16}
+    video = json.loads((out / "model" / "video_preprocessor_config.json").read_text())  # the clips' settings
+    assert (video["min_pixels"], video["max_pixels"]) == (4 * 28 * 28, 768 * 28 * 28)
     tok = Tokenizer.from_file(out / "init" / "tokenizer.json")
     header = tok.encode("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
     assert len(header) <= 14  # 3 specials, then a token per word or newline (48 when spelt out)
@@ -122,7 +133,7 @@ def picture_logits_match_transformers(path, grid: list[int], seed: int):
 
 
 def test_a_small_rope_theta_reaches_transformers_through_config_json(tmp_path):
-    """The curriculum's models turn M-RoPE at rope_theta 50 (not 1e6, at which a picture's columns are one place to
+    """The curriculum's models turn M-RoPE at a small rope_theta (not 1e6, at which a picture's columns are one place to
     the LLM); config.json carries it, and transformers computes the same logits with a picture in the prompt, whose
     height and width positions are what it changes."""
     import json
@@ -154,3 +165,47 @@ def test_an_mrope_section_reaches_transformers_through_config_json(tmp_path):
     with pytest.raises(qwen2vl.ConfigError, match="mrope_section"):
         init_model_dir(tmp_path / "bad", TEXTS, vocab_size=300, mrope_section=(4, 8, 8))
     assert not (tmp_path / "bad").exists()
+
+
+def test_run_flags_reach_the_curriculum(monkeypatch):
+    """Every `python -m recipes.synth run` flag lands in the Curriculum it runs, and no flag means the dataclass
+    defaults: those of the shipped model."""
+    seen = []
+    monkeypatch.setattr(curriculum, "run", lambda c: seen.append(c) or {})
+    assert main(["run", "--out", "x"]) == 0
+    assert seen[-1] == curriculum.Curriculum(out="x")
+    default = curriculum.Curriculum(out="")
+    assert default.model == {"rope_theta": 1000.0, "mrope_section": (2, 6, 24), "kv_heads": 4}
+    assert (default.steps, default.lr, default.focus_steps, default.dtype) == (
+        (100, 2700, 1200), (3e-4, 1e-3, 5e-4), 400, "bfloat16"
+    )
+    args = ["run", "--out", "y", "--seed", "3", "--steps", "1", "2", "3", "--lr", "1e-3", "2e-3", "3e-3"]
+    args += ["--focus-steps", "5", "--focus-lr", "4e-4", "--train-examples", "10", "--test-examples", "6"]
+    args += ["--dtype", "float32", "--rope-theta", "1e6", "--mix", "shape=2,ocr=1", "--mrope-section", "4", "8", "20"]
+    assert main([*args, "--kv-heads", "2", "--batch-tokens", "512"]) == 0
+    c = seen[-1]
+    assert (c.seed, c.steps, c.lr, c.focus_steps, c.focus_lr, c.train_examples, c.test_examples) == (
+        3, (1, 2, 3), (1e-3, 2e-3, 3e-3), 5, 4e-4, 10, 6
+    )
+    assert (c.mix, c.dtype, c.batch_tokens) == ({"shape": 2.0, "ocr": 1.0}, "float32", 512)
+    assert c.model == {"rope_theta": 1e6, "mrope_section": (4, 8, 20), "kv_heads": 2}
+
+
+def test_run_refuses_kv_heads_that_do_not_divide_the_heads(monkeypatch, capsys):
+    monkeypatch.setattr(curriculum, "run", lambda c: pytest.fail("ran"))
+    with pytest.raises(SystemExit):
+        main(["run", "--out", "x", "--kv-heads", "3"])
+    assert "--kv-heads: invalid choice: 3" in capsys.readouterr().err
+
+
+def test_the_run_mix_reaches_the_data(monkeypatch, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def fake(out, seed, train, test, *, mix=None):
+        raise Stop(seed, train, test, mix)
+
+    monkeypatch.setattr(curriculum, "synthesize", fake)
+    with pytest.raises(Stop) as stopped:
+        curriculum.run(curriculum.Curriculum(out=str(tmp_path), mix={"shape": 2.0}))
+    assert stopped.value.args == (0, 30000, 1200, {"shape": 2.0})

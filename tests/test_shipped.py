@@ -1,6 +1,6 @@
-"""The model that ships in models/qwen2vl-synth (trained from scratch by `qwen2vl curriculum`): a complete
-hub-layout directory within the 20 MB the issue allows, that transformers loads to the same logits, and that
-still answers fresh held-out synthetic questions as well as it did when it was shipped. A change to the
+"""The model that ships in models/qwen2vl-synth (trained from scratch by `python -m recipes.synth run`): a
+complete hub-layout directory within the 20 MB the issue allows, that transformers loads to the same logits, and
+that still answers fresh held-out synthetic questions as well as it did when it was shipped. A change to the
 preprocessing, the chat template, the tokenizer or the model code that silently breaks a trained model fails
 here, which no random-weight parity test can show."""
 
@@ -42,7 +42,7 @@ def test_transformers_loads_it_to_the_same_logits():
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     from qwen2vl.eval.run import evaluate
-    from qwen2vl.train.synth import synthesize
+    from recipes.synth.data import synthesize
 
     data = tmp_path_factory.mktemp("heldout")
     synthesize(data, seed=0, train=0, test=120)  # the held-out stream: pictures training never saw

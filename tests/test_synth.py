@@ -1,4 +1,5 @@
-"""The synthetic curriculum: deterministic, every answer follows from the pixels, and every record loads.
+"""The synthetic curriculum's data (recipes/synth/data.py): deterministic, every answer follows from the pixels,
+and every record loads.
 
 The answers are checked against the pictures themselves (connected regions of non-background pixels, their colours,
 bounding boxes and a crude shape classifier), not against the generator's own bookkeeping."""
@@ -15,9 +16,10 @@ from PIL import Image
 
 from qwen2vl.processing.grounding import Box, parse_boxes
 from qwen2vl.processing.video import load_video
-from qwen2vl.train.data import IGNORE, encode, read_jsonl, to_messages
-from qwen2vl.train.synth import (ALPHABET, BACKGROUND, COLOURS, FRAME, FRAME_WIDTH, NUMBER_WORDS, PLURAL, SHAPES,
-                                  TASKS, TRAIN_MIX, synthesize)  # fmt: skip
+from qwen2vl.records import read_jsonl
+from qwen2vl.train.data import IGNORE, encode, to_messages
+from recipes.synth.__main__ import main
+from recipes.synth.data import ALPHABET, BACKGROUND, COLOURS, NUMBER_WORDS, SHAPES, TASKS, TRAIN_MIX, synthesize
 
 TRAIN, TEST = 60, 30
 
@@ -77,25 +79,14 @@ def components(mask: np.ndarray) -> list[np.ndarray]:
     return regions
 
 
-def shapes_in(path: Path, frame: bool = False) -> list[tuple[str, str, Box]]:
-    """(colour, kind, box in pixel edges) of every blob in a shapes picture; asserts the picture is clean: with
-    ``frame``, a FRAME_WIDTH-px grey line along every edge and no other grey pixel."""
-    a = np.asarray(Image.open(path).convert("RGB")).copy()
+def shapes_in(path: Path) -> list[tuple[str, str, Box]]:
+    """(colour, kind, box in pixel edges) of every blob in a shapes picture; asserts the picture is clean."""
+    a = np.asarray(Image.open(path).convert("RGB"))
     h, w, _ = a.shape
-    edge = 0
-    if frame:
-        edge = FRAME_WIDTH
-        ring = np.ones((h, w), bool)
-        ring[edge : h - edge, edge : w - edge] = False
-        assert (a[ring] == FRAME).all(), "the frame runs along every edge"
-        a[ring] = BACKGROUND
-    assert not (a == FRAME).all(-1).any(), "frame grey inside the picture"
     found = []
     for region in components((a != BACKGROUND).any(-1)):
         ys, xs = region[:, 0], region[:, 1]
-        assert min(ys.min(), xs.min()) > edge and ys.max() < h - 1 - edge and xs.max() < w - 1 - edge, (
-            "a shape touches the border or the frame"
-        )
+        assert min(ys.min(), xs.min()) > 0 and ys.max() < h - 1 and xs.max() < w - 1, "a shape touches the border"
         colours = {tuple(c) for c in a[ys, xs]}
         assert len(colours) == 1, "a shape is not one flat colour"
         colour = colours.pop()
@@ -148,6 +139,19 @@ def test_same_seed_same_bytes_other_seed_other_data(data, tmp_path):
         assert (out / name).read_bytes() != (tmp_path / "other" / name).read_bytes()
 
 
+def test_seed_0_writes_what_it_wrote_for_the_shipped_model(data):
+    """The records of seed 0 are those the code that trained models/qwen2vl-synth wrote (digests taken from it,
+    before the retired options left), so the recipe's defaults still reproduce the shipped model's data."""
+    out, _ = data
+    digests = {
+        "pretrain.jsonl": "81450f22a78649d6",
+        "train.jsonl": "754f9dc4ae61ba8f",
+        "test.jsonl": "e51fcb6e4b6048c8",
+    }
+    for name, digest in digests.items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest()[:16] == digest, name
+
+
 def test_a_bigger_held_out_split_leaves_training_untouched(data, tmp_path):
     """The train split is drawn first, so the held-out split's size changes none of its files: a model trained on
     a curriculum can be scored again on a bigger held-out split of the same seed."""
@@ -185,14 +189,6 @@ def check_shapes_answer(q: str, ans: str, found: list, path: Path) -> None:
         assert len(found) == 1 and found[0][1] == ans and ans in SHAPES
     elif q == "How many shapes are there?":
         assert ans == str(len(found)) and 1 <= len(found) <= 6
-    elif m := re.fullmatch(r"What colour is the (\w+)\?", q):  # a selection question: the one shape of a kind
-        assert [c for c, k, _ in found if k == m[1]] == [ans]
-    elif m := re.fullmatch(r"Which shape is (\w+)\?", q):  # ... the one shape of a colour
-        assert [k for c, k, _ in found if c == m[1]] == [ans]
-    elif m := re.fullmatch(r"How many (\w+) shapes are there\?", q):  # ... the shapes of a colour in the picture
-        assert ans == str(sum(c == m[1] for c, _, _ in found)) != "0"
-    elif m := re.fullmatch(r"How many (\w+) are there\?", q):  # ... the shapes of a kind (plural) in the picture
-        assert ans == str(sum(PLURAL[k] == m[1] for _, k, _ in found)) != "0"
     else:
         name = re.fullmatch(r"Where is the (\w+ \w+)\?", q)[1]
         target = [b for c, k, b in found if f"{c} {k}" == name]
@@ -258,117 +254,8 @@ def test_answers_follow_from_the_pixels(data):
     assert asked == {"What colour", "What shape", "How many", "Where is"}
 
 
-def test_selection_questions_on_request(data, tmp_path):
-    """select=3 adds up to three selection questions to each counting and grounding picture ("What colour is the
-    circle?", "Which shape is red?", "How many red shapes / circles are there?"), each answered from the pixels, of
-    all four kinds; the pictures and the other questions are those of select=0, and the held-out split is unchanged."""
-    out, _ = data
-    sel = tmp_path / "select"
-    synthesize(sel, seed=0, train=TRAIN, test=TEST, select=3)
-    kinds = set()
-    for r, plain in zip(records(sel, "train.jsonl"), records(out, "train.jsonl")):
-        path = sel / media(r)["image"] if "image" in media(r) else None
-        if r["task"] in ("counting", "grounding"):
-            assert (sel / media(r)["image"]).read_bytes() == (out / media(plain)["image"]).read_bytes()
-            found = shapes_in(path)
-            extra = [t for t in turns(r) if t not in turns(plain)]
-            assert set(turns(plain)) <= set(turns(r)) and 1 <= len(extra) <= 3
-            for q, ans in extra:
-                check_shapes_answer(q, ans, found, path)
-                kinds.add(re.sub(r"\b(%s)\b" % "|".join([*COLOURS, *SHAPES, *PLURAL.values()]), "X", q))
-        else:
-            assert r == plain
-    assert kinds == {"What colour is the X?", "Which shape is X?", "How many X shapes are there?",
-                     "How many X are there?"}  # fmt: skip
-    assert (sel / "test.jsonl").read_text() == (out / "test.jsonl").read_text()
-    with pytest.raises(ValueError, match="select"):
-        synthesize(tmp_path / "bad", select=-1)
-
-
-def test_captions_in_random_order_on_request(data, tmp_path):
-    """caption_order="random": each shapes caption lists the same shapes with the same boxes as the reading-order
-    caption of the same picture, in a shuffled order (not top to bottom in some); pictures and questions' answers
-    stay those of the default."""
-    out, _ = data
-    shuffled = tmp_path / "random"
-    synthesize(shuffled, seed=0, train=TRAIN, test=TEST, caption_order="random")
-    reading, moved = records(out, "pretrain.jsonl"), 0
-    for plain, r in zip(reading, records(shuffled, "pretrain.jsonl")):
-        assert media(plain) == media(r)
-        if "image" not in media(r) or r["task"] == "ocr":
-            assert r == plain
-            continue
-        assert (shuffled / media(r)["image"]).read_bytes() == (out / media(plain)["image"]).read_bytes()
-        w, h = Image.open(out / media(r)["image"]).size
-        a, b = parse_boxes(question(plain), w, h), parse_boxes(question(r), w, h)
-        assert sorted(a, key=str) == sorted(b, key=str) and question(r).split(":")[0] == question(plain).split(":")[0]
-        assert [(x.y1, x.x1) for x in a] == sorted((x.y1, x.x1) for x in a)  # the default: top to bottom
-        moved += a != b
-    assert moved >= 3
-    assert (shuffled / "test.jsonl").read_text() == (out / "test.jsonl").read_text()  # the held-out questions too
-    for plain, r in zip(records(out, "train.jsonl"), records(shuffled, "train.jsonl")):
-        assert turns(r)[0] == turns(plain)[0] and sorted(turns(r)) == sorted(turns(plain))
-    with pytest.raises(ValueError, match="caption_order"):
-        synthesize(tmp_path / "bad", caption_order="sorted")
-
-
-def test_no_boxes_for_lone_shapes_on_request(data, tmp_path):
-    """lone_boxes=False: a picture with one shape (its pixels say so) gets no "Where is" question and a caption
-    without a box; pictures with two or more shapes, every other question and the held-out split stay those of the
-    default."""
-    out, _ = data
-    lone = tmp_path / "lone"
-    synthesize(lone, seed=0, train=TRAIN, test=TEST, lone_boxes=False)
-    dropped = kept = 0
-    for plain, r in zip(records(out, "train.jsonl"), records(lone, "train.jsonl")):
-        assert media(plain) == media(r)
-        if "image" not in media(r) or r["task"] == "ocr":
-            assert r == plain
-            continue
-        assert (lone / media(r)["image"]).read_bytes() == (out / media(plain)["image"]).read_bytes()
-        n = len(shapes_in(lone / media(r)["image"]))
-        wheres = [t for t in turns(plain) if t[0].startswith("Where is")]
-        if n == 1:
-            assert sorted(turns(r)) == sorted(t for t in turns(plain) if t not in wheres)
-            dropped += len(wheres)
-        else:
-            assert r == plain
-            kept += len(wheres)
-    assert dropped >= 10 and kept >= 10
-    for plain, r in zip(records(out, "pretrain.jsonl"), records(lone, "pretrain.jsonl")):
-        if "image" in media(r) and r["task"] != "ocr" and len(shapes_in(lone / media(r)["image"])) == 1:
-            assert "<|box_start|>" in question(plain)
-            assert re.fullmatch(r"One shape: an? (%s) (%s)\." % ("|".join(COLOURS), "|".join(SHAPES)), question(r))
-        else:
-            assert r == plain
-    assert (lone / "test.jsonl").read_text() == (out / "test.jsonl").read_text()
-
-
-def off_grid(boxes: list[Box], grid: int = 14) -> int:
-    """How many box edges lie more than a pixel from a multiple of ``grid`` (PIL may leave an edge pixel out)."""
-    return sum(min(v % grid, grid - v % grid) > 1 for b in boxes for v in (b.x1, b.y1, b.x2, b.y2))
-
-
-def test_shapes_sit_on_the_patch_grid(tmp_path):
-    """grid=14: every shape's box starts and ends on the 14-px patch grid (so a shape covers whole patches), and
-    its answer boxes say so; grid=1 places them to the pixel."""
-    out = tmp_path / "patch"
-    synthesize(out, seed=0, train=TRAIN, test=TEST, grid=14)
-    pictures = [out / media(r)["image"] for r in records(out, "train.jsonl") + records(out, "test.jsonl")
-                if r["task"] in ("colour", "shape", "counting", "grounding")]  # fmt: skip
-    boxes = [b for p in pictures for _, _, b in shapes_in(p)]
-    assert len(pictures) > 20 and len(boxes) > 40 and off_grid(boxes) == 0
-    assert {round(b.x2 - b.x1) % 14 for b in boxes} <= {0, 1, 13}  # sizes too
-    synthesize(tmp_path / "free", seed=0, train=0, test=24, grid=1)
-    free = [b for r in records(tmp_path / "free", "test.jsonl") if r["task"] != "direction" and r["task"] != "ocr"
-            for _, _, b in shapes_in(tmp_path / "free" / media(r)["image"])]  # fmt: skip
-    assert off_grid(free) > len(free)  # most edges of most shapes
-    with pytest.raises(ValueError, match="grid divides the 14-px patch .* or is the 28-px cell"):
-        synthesize(tmp_path / "bad", train=1, test=0, grid=5)
-
-
 def test_shapes_fill_blocks_of_cells(data):
-    """By default (grid=28) every shape fills a square block of the 28-px cells one merged image token covers,
+    """Every shape fills a square block of the 28-px cells one merged image token covers,
     drawn 2 px inside it, and no two shapes share a cell (test_answers_follow_from_the_pixels: the answers)."""
     out, _ = data
     pictures = 0
@@ -382,36 +269,11 @@ def test_shapes_fill_blocks_of_cells(data):
             assert (x1 - 2) % 28 == 0 and (y1 - 2) % 28 == 0, b  # 2 px inside the block's first cell
             assert (x2 + 2) % 28 in (0, 27) and (y2 + 2) % 28 in (0, 27), b  # PIL may leave the last pixel out
             cells = {(cx, cy) for cx in range((x1 - 2) // 28, (x2 + 1) // 28 + 1)
-                     for cy in range((y1 - 2) // 28, (y2 + 1) // 28 + 1)}  # fmt: skip
+                     for cy in range((y1 - 2) // 28, (y2 + 1) // 28 + 1)}
             assert not cells & blocks, "two shapes share a cell"
             blocks |= cells
         pictures += 1
     assert pictures > 15
-
-
-def test_frame_on_request(data, tmp_path):
-    """frame=True draws the grey frame along the edges of the shapes pictures (shapes_in checks it, and that no
-    shape touches it), not on the text strips; the answers still follow from the pixels. By default: no frame."""
-    out, _ = data
-    default = [out / media(r)["image"] for r in records(out, "test.jsonl") if r["task"] in ("colour", "counting")]
-    for path in default:
-        a = np.asarray(Image.open(path).convert("RGB"))
-        assert (a[0] == BACKGROUND).all() and (a[:, 0] == BACKGROUND).all() and (a[-1] == BACKGROUND).all()
-        with pytest.raises(AssertionError, match="frame runs along"):
-            shapes_in(path, frame=True)
-    for grid in (14, 2, 1):  # off the patch grid too, where the margin alone is thinner than the frame
-        framed = tmp_path / f"framed{grid}"
-        synthesize(framed, seed=0, train=0, test=60, frame=True, grid=grid)
-        shapes = [r for r in records(framed, "test.jsonl") if r["task"] in ("colour", "shape", "counting", "grounding")]
-        assert len(shapes) == 40
-        for r in shapes:
-            check_shapes_answer(question(r), answer(r), shapes_in(framed / media(r)["image"], frame=True),
-                                framed / media(r)["image"])  # fmt: skip
-    recs = records(tmp_path / "framed14", "test.jsonl")
-    for r in recs:
-        if r["task"] == "ocr":
-            a = np.asarray(Image.open(tmp_path / "framed14" / media(r)["image"]).convert("RGB"))
-            assert not (a == FRAME).all(-1).any()
 
 
 def test_videos_show_the_stated_motion(data):
@@ -474,7 +336,7 @@ def test_refuses_a_non_empty_directory(tmp_path):
 def test_one_box_each_splits_the_where_questions(data, tmp_path):
     """Stage 3's --split-boxes data: every question and answer of the source once, each picture's "Where is"
     questions one per conversation (the first keeps the others), every conversation opening with its picture."""
-    from qwen2vl.train.curriculum import one_box_each
+    from recipes.synth.curriculum import one_box_each
 
     out, _ = data
     source = (out / "train.jsonl").read_text().splitlines()
@@ -502,3 +364,36 @@ def test_one_box_each_splits_the_where_questions(data, tmp_path):
     for line in several:  # each picture's first conversation opens with the question the picture opened with
         opened = [json.loads(x) for x in split if media(json.loads(x)) == media(json.loads(line))][0]
         assert question(opened) == question(json.loads(line))
+
+
+def test_data_verb_mix_weighs_the_train_split(tmp_path, capsys):
+    assert main(["data", "--out", str(tmp_path / "a"), "--train", "9", "--test", "6", "--mix", "ocr=2, colour=1"]) == 0
+    tasks = [json.loads(line)["task"] for line in (tmp_path / "a" / "train.jsonl").read_text().splitlines()]
+    assert sorted(tasks) == ["colour"] * 3 + ["ocr"] * 6
+    assert "train: colour 3," in capsys.readouterr().out
+    for bad, named in (("ocr", "'ocr'"), ("ocr=x", "'ocr=x'"), ("ocr=1,bogus=2", "bogus")):
+        assert main(["data", "--out", str(tmp_path / "b"), "--train", "2", "--test", "0", "--mix", bad]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("python -m recipes.synth: error:") and named in err and "Traceback" not in err
+
+
+def test_data_verb_test_mix_weighs_the_held_out_split(tmp_path, capsys):
+    """--test-mix grounding=1 --train 0: a held-out split of grounding pictures alone, to score the boxes on
+    fresh pictures; the default split stays even over the six tasks."""
+    args = ["data", "--out", str(tmp_path / "g"), "--seed", "1000", "--train", "0", "--test", "8"]
+    assert main([*args, "--test-mix", "grounding=1"]) == 0
+    test = [json.loads(line) for line in (tmp_path / "g" / "test.jsonl").read_text().splitlines()]
+    assert [(r["task"], r["metric"]) for r in test] == [("grounding", "box")] * 8
+    assert "test: colour 0, shape 0, counting 0, grounding 8, ocr 0, direction 0" in capsys.readouterr().out
+    assert (tmp_path / "g" / "train.jsonl").read_text() == ""
+    args = ["data", "--out", str(tmp_path / "h"), "--train", "0", "--test", "6", "--test-mix", "grounding=1,ocr=2"]
+    assert main(args) == 0
+    tasks = [json.loads(line)["task"] for line in (tmp_path / "h" / "test.jsonl").read_text().splitlines()]
+    assert sorted(tasks) == ["grounding"] * 2 + ["ocr"] * 4
+    capsys.readouterr()
+    bad_mixes = (("grounding", "--test-mix wants"), ("grounding=1,boxes=1", "test_mix"), ("grounding=0", "test_mix"))
+    for bad, named in bad_mixes:
+        assert main(["data", "--out", str(tmp_path / "b"), "--train", "0", "--test", "2", "--test-mix", bad]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("python -m recipes.synth: error:") and named in err and "Traceback" not in err
+    assert not (tmp_path / "b").exists()  # refused before anything was written

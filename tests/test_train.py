@@ -250,7 +250,8 @@ def test_video_cache_decodes_each_clip_once_across_runs(small_checkpoint, tmp_pa
     """--video-cache DIR: the first run decodes the clips and keeps them in DIR; a second run on the same files
     reads them back and decodes nothing."""
     import qwen2vl.processing.video as video_mod
-    from qwen2vl.train.synth import VIDEO_MIN_PIXELS, _write_mp4, ball_frame
+    from recipes.synth.data import VIDEO_MIN_PIXELS, ball_frame
+    from recipes.synth.data import write_mp4 as _write_mp4
 
     d = tmp_path / "clips"
     d.mkdir()

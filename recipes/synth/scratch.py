@@ -14,12 +14,15 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import new_directory
-from ..config import Qwen2VLConfig, TextConfig, VisionConfig
-from ..processing.processor import save_processor_files
-from ..processing.tokenizer import SPECIAL_TOKENS
+from qwen2vl import Qwen2VL, Qwen2VLConfig, TextConfig, VisionConfig
+from qwen2vl.atomic import new_directory
+from qwen2vl.processing.processor import save_processor_files
+from qwen2vl.processing.tokenizer import SPECIAL_TOKENS
 
-QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 
 def qwen2_pipeline(tok) -> None:
@@ -30,7 +33,7 @@ def qwen2_pipeline(tok) -> None:
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])  # fmt: skip
+    ])
     tok.decoder = decoders.ByteLevel()
 
 
@@ -41,18 +44,25 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
 
     tok = Tokenizer(models.BPE())
     qwen2_pipeline(tok)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-        special_tokens=[],
-    )  # fmt: skip
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False)
     tok.train_from_iterator(texts, trainer)
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS])
     return tok
 
 
-def small_config(vocab: int, *, vision_depth: int = 4, vision_width: int = 128, width: int = 256, layers: int = 4,
-                 heads: int = 4, kv_heads: int = 2, rope_theta: float = 1_000_000.0,
-                 mrope_section: tuple[int, int, int] | None = None) -> Qwen2VLConfig:  # fmt: skip
+def small_config(
+    vocab: int,
+    *,
+    vision_depth: int = 4,
+    vision_width: int = 128,
+    width: int = 256,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    rope_theta: float = 1_000_000.0,
+    mrope_section: tuple[int, int, int] | None = None,
+) -> Qwen2VLConfig:
     """A Qwen2-VL-architecture config sized for a CPU (same patch 14, temporal 2, merge 2). ``mrope_section``: how
     many of the head_dim/2 rotary frequencies, fastest first, turn with the temporal, height and width positions
     (default: split 1:1.5:1.5 as Qwen2-VL's (16, 24, 24))."""
@@ -61,27 +71,47 @@ def small_config(vocab: int, *, vision_depth: int = 4, vision_width: int = 128, 
     rest = half - quarter
     mrope = tuple(mrope_section) if mrope_section else (quarter, rest // 2, rest - rest // 2)
     specials = {t: vocab + i for i, t in enumerate(SPECIAL_TOKENS)}
+    vision = VisionConfig(
+        depth=vision_depth, embed_dim=vision_width, num_heads=max(1, vision_width // 32), hidden_size=width
+    )
+    text = TextConfig(
+        vocab_size=vocab + len(SPECIAL_TOKENS),
+        hidden_size=width,
+        intermediate_size=width * 8 // 3 // 16 * 16,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        mrope_section=mrope,
+        max_position_embeddings=4096,
+        rope_theta=rope_theta,
+    )
     return Qwen2VLConfig(
-        vision=VisionConfig(depth=vision_depth, embed_dim=vision_width, num_heads=max(1, vision_width // 32),
-                            hidden_size=width),  # fmt: skip
-        text=TextConfig(
-            vocab_size=vocab + len(SPECIAL_TOKENS), hidden_size=width, intermediate_size=width * 8 // 3 // 16 * 16,
-            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, mrope_section=mrope,
-            max_position_embeddings=4096, rope_theta=rope_theta,
-        ),  # fmt: skip
+        vision=vision,
+        text=text,
         tie_word_embeddings=True,
-        image_token_id=specials["<|image_pad|>"], video_token_id=specials["<|video_pad|>"],
-        vision_start_token_id=specials["<|vision_start|>"], vision_end_token_id=specials["<|vision_end|>"],
-        bos_token_id=specials["<|endoftext|>"], pad_token_id=specials["<|endoftext|>"],
+        image_token_id=specials["<|image_pad|>"],
+        video_token_id=specials["<|video_pad|>"],
+        vision_start_token_id=specials["<|vision_start|>"],
+        vision_end_token_id=specials["<|vision_end|>"],
+        bos_token_id=specials["<|endoftext|>"],
+        pad_token_id=specials["<|endoftext|>"],
         eos_token_ids=(specials["<|im_end|>"], specials["<|endoftext|>"]),
-    )  # fmt: skip
+    )
 
 
-def init_model_dir(out: str | Path, texts: Iterable[str], *, vocab_size: int = 1024, seed: int = 0,
-                   min_pixels: int = 4 * 28 * 28, max_pixels: int = 256 * 28 * 28, **config_kwargs) -> Path:  # fmt: skip
-    """Tokenizer + config + random weights + preprocessor/chat files, written atomically into ``out``."""
-    from ..model.qwen2vl import Qwen2VL
-
+def init_model_dir(
+    out: str | Path,
+    texts: Iterable[str],
+    *,
+    vocab_size: int = 1024,
+    seed: int = 0,
+    min_pixels: int = 4 * 28 * 28,
+    max_pixels: int = 256 * 28 * 28,
+    video: dict | None = None,
+    **config_kwargs,
+) -> Path:
+    """Tokenizer + config + random weights + preprocessor/chat files, written atomically into ``out``; ``video``:
+    the settings of a video_preprocessor_config.json (``save_processor_files``), none without."""
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} exists")
@@ -91,8 +121,7 @@ def init_model_dir(out: str | Path, texts: Iterable[str], *, vocab_size: int = 1
         config = small_config(vocab, **config_kwargs)
         torch.manual_seed(seed)
         Qwen2VL(config).save_pretrained(tmp)
-        save_processor_files(tmp, tok.to_str(), model_max_length=4096, min_pixels=min_pixels, max_pixels=max_pixels)
+        save_processor_files(
+            tmp, tok.to_str(), model_max_length=4096, min_pixels=min_pixels, max_pixels=max_pixels, video=video
+        )
     return out
-
-
-__all__ = ["init_model_dir", "small_config", "train_tokenizer"]

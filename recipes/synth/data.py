@@ -17,13 +17,14 @@ a ball's colour), so the picture and the chat template are paid for once per sev
 
 Why it is shaped this way: every answer must follow from the pixels without doubt, or the model learns noise.
 So shapes are flat, aliased (every pixel is exactly its colour or the background's), drawn from a palette of six
-colours far apart in RGB on one near-black background, never overlap or touch the border, and fill blocks of the
-28-px cells that one merged image token covers (``SHAPE_GRID`` = ``CELL``: no token's pixels hold parts of two
-shapes); text is black on white from an alphabet without look-alikes (no I, O, 0, 1), one character per 28-px
-cell; each task has one fixed question and answer template.
-Image sides vary (multiples of 28 in [min_side, max_side]) because dynamic resolution is what is being exercised,
-but stay small so that an image costs 16-64 tokens. Each video part carries ``min_pixels`` so that the loader
-keeps clips at their 112x112 size (32 tokens) instead of upscaling them to its video minimum of 128 tokens/frame.
+colours far apart in RGB on one near-black background, and never overlap or touch the border. Each shape fills a
+square block of the 28-px cells that one merged image token covers (patch 14 x merge 2), as each glyph of the
+text strips fills one cell: no token's pixels hold parts of two shapes or two characters (LOG.md: what the patch
+grid and free placement gave). Text is black on white from an alphabet without look-alikes (no I, O, 0, 1); each
+task has one fixed question and answer template. Image sides vary (multiples of 28 in [min_side, max_side])
+because dynamic resolution is what is being exercised, but stay small so that an image costs 16-64 tokens. Each
+video part carries ``min_pixels`` so that the loader keeps clips at their 112x112 size (32 tokens) instead of
+upscaling them to its video minimum of 128 tokens/frame.
 
 Files written into ``out`` (paths in the records are relative to it, as the training loader expects):
   images/{split}-{index:06d}.png, videos/{split}-{index:06d}.mp4 (H.264, lossless, 8 frames at 4 fps)
@@ -45,10 +46,9 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..processing.grounding import Box, format_box
+from qwen2vl.processing.grounding import Box, format_box
 
 TASKS = ("colour", "shape", "counting", "grounding", "ocr", "direction")
-IMAGE_TASKS = TASKS[:5]
 QUESTIONS = {
     "colour": "What colour is the shape?",
     "shape": "What shape is it?",
@@ -58,34 +58,20 @@ QUESTIONS = {
     "direction": "Which direction does the ball move?",
 }
 BALL_COLOUR = "What colour is the ball?"
-# Selection questions, asked of the counting and grounding pictures on request (``select``): each names one
-# attribute and asks for another of the shapes that have it, so that, like "Where is the red circle?", it can only be
-# answered by finding the named shape among others, but its answer (a word, a number) is one the model reads well.
-SELECT = {
-    "colour_of": "What colour is the {}?",  # a kind that one shape has -> its colour
-    "kind_of": "Which shape is {}?",  # a colour that one shape has -> its kind
-    "count_colour": "How many {} shapes are there?",  # a colour in the picture -> how many have it
-    "count_kind": "How many {} are there?",  # a kind in the picture (plural) -> how many have it
-}
-# The train split's share of each task. OCR and the videos get more: reading 2-4 characters in order and telling
-# a motion apart were the slowest to learn in a trial run, and a strip of text or a clip costs only 8-32 tokens.
+# The train split's share of each task. OCR and the videos get more: they were the slowest to learn, and a strip
+# of text or a clip costs only 8-32 tokens.
 TRAIN_MIX = {"colour": 1.0, "shape": 1.0, "counting": 1.0, "grounding": 1.0, "ocr": 2.0, "direction": 1.5}
 # Pairwise RGB distances are all > 95, and every colour stands out from the near-black background.
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30), "green": (40, 180, 60), "blue": (40, 80, 230),
-    "yellow": (245, 225, 30), "purple": (150, 50, 200), "orange": (250, 130, 0),
-}  # fmt: skip
+    "red": (220, 30, 30),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 230),
+    "yellow": (245, 225, 30),
+    "purple": (150, 50, 200),
+    "orange": (250, 130, 0),
+}
 SHAPES = ("circle", "square", "triangle", "cross")  # each fills its square bounding box edge to edge
-PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 BACKGROUND = (30, 30, 30)
-# On request (frame=True) shapes pictures get a grey frame: a line FRAME_WIDTH px wide along the edges, with MARGIN
-# more between it and any shape (on the patch grid: inside the one-patch margin). The ViT has no absolute positions (2D RoPE only relates patches to each
-# other), and on a flat background every background patch looks the same: nothing tells a patch where in the picture
-# it is, and a box can only be found through M-RoPE in the LLM. The frame is a landmark at a known place. A
-# 1000-step grounding-only trial from the same stage-2 model: without it Acc@0.5 14% (box centres against the true
-# ones: correlation -0.04 across, 0.28 down), with it 26% (0.41, 0.20). But the full curriculum with frames gave
-# grounding 14% (8 without) while shape fell from 94% to 44% and counting from 70% to 58%: off by default.
-FRAME, FRAME_WIDTH = (160, 160, 160), 4
 TEXT_BACKGROUND, TEXT_INK = (255, 255, 255), (0, 0, 0)
 ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no I/O/0/1: nothing two readers could read differently
 GLYPH_SIZE = 28  # px: the widest glyphs (M, W) are 27 px wide and all are at most 21 px high, so each fits a cell
@@ -93,19 +79,10 @@ DIRECTIONS = ("left", "right", "up", "down")
 DIRECTION_CAPTION = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
 VIDEO_SIDE, VIDEO_FRAMES, VIDEO_FPS = 112, 8, 4.0  # 2 s; the loader's 2 fps sampling keeps frames 0, 2, 5, 7
 VIDEO_MIN_PIXELS = 4 * 28 * 28  # per-part loader option: keeps a 112x112 clip at 112x112
-MARGIN, GAP = 4, 4  # pixels between a shape and the border / between two shapes, so blobs never touch
-# Where shapes may sit. A 4-layer ViT trained for minutes does not learn to see a shape the same at every sub-patch
-# shift: a 300-step shape-only probe told circle, square, triangle and cross apart 82% of the time with positions
-# and sizes on the 14-px patch grid, 30% on a 7-px grid and 42% placed to the pixel. grid=CELL goes one step
-# further and lays shapes out in the 28-px cells that one merged image token covers (patch 14 x merge 2), as the
-# text strips' glyphs are: a shape fills a square block of whole cells, drawn CELL_INSET px inside it, so no token's
-# pixels ever hold parts of two shapes and shapes in neighbouring cells stay 2 x CELL_INSET = GAP px apart. On
-# the patch grid a token could hold parts of two shapes, and counting stayed at 60-72% (mostly one too many);
-# in cells the full curriculum counted 99.5% (README).
+MARGIN = 4  # pixels between a ball and the clip's border
+# A shape is drawn CELL_INSET px inside its block of cells, so shapes in neighbouring cells stay 2 x CELL_INSET
+# px apart and none touches the border.
 CELL, CELL_INSET = 28, 2
-GRIDS = (1, 2, 7, 14, CELL)
-SHAPE_GRID = CELL  # the default
-CAPTION_ORDERS = ("reading", "random")  # a caption's shapes top to bottom, then left to right / shuffled
 NUMBER_WORDS = ("one", "two", "three", "four", "five", "six")
 _SPLITS = {"train": 0, "test": 1}
 
@@ -140,19 +117,6 @@ class Example:
     more: list[tuple[str, str]] = field(default_factory=list)  # other (question, answer) pairs about the picture
 
 
-@dataclass(frozen=True)
-class Options:
-    """How the shapes pictures are drawn and asked about (``synthesize``'s keywords of the same names)."""
-
-    min_side: int = 112
-    max_side: int = 224
-    grid: int = SHAPE_GRID
-    frame: bool = False
-    select: int = 0
-    caption_order: str = CAPTION_ORDERS[0]
-    lone_boxes: bool = True
-
-
 # -- drawing -----------------------------------------------------------------------------------------------
 
 
@@ -172,11 +136,10 @@ def _draw(draw: ImageDraw.ImageDraw, s: Shape) -> None:
         draw.rectangle((x, y + o, x2, y + o + t - 1), fill=fill)
 
 
-def _canvas(shapes: list[Shape], w: int, h: int, frame: bool) -> Image.Image:
+def canvas(shapes: list[Shape], w: int, h: int) -> Image.Image:
+    """The shapes on a ``w`` x ``h`` picture of the background colour."""
     image = Image.new("RGB", (w, h), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    if frame:
-        draw.rectangle((0, 0, w - 1, h - 1), outline=FRAME, width=FRAME_WIDTH)
     for s in shapes:
         _draw(draw, s)
     return image
@@ -187,39 +150,29 @@ def _side(rng: np.random.Generator, lo: int, hi: int) -> int:
     return int(rng.integers(-(-lo // 28), hi // 28 + 1)) * 28
 
 
-def _place(rng: np.random.Generator, w: int, h: int, n: int, lo: float, hi: float, grid: int,
-           frame: bool) -> list[tuple[int, int, int]]:  # fmt: skip
-    """n non-overlapping (x, y, size) squares, at least GAP apart and MARGIN from the border (from the frame, with
-    one; and at least one ``grid`` step), with x, y and size multiples of ``grid``. Sizes are fractions of the
-    shorter side; when a layout does not fit (many shapes, small canvas), retry with smaller shapes.
-    ``grid=CELL``: blocks of whole cells (neighbouring blocks allowed, the frame's cells left out), each returned
-    as the square drawn CELL_INSET px inside its block."""
+def _place(rng: np.random.Generator, w: int, h: int, n: int, lo: float, hi: float) -> list[tuple[int, int, int]]:
+    """n non-overlapping squares (x, y, size): blocks of whole cells, neighbouring blocks allowed, each returned as
+    the square drawn CELL_INSET px inside its block. Sizes are fractions of the shorter side; when a layout does
+    not fit (many shapes, small canvas), retry with smaller shapes."""
     short = min(w, h)
-    if grid == CELL:  # the inset keeps shapes GAP apart and off the border (the frame needs its own cells)
-        margin, gap = (CELL if frame else 0), 0
-    else:
-        border = MARGIN + (FRAME_WIDTH if frame else 0)
-        margin, gap = -(-border // grid) * grid, -(-GAP // grid) * grid
     for _ in range(100):
         placed: list[tuple[int, int, int]] = []
         for _ in range(n):
-            a, b = -(-max(10, int(lo * short)) // grid), max(10, int(hi * short)) // grid
-            size = int(rng.integers(a, max(a, b) + 1)) * grid
-            if short - margin - size < margin:
+            a, b = -(-max(10, int(lo * short)) // CELL), max(10, int(hi * short)) // CELL
+            size = int(rng.integers(a, max(a, b) + 1)) * CELL
+            if size > short:
                 break
             for _ in range(50):
-                x = int(rng.integers(margin // grid, (w - margin - size) // grid + 1)) * grid
-                y = int(rng.integers(margin // grid, (h - margin - size) // grid + 1)) * grid
-                if all(x + size + gap <= px or px + ps + gap <= x or y + size + gap <= py or py + ps + gap <= y
-                       for px, py, ps in placed):  # fmt: skip
+                x = int(rng.integers(0, (w - size) // CELL + 1)) * CELL
+                y = int(rng.integers(0, (h - size) // CELL + 1)) * CELL
+                apart = (x + size <= px or px + ps <= x or y + size <= py or py + ps <= y for px, py, ps in placed)
+                if all(apart):
                     placed.append((x, y, size))
                     break
             else:
                 break
         if len(placed) == n:
-            if grid == CELL:
-                return [(x + CELL_INSET, y + CELL_INSET, size - 2 * CELL_INSET) for x, y, size in placed]
-            return placed
+            return [(x + CELL_INSET, y + CELL_INSET, size - 2 * CELL_INSET) for x, y, size in placed]
         lo, hi = lo * 0.9, hi * 0.9
     raise RuntimeError(f"cannot place {n} shapes on {w}x{h}")  # unreachable for n <= 6 and sides >= 56
 
@@ -228,18 +181,12 @@ def _article(phrase: str) -> str:
     return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
 
 
-def _describe(shapes: list[Shape], w: int, h: int, rng: np.random.Generator | None = None, *,
-              boxes: bool = True) -> str:
+def _describe(shapes: list[Shape], w: int, h: int) -> str:
     """'Two shapes: <ref>a red circle</ref><box>(..),(..)</box> and <ref>a blue square</ref><box>..</box>.', each
-    shape with its box in the grounding format: a caption that teaches counting, colours, kinds and where things are
-    at once (the paper's grounding pretraining data looks so). The shapes are listed top to bottom, then left to
-    right, or (given ``rng``) in a random order, so that only its label tells which shape a box belongs to.
-    ``boxes=False``: the shapes without their boxes ('One shape: a red circle.')."""
+    shape with its box in the grounding format, top to bottom, then left to right: a caption that teaches counting,
+    colours, kinds and where things are at once (the paper's grounding pretraining data looks so)."""
     n = len(shapes)
-    ordered = sorted(shapes, key=lambda s: (s.y, s.x))
-    if rng is not None:
-        ordered = [ordered[int(i)] for i in rng.permutation(n)]
-    phrases = [format_box(s.box, w, h, label=_article(s.name)) if boxes else _article(s.name) for s in ordered]
+    phrases = [format_box(s.box, w, h, label=_article(s.name)) for s in sorted(shapes, key=lambda s: (s.y, s.x))]
     listed = phrases[0] if n == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     return f"{NUMBER_WORDS[n - 1].capitalize()} shape{'s' if n > 1 else ''}: {listed}."
 
@@ -255,50 +202,44 @@ def _pick(rng: np.random.Generator, options) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def _selections(rng: np.random.Generator, shapes: list[Shape], k: int) -> list[tuple[str, str]]:
-    """Up to ``k`` of the SELECT questions that the picture answers without doubt, drawn at random."""
+def _keep_stream(rng: np.random.Generator, shapes: list[Shape]) -> None:
+    """The retired selection questions (LOG.md) drew a permutation of their options here. It is drawn still, so
+    that every seed writes the files it wrote then: seed 0's are the shipped model's training data."""
     colours, kinds = [s.colour for s in shapes], [s.kind for s in shapes]
-    options = [(SELECT["colour_of"].format(s.kind), s.colour) for s in shapes if kinds.count(s.kind) == 1]
-    options += [(SELECT["kind_of"].format(s.colour), s.kind) for s in shapes if colours.count(s.colour) == 1]
-    options += [(SELECT["count_colour"].format(c), str(colours.count(c))) for c in dict.fromkeys(colours)]
-    options += [(SELECT["count_kind"].format(PLURAL[c]), str(kinds.count(c))) for c in dict.fromkeys(kinds)]
-    return [options[int(i)] for i in rng.permutation(len(options))[:k]]
+    options = sum(kinds.count(k) == 1 for k in kinds) + sum(colours.count(c) == 1 for c in colours)
+    rng.permutation(options + len(set(colours)) + len(set(kinds)))
 
 
-def _shapes_example(task: str, rng: np.random.Generator, o: Options) -> Example:
-    w, h = _side(rng, o.min_side, o.max_side), _side(rng, o.min_side, o.max_side)
-    grid, frame = o.grid, o.frame
+def _shapes_example(task: str, rng: np.random.Generator, min_side: int, max_side: int) -> Example:
+    w, h = _side(rng, min_side, max_side), _side(rng, min_side, max_side)
     if task in ("colour", "shape"):  # one large shape: these tasks are about recognition, not search
-        layout = _place(rng, w, h, 1, 0.3, 0.6, grid, frame)
+        layout = _place(rng, w, h, 1, 0.3, 0.6)
         shapes = [Shape(_pick(rng, list(COLOURS)), _pick(rng, SHAPES), *layout[0])]
     elif task == "counting":
         n = int(rng.integers(1, 7))
-        layout = _place(rng, w, h, n, 0.15, 0.3, grid, frame)
+        layout = _place(rng, w, h, n, 0.15, 0.3)
         shapes = [Shape(_pick(rng, list(COLOURS)), _pick(rng, SHAPES), *p) for p in layout]
     else:  # grounding: distinct (colour, kind) pairs, so that "the red circle" names exactly one shape
         n = int(rng.integers(2, 4))
         pairs = [(c, k) for c in COLOURS for k in SHAPES]
         chosen = [pairs[i] for i in rng.choice(len(pairs), n, replace=False)]
-        shapes = [Shape(c, k, *p) for (c, k), p in zip(chosen, _place(rng, w, h, n, 0.25, 0.45, grid, frame))]
-    order = rng if o.caption_order == "random" else None  # drawn from last: no question depends on the order
+        shapes = [Shape(c, k, *p) for (c, k), p in zip(chosen, _place(rng, w, h, n, 0.25, 0.45))]
     key = (task, w, h, tuple(shapes))
-    image = _canvas(shapes, w, h, frame)
+    image, caption = canvas(shapes, w, h), _describe(shapes, w, h)
     count = (QUESTIONS["counting"], str(len(shapes)))
     unique = [s for s in shapes if sum(t.name == s.name for t in shapes) == 1]  # "the red circle" names one
     if task in ("colour", "shape"):  # every question about the one shape
         colour, kind = (QUESTIONS["colour"], shapes[0].colour), (QUESTIONS["shape"], shapes[0].kind)
         first, rest = (colour, kind) if task == "colour" else (kind, colour)
-        more = [rest, count] + ([_where(shapes[0], w, h)] if o.lone_boxes else [])
-        return Example(task, key, *first, _describe(shapes, w, h, order, boxes=o.lone_boxes), image, more=more)
+        return Example(task, key, *first, caption, image, more=[rest, count, _where(shapes[0], w, h)])
     if task == "counting":  # and where up to two of the shapes that have a name of their own are
         picked = [unique[i] for i in rng.permutation(len(unique))[:2]]
-        boxes = o.lone_boxes or len(shapes) > 1
-        more = ([_where(s, w, h) for s in picked] if boxes else []) + _selections(rng, shapes, o.select)
-        return Example(task, key, *count, _describe(shapes, w, h, order, boxes=boxes), image, more=more)
+        _keep_stream(rng, shapes)
+        return Example(task, key, *count, caption, image, more=[_where(s, w, h) for s in picked])
     target = shapes[int(rng.integers(n))]
-    others = [_where(s, w, h) for s in shapes if s is not target]
-    more = [*others, count, *_selections(rng, shapes, o.select)]
-    return Example(task, key + (target.name,), *_where(target, w, h), _describe(shapes, w, h, order), image, more=more)
+    _keep_stream(rng, shapes)
+    more = [*(_where(s, w, h) for s in shapes if s is not target), count]
+    return Example(task, key + (target.name,), *_where(target, w, h), caption, image, more=more)
 
 
 def text_strip(text: str, w: int, h: int, row: int, col: int) -> Image.Image:
@@ -320,8 +261,7 @@ def text_strip(text: str, w: int, h: int, row: int, col: int) -> Image.Image:
 
 def _ocr_example(rng: np.random.Generator, min_side: int, max_side: int) -> Example:
     """2-4 characters on a white strip 56 or 84 px high (2-3 rows of cells), from a random cell on: 8-24 tokens,
-    so that many are seen per minute of training. Why cells: with glyphs of 28-40 px placed anywhere along the strip
-    a 3.5-minute OCR-only trial stayed at chance (3% of characters right); in cells it read every held-out strip."""
+    so that many are seen per minute of training."""
     w, h = _side(rng, min_side, max_side), _side(rng, 56, 84)
     text = "".join(_pick(rng, ALPHABET) for _ in range(int(rng.integers(2, 5))))
     row, col = int(rng.integers(h // 28)), int(rng.integers(w // 28 - len(text) + 1))
@@ -350,22 +290,22 @@ def _video_example(rng: np.random.Generator) -> Example:
     frames = [ball_frame(colour, r, *((p, across) if direction in ("left", "right") else (across, p))) for p in path]
     caption = f"{_article(colour).capitalize()} ball moves {DIRECTION_CAPTION[direction]}."
     key = ("direction", colour, direction, r, start, travel, across)
-    return Example("direction", key, QUESTIONS["direction"], direction, caption, frames=frames,
-                   more=[(BALL_COLOUR, colour)])  # fmt: skip
+    more = [(BALL_COLOUR, colour)]
+    return Example("direction", key, QUESTIONS["direction"], direction, caption, frames=frames, more=more)
 
 
-def _example(task: str, rng: np.random.Generator, o: Options) -> Example:
+def _example(task: str, rng: np.random.Generator, min_side: int, max_side: int) -> Example:
     if task == "ocr":
-        return _ocr_example(rng, o.min_side, o.max_side)
+        return _ocr_example(rng, min_side, max_side)
     if task == "direction":
         return _video_example(rng)
-    return _shapes_example(task, rng, o)
+    return _shapes_example(task, rng, min_side, max_side)
 
 
 # -- writing -----------------------------------------------------------------------------------------------
 
 
-def _write_mp4(path: Path, frames: list[np.ndarray]) -> None:
+def write_mp4(path: Path, frames: list[np.ndarray]) -> None:
     """Lossless H.264 (qp 0, 4:4:4), so decoded frames keep the flat colours; one thread for identical bytes."""
     with av.open(str(path), "w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=int(VIDEO_FPS), options={"qp": "0", "threads": "1"})
@@ -388,8 +328,9 @@ def _task_list(n: int, mix: dict[str, float] | None) -> list[str]:
     return [t for t, k in zip(TASKS, counts) for _ in range(k)]
 
 
-def _split(out: Path, split: str, n: int, seed: int, mix: dict[str, float] | None, o: Options,
-           taken: set[tuple]) -> tuple[list[dict], list[dict], dict[str, int]]:  # fmt: skip
+def _split(
+    out: Path, split: str, n: int, seed: int, mix: dict[str, float] | None, sides: tuple[int, int], taken: set[tuple]
+) -> tuple[list[dict], list[dict], dict[str, int]]:
     """Generate one split; returns (question records, caption records, counts per task). Scenes whose key is in
     ``taken`` (the other split's) are redrawn, so that the splits never share a picture."""
     sid = _SPLITS[split]
@@ -401,14 +342,14 @@ def _split(out: Path, split: str, n: int, seed: int, mix: dict[str, float] | Non
         task = tasks[int(i)]
         for attempt in range(1000):
             rng = np.random.default_rng([seed, sid, index, attempt])
-            ex = _example(task, rng, o)
+            ex = _example(task, rng, *sides)
             if ex.key not in taken:
                 break
         taken.add(ex.key)
         counts[task] += 1
         if ex.frames is not None:
             rel = f"videos/{split}-{index:06d}.mp4"
-            _write_mp4(out / rel, ex.frames)
+            write_mp4(out / rel, ex.frames)
             part = {"type": "video", "video": rel, "min_pixels": VIDEO_MIN_PIXELS}
             size = [VIDEO_SIDE, VIDEO_SIDE]
         else:
@@ -423,12 +364,12 @@ def _split(out: Path, split: str, n: int, seed: int, mix: dict[str, float] | Non
                 q, a = ex.more[int(j)]
                 messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
             records.append({"task": task, "messages": messages})
-            captions.append({"type": "pretrain", "task": task, "messages": [
-                {"role": "user", "content": [part, {"type": "text", "text": ex.caption}]}]})  # fmt: skip
+            caption = {"role": "user", "content": [part, {"type": "text", "text": ex.caption}]}
+            captions.append({"type": "pretrain", "task": task, "messages": [caption]})
         else:
             metric = "box" if task == "grounding" else "exact"
-            records.append({"task": task, "metric": metric, "messages": [user], "answer": ex.answer,
-                            "image_size": size})  # fmt: skip
+            record = {"task": task, "metric": metric, "messages": [user], "answer": ex.answer, "image_size": size}
+            records.append(record)
     return records, captions, counts
 
 
@@ -438,11 +379,17 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 1200, *,
-               mix: dict[str, float] | None = None, test_mix: dict[str, float] | None = None,
-               min_side: int = Options.min_side, max_side: int = Options.max_side,
-               grid: int = Options.grid, frame: bool = Options.frame, select: int = Options.select,
-               caption_order: str = Options.caption_order, lone_boxes: bool = Options.lone_boxes) -> dict:  # fmt: skip
+def synthesize(
+    out: str | Path,
+    seed: int = 0,
+    train: int = 4000,
+    test: int = 1200,
+    *,
+    mix: dict[str, float] | None = None,
+    test_mix: dict[str, float] | None = None,
+    min_side: int = 112,
+    max_side: int = 224,
+) -> dict:
     """Write the curriculum into ``out`` (created; a ValueError if it exists and is not empty) and return the
     number of examples per split and task: ``{"train": {"colour": n, ...}, "test": {...}}``.
 
@@ -450,14 +397,7 @@ def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 12
     all six tasks (by default 200 each: at 50 one answer moved a score by 2 points), or weighed by ``test_mix``:
     ``train=0, test_mix={"grounding": 1}`` with a seed no model trained on gives fresh pictures to score one skill
     on (a seed's held-out and train pictures come from its own random streams; seed 0's are the curriculum's).
-    Image sides are multiples of 28 drawn uniformly from [min_side, max_side]. ``grid``: the shapes' positions and
-    sizes are multiples of it (pixels; ``CELL``: blocks of 28-px cells, each shape drawn CELL_INSET px inside its
-    block).
-    ``frame``: draw a grey frame along the edges of the shapes pictures (not the text strips or the clips).
-    ``select``: ask up to this many SELECT questions more of each counting and grounding picture (train split).
-    ``caption_order``: the shapes of a caption top to bottom, then left to right ("reading"), or shuffled ("random").
-    ``lone_boxes``: in the train split, ask where the shape is, and give its box in the caption, also when a picture
-    has only one shape (False: boxes only among two or more shapes; the held-out split is the same either way)."""
+    Image sides are multiples of 28 drawn uniformly from [min_side, max_side]."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty directory")
@@ -465,23 +405,18 @@ def synthesize(out: str | Path, seed: int = 0, train: int = 4000, test: int = 12
         raise ValueError("train, test and seed must be non-negative")
     mix = dict(TRAIN_MIX if mix is None else mix)
     for name, weights in (("mix", mix), ("test_mix", test_mix)):
-        if weights is not None and (set(weights) - set(TASKS) or any(not (v >= 0) for v in weights.values())
-                                    or not sum(weights.values()) > 0):  # fmt: skip
+        if weights is None:
+            continue
+        if set(weights) - set(TASKS) or any(not (v >= 0) for v in weights.values()) or not sum(weights.values()) > 0:
             raise ValueError(f"{name} weighs tasks of {TASKS} with non-negative numbers, not all zero; got {weights}")
     if not 56 <= min_side <= max_side or -(-min_side // 28) * 28 > max_side:
         raise ValueError(f"need 56 <= min_side <= max_side with a multiple of 28 between, got {min_side}, {max_side}")
-    if caption_order not in CAPTION_ORDERS:
-        raise ValueError(f"caption_order is one of {CAPTION_ORDERS}, got {caption_order!r}")
-    if select < 0:
-        raise ValueError(f"select is a number of questions per picture, >= 0; got {select}")
-    if grid not in GRIDS:
-        raise ValueError(f"grid divides the 14-px patch (1, 2, 7 or 14) or is the 28-px cell ({CELL}), got {grid}")
     for sub in ("images", "videos"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     taken: set[tuple] = set()
-    o = Options(min_side, max_side, grid, frame, select, caption_order, lone_boxes)
-    train_records, captions, train_counts = _split(out, "train", train, seed, mix, o, taken)
-    test_records, _, test_counts = _split(out, "test", test, seed, test_mix, o, taken)
+    sides = (min_side, max_side)
+    train_records, captions, train_counts = _split(out, "train", train, seed, mix, sides, taken)
+    test_records, _, test_counts = _split(out, "test", test, seed, test_mix, sides, taken)
     _write_jsonl(out / "pretrain.jsonl", captions)
     _write_jsonl(out / "train.jsonl", train_records)
     _write_jsonl(out / "test.jsonl", test_records)
