@@ -74,17 +74,14 @@ class Assistant:
         could begin a stop string is held back until it is known not to."""
         params = openai_params(temperature, top_p, top_k, repetition_penalty, seed)
         inputs = inputs if inputs is not None else self.prepare(messages, **media_options)
-        text = TextStream(self.processor.tokenizer, stop)
+        text = TextStream(self.processor.tokenizer, stop, frozenset(self.model.config.eos_token_ids))
         tokens = stream_ids(
             self.model, inputs["input_ids"], attention_mask=inputs["attention_mask"], media=Media.of(inputs),
             max_new_tokens=max_new_tokens, params=params,
         )  # fmt: skip
         try:
             for token in tokens:
-                token_id = int(token[0])
-                if token_id in self.model.config.eos_token_ids:
-                    break
-                if piece := text.push(token_id):
+                if piece := text.push(int(token[0])):
                     yield piece
                 if text.stopped:
                     return

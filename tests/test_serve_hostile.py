@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from qwen2vl.generate.batch import Batcher, Sequence
+from qwen2vl.generate.json_mode import step
 from qwen2vl.generate.sampling import SamplingParams, choose
 from qwen2vl.model.qwen2vl import Media
 from qwen2vl.serve.app import Engine, ServerConfig
@@ -203,7 +204,9 @@ def test_bodies_that_broke_the_parser_are_400s(live, raw, needle):
         ({"top_k": -2}, "top_k"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stop": "x" * 300}, "stop"),
-        ({"n": 2}, "n"),
+        ({"n": 17}, "n"),
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs needs logprobs"),
         ({"mm_processor_kwargs": {"min_pixels": 10**15}}, "min_pixels"),
         ({"mm_processor_kwargs": {"min_pixels": 9000, "max_pixels": 4000}}, "above max_pixels"),
     ],
@@ -427,9 +430,7 @@ def test_fuzz_full(live):
     "fields, needle",
     [
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools: not supported"),
-        ({"response_format": {"type": "json_object"}}, "response_format: not supported"),
-        ({"logprobs": True}, "logprobs: not supported"),
-        ({"top_logprobs": 2}, "top_logprobs: not supported"),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format.type"),
         ({"logit_bias": {"5": 100}}, "logit_bias: not supported"),
         ({"presence_penalty": 0.5}, "presence_penalty: not supported"),
         ({"min_p": 0.1}, "min_p: unknown or unsupported parameter"),
@@ -461,3 +462,105 @@ def test_every_error_has_a_type_for_its_status_and_a_word_for_a_code(live):
         assert error["type"] == types.get(r.status_code, "invalid_request_error"), (r.status_code, error)
         assert re.fullmatch(r"[a-z_]+", error["code"]), (r.status_code, error)
     assert [r.status_code for r in answers] == [404, 401, 400, 400, 404, 405]
+
+
+# -- what evaluation kits use: logprobs, n > 1, json_object (issue 24) --------------------------------------------
+
+
+def test_logprobs_equal_the_reference_models_log_softmax(live, small_checkpoint):
+    """Greedy, with top_logprobs 3: each token's logprob is transformers' log-softmax of the same model at that
+    position, the chosen token is the most likely, and streaming gives the same entries."""
+    import transformers
+
+    import qwen2vl
+
+    body = {**PROBE, "max_tokens": 6, "logprobs": True, "top_logprobs": 3}
+    entries = live.post(body).json()["choices"][0]["logprobs"]["content"]
+    assert len(entries) == 6 and all(len(e["top_logprobs"]) == 3 for e in entries)
+    processor = qwen2vl.Processor.from_pretrained(small_checkpoint)
+    ids = processor(qwen2vl.assistant.as_conversation(PROBE["messages"]))["input_ids"]
+    ref = transformers.Qwen2VLForConditionalGeneration.from_pretrained(small_checkpoint).eval()
+    with torch.no_grad():
+        for e in entries:
+            logp = torch.log_softmax(ref(input_ids=ids).logits[0, -1].float(), -1)
+            top = logp.topk(3)
+            assert [t["logprob"] for t in e["top_logprobs"]] == pytest.approx(top.values.tolist(), abs=1e-4)
+            assert e["logprob"] == pytest.approx(float(top.values[0]), abs=1e-4)
+            assert e["token"] == processor.tokenizer.decode([int(top.indices[0])])
+            assert e["bytes"] == list(e["token"].encode())
+            ids = torch.cat([ids, top.indices[:1][None]], 1)
+    with live.client.chat.completions.create(model="tiny", stream=True, **body) as s:
+        streamed = [e for c in s if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e["token"], round(e["logprob"], 4)) for e in entries]
+
+
+def test_n_answers_each_as_alone_with_its_own_seed(live):
+    body = {**PROBE, "max_tokens": 8, "temperature": 1.0, "seed": 5}
+    many = live.post({**body, "n": 3}).json()
+    texts = [c["message"]["content"] for c in many["choices"]]
+    assert [c["index"] for c in many["choices"]] == [0, 1, 2]
+    alone = [live.post({**body, "seed": 5 + i}).json()["choices"][0]["message"]["content"] for i in range(3)]
+    assert texts == alone
+    assert many["usage"]["completion_tokens"] == sum(
+        live.post({**body, "seed": 5 + i}).json()["usage"]["completion_tokens"] for i in range(3))
+    chunks = list(live.client.chat.completions.create(model="tiny", stream=True, n=3, **body))
+    streamed = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(3)}  # fmt: skip
+    assert [streamed[i] for i in range(3)] == texts
+    assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 3
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_json_object_answers_are_always_a_json_prefix(live, temperature):
+    """A random-weight model over bytes answers noise; constrained, the answer is always the beginning of one JSON
+    object (it rarely closes one within the tokens given: that is the scripted test below)."""
+    body = {**PROBE, "max_tokens": 60, "temperature": temperature, "seed": 1,
+            "response_format": {"type": "json_object"}}  # fmt: skip
+    free = live.post({k: v for k, v in body.items() if k != "response_format"}).json()["choices"][0]["message"]
+    with pytest.raises(ValueError):
+        json.loads(free["content"])
+    for seed in range(3):
+        choice = live.post({**body, "seed": seed}).json()["choices"][0]
+        state = ("", "start", None, 0)
+        for ch in choice["message"]["content"]:
+            state = step(state, ch)
+            assert state is not None, choice
+        if choice["finish_reason"] == "stop":
+            assert isinstance(json.loads(choice["message"]["content"]), dict)
+
+
+def test_a_json_answer_skips_what_does_not_parse_and_ends_where_the_object_closes(small_checkpoint):
+    """The model is made to prefer, step by step, 'Sure: {"a": [1, 2.5e3, true, null, "x"]} and more': the
+    constrained answer drops what cannot begin the object, and ends ("stop") at its closing brace."""
+    import qwen2vl
+    from qwen2vl.generate.json_mode import JsonObject
+
+    model = qwen2vl.Qwen2VL.from_pretrained(small_checkpoint)
+    tokenizer = qwen2vl.Processor.from_pretrained(small_checkpoint).tokenizer
+    wanted = [tokenizer.encode(ch)[0] for ch in 'Sure: {"a": [1, 2.5e3, true, null, "x"]} and more']
+    chosen: list[int] = []
+
+    def scripted(run):
+        def call(*args, **kwargs):
+            logits, cache = run(*args, **kwargs)
+            logits = torch.zeros_like(logits)
+            ranked = wanted[len(chosen):] + [tokenizer.encode(ch)[0] for ch in '{"a":1}']
+            for rank, token in enumerate(ranked):  # the earliest wanted character most likely
+                logits[:, token] = torch.maximum(logits[:, token], torch.tensor(100.0 - rank))
+            return logits, cache
+        return call
+
+    model.prefill, model.decode = scripted(model.prefill), scripted(model.decode)
+    eos = frozenset(model.config.eos_token_ids)
+    done = {}
+
+    seq = Sequence(torch.tensor([[5, 6, 7]]), Media(), 200, SamplingParams(), emit=chosen.append,
+                   finish=lambda r: done.setdefault("reason", r), eos_token_ids=eos,
+                   constraint=JsonObject(lambda t: tokenizer.decode([t]), eos))  # fmt: skip
+    batcher = Batcher(model, max_batch_size=1, max_len=512)
+    batcher.admit(seq)
+    while batcher.active:
+        batcher.step()
+    text = tokenizer.decode(chosen)
+    assert done["reason"] == "stop"
+    assert json.loads(text) == {"a": [1, 2500.0, True, None, "x"]}

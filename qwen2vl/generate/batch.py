@@ -24,6 +24,7 @@ import torch
 
 from ..model.cache import KVCache
 from ..model.qwen2vl import Media
+from .json_mode import JsonObject
 from .sampling import SamplingParams, choose
 
 log = logging.getLogger("qwen2vl.batch")
@@ -36,7 +37,11 @@ class Sequence:
     ``emit(token_id)`` receives every new token; ``finish(reason)`` is called once at the end with "stop"
     (an eos id), "length" (max_new_tokens or the cache limit), "cancelled" or "error" (choosing or emitting
     its token raised: that sequence ends alone, the batch goes on). Set ``cancelled`` from any thread to end
-    the sequence at the next step."""
+    the sequence at the next step.
+
+    ``logprobs`` (k): each emitted token's log-probability under the model (before sampling's transforms) and the k
+    most likely alternatives are appended to ``trace`` before ``emit`` sees the token. ``constraint``
+    (json_mode.JsonObject): only tokens it allows are chosen, and the sequence stops where it is complete."""
 
     input_ids: torch.Tensor  # [1, L]
     media: Media
@@ -53,6 +58,9 @@ class Sequence:
     row: int = -1
     start: int = 0  # first slot of this row's tokens on the timeline
     done: bool = field(default=False, repr=False)
+    logprobs: int | None = None
+    trace: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    constraint: JsonObject | None = None
 
 
 class Batcher:
@@ -192,7 +200,14 @@ class Batcher:
             self._retire(seq, "error")
 
     def _next(self, seq: Sequence, logits: torch.Tensor) -> None:
-        token = int(choose(logits, seq.params, seq.seen, seq.generator)[0])
+        if seq.constraint is not None:
+            token = self._allowed(seq, logits)
+        else:
+            token = int(choose(logits, seq.params, seq.seen, seq.generator)[0])
+        if seq.logprobs is not None:
+            logp = torch.log_softmax(logits[0].float(), -1)
+            top = logp.topk(seq.logprobs)
+            seq.trace.append((float(logp[token]), list(zip(top.indices.tolist(), top.values.tolist()))))
         seq.generated += 1
         seq.last = token
         if seq.seen is not None:
@@ -200,9 +215,25 @@ class Batcher:
         if token in seq.eos_token_ids:
             return self._retire(seq, "stop")
         seq.emit(token)
+        if seq.constraint is not None:
+            seq.constraint.advance(token)
+            if seq.constraint.done:  # the object closed: nothing more may follow
+                return self._retire(seq, "stop")
         at_limit = seq.input_ids.shape[1] + seq.generated >= self.max_len  # prompt + answer fill max_len
         if seq.generated >= seq.max_new_tokens or at_limit:
             self._retire(seq, "length")
+
+    @staticmethod
+    def _allowed(seq: Sequence, logits: torch.Tensor, tries: int = 1024) -> int:
+        """The sampler's choice among the tokens the constraint allows: a refused choice is masked and the
+        choice made again (the likely tokens are nearly always allowed, so this is a few checks a step)."""
+        logits = logits.clone()
+        for _ in range(tries):
+            token = int(choose(logits, seq.params, seq.seen, seq.generator)[0])
+            if seq.constraint.after(token) is not None:
+                return token
+            logits[0, token] = float("-inf")
+        raise RuntimeError(f"no allowed token among the {tries} most likely")
 
     @torch.inference_mode()  # the cache's tensors may be inference tensors (made in admit/step): write them here
     def _retire(self, seq: Sequence, reason: str) -> None:

@@ -137,13 +137,16 @@ class IncrementalDecoder:
 
 
 class TextStream:
-    """Token ids in, answer text out: incremental decoding plus stop strings. Text that could be the start of
-    a stop string is held back until it is known not to be; once a stop string appears, ``stopped`` is set and
-    the text before it is all that is ever returned."""
+    """The one token loop from ids to answer text, used by the assistant and the server: incremental decoding,
+    the end at an eos id, and stop strings. Text that could be the start of a stop string is held back until it
+    is known not to be; once a stop string or an eos id appears, ``stopped`` is set and the text before it is all
+    that is ever returned."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: str | list[str] | tuple[str, ...] | None = None):
+    def __init__(self, tokenizer: Tokenizer, stop: str | list[str] | tuple[str, ...] | None = None,
+                 eos_ids: frozenset[int] | set[int] = frozenset()):  # fmt: skip
         self.decoder = IncrementalDecoder(tokenizer)
         self.stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        self.eos_ids = eos_ids
         self.text = ""  # everything decoded so far
         self.sent = 0  # characters of it returned
         self.stopped = False
@@ -165,6 +168,11 @@ class TextStream:
         return piece
 
     def push(self, token_id: int) -> str:
+        """The text ``token_id`` releases; an eos id ends the answer with what is still held back."""
+        if token_id in self.eos_ids:
+            piece = self.finish()
+            self.stopped = True
+            return piece
         self.text += self.decoder.push(token_id)
         return self._release(final=False)
 

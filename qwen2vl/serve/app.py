@@ -19,11 +19,13 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import queue
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..assistant import Assistant
 from ..generate.batch import Batcher, Sequence
+from ..generate.json_mode import JsonObject
 from ..generate.sampling import openai_params
 from ..model.qwen2vl import Media
 from ..processing.errors import MediaError
@@ -172,6 +175,7 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
     model = assistant.model
     processor = copy.copy(assistant.processor)  # the same tokenizer and template, the server's media access
     processor.media = dataclasses.replace(processor.media, access=config.media_access())
+    token_text = functools.lru_cache(maxsize=2**17)(lambda t: processor.tokenizer.decode([t]))  # one token's text
     engine = Engine(model, config.max_batch_size, config.max_model_len, config.max_queue)
 
     @contextlib.asynccontextmanager
@@ -248,46 +252,71 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
         except ValueError as e:
             raise ApiError(400, str(e), code="invalid_value") from None
 
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        seq = Sequence(
-            inputs["input_ids"], Media.of(inputs), limit, params,
-            emit=lambda t: (metrics.token(), loop.call_soon_threadsafe(events.put_nowait, ("token", t))),
-            finish=lambda r: loop.call_soon_threadsafe(events.put_nowait, ("finish", r)),
-            eos_token_ids=frozenset(model.config.eos_token_ids),
-        )  # fmt: skip
+        eos = frozenset(model.config.eos_token_ids)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        json_mode = req.response_format is not None and req.response_format.type == "json_object"
+        loop, answers = asyncio.get_running_loop(), []
+        for i in range(req.n):  # n answers: n sequences of one prompt, seeds seed, seed + 1, ...
+            seed = None if params.seed is None else (params.seed + i if params.seed + i < 2**64 else params.seed - i)
+            events: asyncio.Queue = asyncio.Queue()
+            seq = Sequence(
+                inputs["input_ids"], Media.of(inputs), limit, dataclasses.replace(params, seed=seed),
+                emit=lambda t, q=events: (metrics.token(), loop.call_soon_threadsafe(q.put_nowait, ("token", t))),
+                finish=lambda r, q=events: loop.call_soon_threadsafe(q.put_nowait, ("finish", r)),
+                eos_token_ids=eos, logprobs=top, constraint=JsonObject(token_text, eos) if json_mode else None,
+            )  # fmt: skip
+            answers.append(Answer(i, TextStream(processor.tokenizer, req.stops, eos), seq, engine, events, token_text))
         try:
-            engine.submit(seq)
-        except Overloaded:
-            raise ApiError(429, "the server is at capacity; retry later", "rate_limit_error", "overloaded") from None
-        except EngineDown:
-            raise ApiError(503, "the engine has stopped; the server must be restarted", "server_error",
-                           "engine_stopped") from None  # fmt: skip
-        answer = Answer(id=completion_id(), text=TextStream(processor.tokenizer, req.stops), seq=seq, engine=engine)
-        usage = lambda: answer.usage(L, inputs.media)  # noqa: E731
+            for a in answers:
+                engine.submit(a.seq)
+        except (Overloaded, EngineDown) as e:
+            for a in answers:
+                a.seq.cancelled = True
+            if isinstance(e, Overloaded):
+                raise ApiError(429, "the server is at capacity; retry later", code="overloaded") from None
+            raise ApiError(503, "the engine has stopped; the server must be restarted", code="engine_stopped") from None
+        rid, name = completion_id(), config.model_name
+        usage = lambda: usage_of(L, inputs.media, answers)  # noqa: E731
 
         if not req.stream:
-            async for _ in answer.pieces(events, request):
-                pass
-            return completion(answer.id, config.model_name, answer.full, answer.finish_reason, usage())
+            try:
+                await asyncio.gather(*(a.collect(request) for a in answers))
+            finally:
+                for a in answers:
+                    a.seq.cancelled = True
+            choices = [{"text": a.full, "finish_reason": a.finish_reason,
+                        "logprobs": a.entries if top is not None else None} for a in answers]  # fmt: skip
+            return completion(rid, name, choices, usage())
 
         async def sse():
             def event(payload: dict) -> str:
                 return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-            yield event(chunk(answer.id, config.model_name, {"role": "assistant", "content": ""}))
+            merged: asyncio.Queue = asyncio.Queue()
+            tasks = [asyncio.create_task(a.pump(request, merged)) for a in answers]
             try:
-                async for piece in answer.pieces(events, request):
-                    yield event(chunk(answer.id, config.model_name, {"content": piece}))
-            except ApiError as e:  # the headers are sent: the error is an event, then the stream ends as usual
-                log.error("request %s: %s", request.scope.get("request_id", "-"), e.message)
-                yield event(e.body())
+                for a in answers:
+                    yield event(chunk(rid, name, {"role": "assistant", "content": ""}, index=a.index))
+                ended = 0
+                while ended < len(answers):
+                    a, piece, entries = await merged.get()
+                    logprobs = entries if top is not None else None
+                    if isinstance(piece, ApiError):  # the headers are sent: the error is an event, then the end
+                        log.error("request %s: %s", request.scope.get("request_id", "-"), piece.message)
+                        yield event(piece.body())
+                        break
+                    if piece is None:
+                        ended += 1
+                        yield event(chunk(rid, name, {}, a.finish_reason, index=a.index, logprobs=logprobs))
+                    else:
+                        yield event(chunk(rid, name, {"content": piece}, index=a.index, logprobs=logprobs))
+                else:
+                    if req.stream_options and req.stream_options.include_usage:
+                        yield event(chunk(rid, name, {}, usage=usage()))
                 yield "data: [DONE]\n\n"
-                return
-            yield event(chunk(answer.id, config.model_name, {}, answer.finish_reason))
-            if req.stream_options and req.stream_options.include_usage:
-                yield event(chunk(answer.id, config.model_name, {}, usage=usage()))
-            yield "data: [DONE]\n\n"
+            finally:
+                for t in tasks:
+                    t.cancel()
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -296,14 +325,43 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
 
 @dataclass
 class Answer:
-    """One request's answer as it arrives from the engine thread."""
+    """One answer (of the request's ``n``) as it arrives from the engine thread."""
 
-    id: str
+    index: int
     text: TextStream
     seq: Sequence
     engine: Engine
+    events: asyncio.Queue
+    token_text: Callable[[int], str]
     full: str = ""
     finish_reason: str = "stop"
+    entries: list[dict] = field(default_factory=list)  # logprobs, one per token
+    sent: int = 0  # entries already streamed
+
+    async def collect(self, request: Request) -> None:
+        async for _ in self.pieces(self.events, request):
+            pass
+
+    async def pump(self, request: Request, merged: asyncio.Queue) -> None:
+        """Each piece to ``merged`` as (self, piece, logprob entries since the last), then (self, None, ...)."""
+        try:
+            async for piece in self.pieces(self.events, request):
+                await merged.put((self, piece, self._new_entries()))
+            await merged.put((self, None, self._new_entries()))
+        except ApiError as e:
+            await merged.put((self, e, None))
+
+    def _new_entries(self) -> list[dict]:
+        new, self.sent = self.entries[self.sent :], len(self.entries)
+        return new
+
+    def _entry(self, token: int) -> None:
+        if self.seq.logprobs is None:
+            return
+        logprob, top = self.seq.trace[len(self.entries)]
+        text = self.token_text(token)
+        self.entries.append({"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": [
+            {"token": (t := self.token_text(i)), "logprob": lp, "bytes": list(t.encode())} for i, lp in top]})
 
     async def pieces(self, events: asyncio.Queue, request: Request):
         """Text pieces until the sequence ends; a stop string, a disconnect or cancellation ends it early."""
@@ -325,6 +383,7 @@ class Answer:
                         self.full += piece
                         yield piece
                     return
+                self._entry(value)
                 if piece := self.text.push(value):
                     self.full += piece
                     yield piece
@@ -334,15 +393,16 @@ class Answer:
         finally:
             self.seq.cancelled = True  # a no-op once finished; frees the row after a stop string or disconnect
 
-    def usage(self, prompt_tokens: int, media) -> dict:
-        completion_tokens = self.seq.generated
-        return {
-            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "media": [{"type": m.kind, "index": m.index, "grid": list(m.grid), "tokens": m.tokens,
-                       "size": list(m.size), "original_size": list(m.original_size),
-                       **({"frames": m.frames} if m.kind == "video" else {})} for m in media],
-        }  # fmt: skip
+
+def usage_of(prompt_tokens: int, media, answers: list[Answer]) -> dict:
+    completion_tokens = sum(a.seq.generated for a in answers)
+    return {
+        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "media": [{"type": m.kind, "index": m.index, "grid": list(m.grid), "tokens": m.tokens,
+                   "size": list(m.size), "original_size": list(m.original_size),
+                   **({"frames": m.frames} if m.kind == "video" else {})} for m in media],
+    }  # fmt: skip
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import Mapping
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -121,10 +121,20 @@ class MediaKwargs(BaseModel):
 # Fields that do not change the answer: accepted and unused. Fields that would, given at their "off" value, are
 # accepted too; at any other value, and any field not named here or below, the request is refused by name.
 HARMLESS = ("user", "metadata", "store", "service_tier")
-OFF_VALUES = {"logprobs": (None, False), "top_logprobs": (None,), "logit_bias": (None, {}), "tools": (None, []),
-              "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False), "functions": (None, []),
-              "function_call": (None, "none"), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-              "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "best_of": (None, 1)}
+OFF_VALUES = {"logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
+              "parallel_tool_calls": (None, True, False), "functions": (None, []), "function_call": (None, "none"),
+              "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "modalities": (None, ["text"]),
+              "best_of": (None, 1)}  # fmt: skip
+MAX_CHOICES = 16
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+
+
+class ResponseFormat(BaseModel):
+    """``text`` (the default) or ``json_object``: the answer constrained to one JSON object (generate/json_mode.py).
+    ``json_schema`` is refused by name: a schema-guided grammar is not implemented."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object"]
 
 
 class ChatRequest(BaseModel):
@@ -143,8 +153,17 @@ class ChatRequest(BaseModel):
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
     mm_processor_kwargs: MediaKwargs | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+
+    @model_validator(mode="after")
+    def _logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     @classmethod
     def parse(cls, body: object) -> ChatRequest:
@@ -221,20 +240,27 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
 
-def completion(id: str, model: str, text: str, finish_reason: str, usage: dict) -> dict:
+def completion(id: str, model: str, choices: list[dict], usage: dict) -> dict:
+    """``choices``: per answer its ``text``, ``finish_reason`` and ``logprobs`` (None or a list of token entries)."""
     return {
         "id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
-                     "logprobs": None}],
+        "choices": [{"index": i, "message": {"role": "assistant", "content": c["text"]},
+                     "finish_reason": c["finish_reason"], "logprobs": _logprobs(c["logprobs"])}
+                    for i, c in enumerate(choices)],
         "usage": usage,
     }  # fmt: skip
 
 
-def chunk(id: str, model: str, delta: dict, finish_reason: str | None = None, usage: dict | None = None) -> dict:
+def _logprobs(entries: list[dict] | None) -> dict | None:
+    return None if entries is None else {"content": entries}
+
+
+def chunk(id: str, model: str, delta: dict, finish_reason: str | None = None, usage: dict | None = None,
+          index: int = 0, logprobs: list[dict] | None = None) -> dict:  # fmt: skip
     body = {
         "id": id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-        "choices": [] if usage is not None else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                                                  "logprobs": None}],
+        "choices": [] if usage is not None else [{"index": index, "delta": delta, "finish_reason": finish_reason,
+                                                  "logprobs": _logprobs(logprobs)}],
     }  # fmt: skip
     if usage is not None:
         body["usage"] = usage
