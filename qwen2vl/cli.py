@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--rows-per-step", type=int, help="rows per optimizer step per process (accumulation)")
     train.add_argument("--lr", type=float)
     train.add_argument("--vision-lr-scale", type=float, help="the ViT's lr relative to --lr (default: the stage's)")
-    train.add_argument("--warmup-steps", type=int)
+    train.add_argument("--warmup-steps", type=int, help="default: a tenth of --max-steps, at most 10")
     train.add_argument("--save-every", type=int)
     train.add_argument("--seed", type=int)
     train.add_argument("--dtype", choices=["float32", "bfloat16"], help="bfloat16: autocast")

@@ -75,6 +75,17 @@ def test_lr_schedule():
     assert lr_factor(55, cfg) == pytest.approx(0.55)
 
 
+def test_a_short_run_leaves_its_warmup(small_checkpoint, dataset, tmp_path):
+    """By default the warmup is a tenth of the run (at most 10 steps): a 6-step run used to spend all its steps in
+    a 10-step warmup. A warmup set longer than the run is refused before anything loads."""
+    short = TrainConfig(stage=3, model="m", data="d", out="o", max_steps=6)
+    assert lr_factor(0, short) == pytest.approx(1.0) and lr_factor(5, short) < lr_factor(1, short)
+    assert lr_factor(9, TrainConfig(stage=3, model="m", data="d", out="o", max_steps=1000)) == pytest.approx(1.0)
+    assert lr_factor(4, TrainConfig(stage=3, model="m", data="d", out="o", max_steps=50)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"warmup_steps \(10\) must be below max_steps \(6\)"):
+        train(config(small_checkpoint, dataset, tmp_path / "w", max_steps=6, warmup_steps=10))
+
+
 def test_accumulation_equals_one_bigger_batch(small_checkpoint, dataset, tmp_path):
     """All 6 samples in one packed row vs one sample per row accumulated over 6 rows: the same step."""
     one = train(config(small_checkpoint, dataset, tmp_path / "one", max_steps=2, batch_tokens=4096))

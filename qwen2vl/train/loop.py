@@ -45,7 +45,7 @@ class TrainConfig:
     rows_per_step: int = 1  # rows per optimizer step on each process (gradient accumulation)
     lr: float | None = None  # None: the stage's
     vision_lr_scale: float | None = None  # the ViT's lr relative to lr; None: the stage's (0.1 in stage 2)
-    warmup_steps: int = 10
+    warmup_steps: int | None = None  # None: a tenth of max_steps, at most 10
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -70,7 +70,10 @@ class TrainConfig:
         """A YAML recipe, then command-line overrides (None means "not given")."""
         values: dict = {}
         if path:
-            import yaml
+            try:
+                import yaml
+            except ImportError:
+                raise ValueError("a YAML recipe needs PyYAML: pip install 'qwen2vl[train]'") from None
 
             loaded = yaml.safe_load(Path(path).read_text()) or {}
             if not isinstance(loaded, dict):
@@ -87,12 +90,23 @@ class TrainConfig:
         return cls(**values)
 
 
+def warmup_steps(cfg: TrainConfig) -> int:
+    """The warmup: as set (it must end before the run does), else a tenth of the run, at most 10 steps."""
+    if cfg.warmup_steps is None:
+        return min(10, cfg.max_steps // 10)
+    if cfg.warmup_steps >= cfg.max_steps:
+        raise ValueError(f"warmup_steps ({cfg.warmup_steps}) must be below max_steps ({cfg.max_steps}): "
+                         "the run would never leave its warmup")  # fmt: skip
+    return cfg.warmup_steps
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to 1, then cosine down to min_lr_ratio at max_steps (step counts from 0)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    warmup = warmup_steps(cfg)
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, cfg.max_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -164,6 +178,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     """Run (or resume) a training run; the metrics of the steps run by this call."""
     if cfg.loss_weighting not in ("token", "turn"):
         raise ValueError(f"loss_weighting must be 'token' or 'turn', got {cfg.loss_weighting!r}")
+    warmup_steps(cfg)  # a warmup that outlasts the run fails here, before anything loads
     device = dist_utils.pick_device(cfg.device)
     rank, world = dist_utils.init(device)
     out = Path(cfg.out)
