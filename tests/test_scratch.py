@@ -63,7 +63,7 @@ def test_a_failing_stage_stops_the_curriculum_naming_it(tmp_path, capfd):
     out = tmp_path / "cur"
     with pytest.raises(RuntimeError, match=f"training into {out / 'stage1'} failed"):
         run(Curriculum(out=str(out), train_examples=12, test_examples=6, steps=(1, 1, 1), batch_tokens=16,
-                       focus_steps=0))
+                       focus_steps=0, warmup_steps=0))
     assert "exceed batch_tokens=16" in capfd.readouterr().err  # the stage's own error, from its process
     assert not (out / "stage1-model").exists() and not (out / "stage2").exists()
 
@@ -182,12 +182,12 @@ def test_run_flags_reach_the_curriculum(monkeypatch):
     args = ["run", "--out", "y", "--seed", "3", "--steps", "1", "2", "3", "--lr", "1e-3", "2e-3", "3e-3"]
     args += ["--focus-steps", "5", "--focus-lr", "4e-4", "--train-examples", "10", "--test-examples", "6"]
     args += ["--dtype", "float32", "--rope-theta", "1e6", "--mix", "shape=2,ocr=1", "--mrope-section", "4", "8", "20"]
-    assert main([*args, "--kv-heads", "2", "--batch-tokens", "512"]) == 0
+    assert main([*args, "--kv-heads", "2", "--batch-tokens", "512", "--warmup-steps", "0"]) == 0
     c = seen[-1]
     assert (c.seed, c.steps, c.lr, c.focus_steps, c.focus_lr, c.train_examples, c.test_examples) == (
         3, (1, 2, 3), (1e-3, 2e-3, 3e-3), 5, 4e-4, 10, 6
     )
-    assert (c.mix, c.dtype, c.batch_tokens) == ({"shape": 2.0, "ocr": 1.0}, "float32", 512)
+    assert (c.mix, c.dtype, c.batch_tokens, c.warmup_steps) == ({"shape": 2.0, "ocr": 1.0}, "float32", 512, 0)
     assert c.model == {"rope_theta": 1e6, "mrope_section": (4, 8, 20), "kv_heads": 2}
 
 

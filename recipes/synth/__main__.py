@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
         help="stage 2 opens with this many steps on the OCR conversations alone (0: none)",
     )
     run.add_argument("--focus-lr", type=float, default=default.focus_lr, help="peak learning rate of the focus")
+    run.add_argument(
+        "--warmup-steps", type=int, default=default.warmup_steps, help="each stage's warmup (below its steps)"
+    )
     run.add_argument("--batch-tokens", type=int, default=default.batch_tokens)
     run.add_argument(
         "--dtype",
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 lr=tuple(args.lr),
                 focus_steps=args.focus_steps,
                 focus_lr=args.focus_lr,
+                warmup_steps=args.warmup_steps,
                 dtype=args.dtype,
             )
             run(c)
