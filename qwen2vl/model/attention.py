@@ -7,11 +7,9 @@
 - ``causal_attention``: the LLM's attention, with GQA and an optional boolean mask for padding, or over one
   packed training row (each sequence causal within itself), again one call per run of equal lengths.
 
-On CUDA without flash-attn, a packed row of many short segments would cost one kernel launch chain per run: a
-training row of 2048 tokens holds some 20 samples and 20 images, and those calls, not the arithmetic, set the
-step time (the packed row was 1.6x slower than padding, bench/train_speed.py on an H200). There, up to
-``MASKED_MAX_TOKENS`` tokens go through ONE SDPA call with a block-diagonal mask instead: O(T^2) work that the GPU
-does in microseconds, against dozens of launches. The CPU keeps the per-run calls (the arithmetic dominates).
+On CUDA without flash-attn, a packed row of many short segments would cost a kernel launch chain per run, and the
+launches, not the arithmetic, would set the step time. There, up to ``MASKED_MAX_TOKENS`` tokens go through ONE
+SDPA call with a block-diagonal mask instead. The CPU keeps the per-run calls (the arithmetic dominates).
 """
 
 from __future__ import annotations
@@ -28,9 +26,8 @@ MASKED_MAX_TOKENS = 8192  # a [T, T] bool mask of 64 MiB at most
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """SDPA, except under the CPU's bf16 autocast, where it runs in fp32: the CPU's bf16 attention kernel is the
-    slower one (its backward 2.3x the fp32 one on this machine's AVX-512 cores, while bf16 matmuls run 2.4x faster),
-    and fp32 softmax is the more accurate anyway."""
+    """SDPA, except under the CPU's bf16 autocast, where it runs in fp32: the CPU's bf16 attention kernel (its
+    backward above all) is slower than the fp32 one, and fp32 softmax is the more accurate anyway."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)

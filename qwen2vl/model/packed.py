@@ -1,10 +1,9 @@
 """CPU inference with the linear layers' weights in oneDNN's blocked layout.
 
 On the CPU, PyTorch's ``F.linear`` calls MKL's GEMM on the weight as stored. Reordered once into oneDNN's blocked
-layout (what torch.compile's CPU "freezing" does), the same products run much faster here (2-core AVX-512 EPYC,
-torch 2.14.1, a 1536 -> 8960 projection, ``bench/linear_speed.py``): fp32 2.2x for one row (decoding), 4.0x for
-eight rows (batched decoding), 1.4x for 278 rows (a prefill), 1.2x for 1024 (the vision tower); bf16 2.1x for one
-row. Results differ from ``F.linear`` by float rounding only (another summation order).
+layout (what torch.compile's CPU "freezing" does), the same products run faster, most for the few rows of decoding
+(figures: ``bench/linear_speed.py`` and bench/README.md). Results differ from ``F.linear`` by float rounding only
+(another summation order).
 
 Inference only: the dense weights are dropped (the packed copy replaces them, so memory stays the same, except
 for a tied LM head, whose embedding keeps its dense copy), so a packed model can no longer be trained or saved.

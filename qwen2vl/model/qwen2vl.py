@@ -64,7 +64,7 @@ class Qwen2VLModel(nn.Module):
     @torch.no_grad()
     def pack_for_cpu(self) -> Qwen2VLModel:
         """Inference on the CPU: every Linear's weight reordered once into oneDNN's layout (see model/packed.py;
-        fp32 decoding ~2.5x faster here). Inference only: the model can no longer be trained or saved. A no-op
+        decoding runs faster). Inference only: the model can no longer be trained or saved. A no-op
         off the CPU or where oneDNN is missing."""
         from .packed import pack_linears
 
