@@ -22,8 +22,8 @@ def run(batcher, seqs, order=None):
 def make(ids, media, n, out, done, params=SamplingParams(), eos=frozenset()):
     key = len(out)
     out[key], done[key] = [], None
-    return Sequence(ids, media, n, params, emit=out[key].append, finish=lambda r: done.__setitem__(key, r),
-                    eos_token_ids=eos)  # fmt: skip
+    emit = lambda t: t in eos or out[key].append(t)  # noqa: E731  (True: an eos id ends the answer, unemitted)
+    return Sequence(ids, media, n, params, emit=emit, finish=lambda r: done.__setitem__(key, r))
 
 
 def test_joining_and_leaving_gives_the_tokens_of_a_lone_run(tiny):

@@ -347,7 +347,7 @@ def test_a_failed_engine_step_ends_what_runs_and_the_engine_keeps_serving(tiny, 
     def request(key):
         finished = threading.Event()
         seq = Sequence(torch.tensor([[5, 6, 7]]), Media(), 20, SamplingParams(), emit=lambda t: None,
-                       finish=lambda r: (ends.__setitem__(key, r), finished.set()), eos_token_ids=frozenset())  # fmt: skip
+                       finish=lambda r: (ends.__setitem__(key, r), finished.set()))  # fmt: skip
         engine.submit(seq)
         return finished
 

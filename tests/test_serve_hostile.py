@@ -555,7 +555,7 @@ def test_a_json_answer_skips_what_does_not_parse_and_ends_where_the_object_close
     done = {}
 
     seq = Sequence(torch.tensor([[5, 6, 7]]), Media(), 200, SamplingParams(), emit=chosen.append,
-                   finish=lambda r: done.setdefault("reason", r), eos_token_ids=eos,
+                   finish=lambda r: done.setdefault("reason", r),
                    constraint=JsonObject(lambda t: tokenizer.decode([t]), eos))  # fmt: skip
     batcher = Batcher(model, max_batch_size=1, max_len=512)
     batcher.admit(seq)

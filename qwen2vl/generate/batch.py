@@ -34,9 +34,10 @@ log = logging.getLogger("qwen2vl.batch")
 class Sequence:
     """One request: its prompt (batch 1), limits and sampling, and where its tokens go.
 
-    ``emit(token_id)`` receives every new token; ``finish(reason)`` is called once at the end with "stop"
-    (an eos id), "length" (max_new_tokens or the cache limit), "cancelled" or "error" (choosing or emitting
-    its token raised: that sequence ends alone, the batch goes on). Set ``cancelled`` from any thread to end
+    ``emit(token_id)`` receives every new token and says whether it ends the answer: the caller's token loop
+    (``processing.tokenizer.TextStream``) met an eos id or a stop string. ``finish(reason)`` is called once at
+    the end with "stop" (emit said so, or the constraint closed), "length" (max_new_tokens or the cache limit),
+    "cancelled" or "error" (choosing or emitting its token raised: that sequence ends alone, the batch goes on). Set ``cancelled`` from any thread to end
     the sequence at the next step.
 
     ``logprobs`` (k): each emitted token's log-probability under the model (before sampling's transforms) and the k
@@ -47,9 +48,8 @@ class Sequence:
     media: Media
     max_new_tokens: int
     params: SamplingParams
-    emit: Callable[[int], None]
+    emit: Callable[[int], bool | None]
     finish: Callable[[str], None]
-    eos_token_ids: frozenset[int] = frozenset()
     cancelled: bool = False
     generated: int = 0
     last: int = 0  # the newest token, fed to the next step
@@ -212,9 +212,8 @@ class Batcher:
         seq.last = token
         if seq.seen is not None:
             seq.seen[0, token] = True
-        if token in seq.eos_token_ids:
+        if seq.emit(token):
             return self._retire(seq, "stop")
-        seq.emit(token)
         if seq.constraint is not None:
             seq.constraint.advance(token)
             if seq.constraint.done:  # the object closed: nothing more may follow

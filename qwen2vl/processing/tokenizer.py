@@ -137,8 +137,9 @@ class IncrementalDecoder:
 
 
 class TextStream:
-    """The one token loop from ids to answer text, used by the assistant and the server: incremental decoding,
-    the end at an eos id, and stop strings. Text that could be the start of a stop string is held back until it
+    """The one token loop from ids to answer text: incremental decoding, the end at an eos id, and stop strings.
+    The assistant runs it over the engine's stream; the server runs it in each batcher sequence's ``emit``, and
+    the sequence ends where it is ``stopped``. Text that could be the start of a stop string is held back until it
     is known not to be; once a stop string or an eos id appears, ``stopped`` is set and the text before it is all
     that is ever returned."""
 

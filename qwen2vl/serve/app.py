@@ -259,13 +259,14 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
         for i in range(req.n):  # n answers: n sequences of one prompt, seeds seed, seed + 1, ...
             seed = None if params.seed is None else (params.seed + i if params.seed + i < 2**64 else params.seed - i)
             events: asyncio.Queue = asyncio.Queue()
-            seq = Sequence(
+            post = functools.partial(loop.call_soon_threadsafe, events.put_nowait)
+            a = Answer(i, TextStream(processor.tokenizer, req.stops, eos), engine, events, post, metrics, token_text)
+            a.seq = Sequence(
                 inputs["input_ids"], Media.of(inputs), limit, dataclasses.replace(params, seed=seed),
-                emit=lambda t, q=events: (metrics.token(), loop.call_soon_threadsafe(q.put_nowait, ("token", t))),
-                finish=lambda r, q=events: loop.call_soon_threadsafe(q.put_nowait, ("finish", r)),
-                eos_token_ids=eos, logprobs=top, constraint=JsonObject(token_text, eos) if json_mode else None,
+                emit=a.emit, finish=a.finish, logprobs=top,
+                constraint=JsonObject(token_text, eos) if json_mode else None,
             )  # fmt: skip
-            answers.append(Answer(i, TextStream(processor.tokenizer, req.stops, eos), seq, engine, events, token_text))
+            answers.append(a)
         try:
             for a in answers:
                 engine.submit(a.seq)
@@ -325,27 +326,47 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
 
 @dataclass
 class Answer:
-    """One answer (of the request's ``n``) as it arrives from the engine thread."""
+    """One answer (of the request's ``n``): its tokens go through the token loop (``text``) on the engine thread,
+    which ends the sequence at once at an eos id or a stop string; the text pieces arrive here on ``events``."""
 
     index: int
     text: TextStream
-    seq: Sequence
     engine: Engine
     events: asyncio.Queue
+    post: Callable[[tuple], None]  # puts an event on ``events`` from the engine thread
+    metrics: Metrics
     token_text: Callable[[int], str]
+    seq: Sequence = field(init=False)
     full: str = ""
     finish_reason: str = "stop"
     entries: list[dict] = field(default_factory=list)  # logprobs, one per token
     sent: int = 0  # entries already streamed
 
+    def emit(self, token: int) -> bool:
+        """(Engine thread) the text ``token`` releases, posted; True when it ends the answer."""
+        piece = self.text.push(token)
+        counted = token not in self.text.eos_ids  # the eos id is no part of the answer
+        if counted:
+            self.metrics.token()
+        self.post(("token", token if counted else None, piece))
+        return self.text.stopped
+
+    def finish(self, reason: str) -> None:
+        """(Engine thread) the end, with the text still held back, posted."""
+        tail = ""
+        try:
+            tail = "" if reason == "error" else self.text.finish()
+        finally:
+            self.post(("finish", reason, tail))
+
     async def collect(self, request: Request) -> None:
-        async for _ in self.pieces(self.events, request):
+        async for _ in self.pieces(request):
             pass
 
     async def pump(self, request: Request, merged: asyncio.Queue) -> None:
         """Each piece to ``merged`` as (self, piece, logprob entries since the last), then (self, None, ...)."""
         try:
-            async for piece in self.pieces(self.events, request):
+            async for piece in self.pieces(request):
                 await merged.put((self, piece, self._new_entries()))
             await merged.put((self, None, self._new_entries()))
         except ApiError as e:
@@ -363,35 +384,30 @@ class Answer:
         self.entries.append({"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": [
             {"token": (t := self.token_text(i)), "logprob": lp, "bytes": list(t.encode())} for i, lp in top]})
 
-    async def pieces(self, events: asyncio.Queue, request: Request):
-        """Text pieces until the sequence ends; a stop string, a disconnect or cancellation ends it early."""
+    async def pieces(self, request: Request):
+        """Text pieces until the sequence ends; a disconnect ends it early."""
         try:
             while True:
                 try:
-                    kind, value = await asyncio.wait_for(events.get(), timeout=1.0)
+                    kind, value, piece = await asyncio.wait_for(self.events.get(), timeout=1.0)
                 except TimeoutError:
                     if await request.is_disconnected():
                         return
-                    if not self.engine.alive and events.empty():
+                    if not self.engine.alive and self.events.empty():
                         raise ApiError(503, "the engine has stopped", "server_error", "engine_stopped") from None
                     continue
-                if kind == "finish":
-                    self.finish_reason = "length" if value == "length" else "stop"
-                    if value == "error":
-                        raise ApiError(500, "generation failed", "server_error", "generation_failed")
-                    if piece := self.text.finish():
-                        self.full += piece
-                        yield piece
-                    return
-                self._entry(value)
-                if piece := self.text.push(value):
+                if kind == "finish" and value == "error":
+                    raise ApiError(500, "generation failed", "server_error", "generation_failed")
+                if kind == "token" and value is not None:
+                    self._entry(value)
+                if piece:
                     self.full += piece
                     yield piece
-                if self.text.stopped:
-                    self.finish_reason = "stop"
+                if kind == "finish":
+                    self.finish_reason = "length" if value == "length" else "stop"
                     return
         finally:
-            self.seq.cancelled = True  # a no-op once finished; frees the row after a stop string or disconnect
+            self.seq.cancelled = True  # a no-op once finished; frees the row after a disconnect
 
 
 def usage_of(prompt_tokens: int, media, answers: list[Answer]) -> dict:
