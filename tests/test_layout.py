@@ -13,7 +13,9 @@ import pytest
 import qwen2vl
 
 PACKAGE = Path(qwen2vl.__file__).parent
-MODULES = sorted(m.name for m in pkgutil.walk_packages([str(PACKAGE)], prefix="qwen2vl.") if m.name != "qwen2vl.__main__")
+MODULES = sorted(
+    m.name for m in pkgutil.walk_packages([str(PACKAGE)], prefix="qwen2vl.") if m.name != "qwen2vl.__main__"
+)
 
 
 def imports_of(module: str) -> set[str]:

@@ -135,7 +135,8 @@ def choice_letter(prediction: str) -> str | None:
 
 def choice(prediction: str, reference: str | Sequence[str]) -> float:
     letter = choice_letter(prediction)
-    return float(letter is not None and any(letter == r.strip().strip("()").upper()[:1] for r in _references(reference)))
+    letters = {r.strip().strip("()").upper()[:1] for r in _references(reference)}
+    return float(letter is not None and letter in letters)
 
 
 SCORERS: dict[str, Callable[..., float]] = {

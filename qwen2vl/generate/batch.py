@@ -37,8 +37,8 @@ class Sequence:
     ``emit(token_id)`` receives every new token and says whether it ends the answer: the caller's token loop
     (``processing.tokenizer.TextStream``) met an eos id or a stop string. ``finish(reason)`` is called once at
     the end with "stop" (emit said so, or the constraint closed), "length" (max_new_tokens or the cache limit),
-    "cancelled" or "error" (choosing or emitting its token raised: that sequence ends alone, the batch goes on). Set ``cancelled`` from any thread to end
-    the sequence at the next step.
+    "cancelled" or "error" (choosing or emitting its token raised: that sequence ends alone, the batch goes on).
+    Set ``cancelled`` from any thread to end the sequence at the next step.
 
     ``logprobs`` (k): each emitted token's log-probability under the model (before sampling's transforms) and the k
     most likely alternatives are appended to ``trace`` before ``emit`` sees the token. ``constraint``

@@ -123,7 +123,9 @@ def causal_attention(
     return F.scaled_dot_product_attention(q_BHLD, k_BHSD, v_BHSD, attn_mask=mask_B1LS, enable_gqa=True)
 
 
-def _packed_causal(q_1HLD: torch.Tensor, k_1HLD: torch.Tensor, v_1HLD: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+def _packed_causal(
+    q_1HLD: torch.Tensor, k_1HLD: torch.Tensor, v_1HLD: torch.Tensor, seqlens: list[int]
+) -> torch.Tensor:
     """Block-diagonal causal attention over one packed row, one SDPA call per run of equal-length sequences."""
     if q_1HLD.shape[0] != 1 or sum(seqlens) != q_1HLD.shape[2] or k_1HLD.shape[2] != q_1HLD.shape[2]:
         raise ValueError(f"packed attention takes one row of {sum(seqlens)} tokens and no cache")

@@ -39,10 +39,7 @@ class Media:
         return cls(**{f.name: inputs.get(f.name) for f in fields(cls)})
 
     def to(self, device: torch.device | str) -> Media:
-        return Media(*(None if x is None else x.to(device) for x in self.tensors()))
-
-    def tensors(self) -> tuple[torch.Tensor | None, ...]:
-        return self.pixel_values, self.image_grid_thw, self.pixel_values_videos, self.video_grid_thw
+        return Media(**{f.name: None if (x := getattr(self, f.name)) is None else x.to(device) for f in fields(self)})
 
 
 class Qwen2VLModel(nn.Module):
@@ -78,7 +75,6 @@ class Qwen2VLModel(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    # ---- construction and checkpoints --------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
         """Every weight in one place: Linear, Conv3d and Embedding ~ N(0, std) (transformers'

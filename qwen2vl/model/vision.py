@@ -133,7 +133,8 @@ class VisionTransformer(nn.Module):
         n_patches = sum(t * h * w for t, h, w in grid)
         if pixel_values.ndim != 2 or pixel_values.shape != (n_patches, c.patch_dim):
             raise ValueError(
-                f"pixel values have shape {tuple(pixel_values.shape)} but grid_thw {grid} needs ({n_patches}, {c.patch_dim})"
+                f"pixel values have shape {tuple(pixel_values.shape)} but grid_thw {grid} needs "
+                f"({n_patches}, {c.patch_dim})"
             )
         dtype = self.patch_embed.proj.weight.dtype
         x_TD = self.patch_embed(pixel_values.to(dtype))
