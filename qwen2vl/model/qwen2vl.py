@@ -125,23 +125,15 @@ class Qwen2VLModel(nn.Module):
         return h
 
     def positions(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        image_grid_thw: torch.Tensor | None,
-        video_grid_thw: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+        image_grid_thw: torch.Tensor | None, video_grid_thw: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """M-RoPE position ids [3, B, L] and each row's decode delta [B] (positions.py, with this config)."""
         c = self.config
         return mrope_positions(
-            input_ids,
-            image_grid_thw,
-            video_grid_thw,
-            attention_mask,
-            image_token_id=c.image_token_id,
-            video_token_id=c.video_token_id,
-            spatial_merge_size=c.vision.spatial_merge_size,
-            hf5_compat=self.hf5_compat,
-        )
+            input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id=c.image_token_id,
+            video_token_id=c.video_token_id, spatial_merge_size=c.vision.spatial_merge_size, hf5_compat=self.hf5_compat,
+        )  # fmt: skip
 
     def _cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.config.text
