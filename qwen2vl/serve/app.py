@@ -90,7 +90,7 @@ class Engine:
         self.waiting: queue.Queue[Sequence] = queue.Queue(maxsize=max_queue)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="qwen2vl-engine", daemon=True)
-        self.steps = self.restarts = self.tokens = 0
+        self.steps = self.restarts = 0
 
     def start(self) -> None:
         self.thread.start()
