@@ -41,7 +41,7 @@ def dataset(tmp_path_factory):
 
 def config(small_checkpoint, dataset, out, **kw):
     base = dict(stage=2, model=str(small_checkpoint), data=str(dataset), out=str(out), max_steps=4,
-                batch_tokens=256, lr=1e-3, warmup_steps=2, progress=False, save_every=100)  # fmt: skip
+                batch_tokens=256, lr=1e-3, progress=False, save_every=100)  # fmt: skip
     return TrainConfig(**{**base, **kw})
 
 
