@@ -98,8 +98,7 @@ def qwen2_tokenizer_json() -> str:
 
         from tokenizers import AddedToken, Tokenizer, models, processors
 
-        from qwen2vl.processing.tokenizer import SPECIAL_TOKENS
-        from recipes.synth.scratch import qwen2_pipeline
+        from qwen2vl.processing.tokenizer import SPECIAL_TOKENS, qwen2_pipeline
 
         ranks = {}
         # found without importing dashscope, whose client pulls in cryptography, requests, ...: only this file is used

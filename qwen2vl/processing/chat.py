@@ -1,16 +1,11 @@
 """ChatML conversations (REFERENCE §6): the official Qwen2-VL-Instruct chat template rendered in code, and the
 media parts of a conversation in order.
 
-``render`` reproduces the official template byte for byte for every conversation that template accepts:
-a default system prompt when the first message is not a system message, ``<|im_start|>role\\n...<|im_end|>\\n``
-per message, an image part (``type`` image, or an ``image``/``image_url`` key) as
-``<|vision_start|><|image_pad|><|vision_end|>``, a video part likewise with ``<|video_pad|>``, a text part as its
-text, no separators, ``Picture N: ``/``Video N: `` prefixes with ``add_vision_id`` (counted over the whole
-conversation). One deliberate extension: a part with a ``video_url`` key (OpenAI style) is a video; the
-official template silently drops it, which would leave a video without its placeholder.
-
-A checkpoint whose ``chat_template.json`` holds any other template is rendered by that template with jinja2
-(sandboxed), see :class:`ChatTemplate`.
+``render`` is byte for byte the official template for every conversation it accepts (default system prompt,
+``<|im_start|>role\\n...<|im_end|>\\n`` per message, media parts as ``<|vision_start|><|image_pad|><|vision_end|>``
+or ``<|video_pad|>``, ``Picture N: ``/``Video N: `` with ``add_vision_id``). One deliberate extension: a part with
+a ``video_url`` key (OpenAI style) is a video, where the official template silently drops it. A checkpoint with
+another template in ``chat_template.json`` is rendered by that template with sandboxed jinja2 (:class:`ChatTemplate`).
 """
 
 from __future__ import annotations
@@ -99,26 +94,18 @@ def media_parts(messages: Sequence[Mapping]) -> list[tuple[str, Mapping]]:
 def bodies(messages: Sequence[Mapping], *, add_vision_id: bool = False) -> list[str]:
     """Each message's content as the template writes it: text as is, an image or video part as its placeholder
     (prefixed ``Picture N: ``/``Video N: `` with ``add_vision_id``, counted over the whole conversation)."""
-    out: list[str] = []
-    images = videos = 0
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, str):
-            out.append(content)
-            continue
-        pieces = []
-        for part in content:
-            kind = part_kind(part)
-            if kind == "image":
-                images += 1
-                pieces.append((f"Picture {images}: " if add_vision_id else "") + IMAGE_PLACEHOLDER)
-            elif kind == "video":
-                videos += 1
-                pieces.append((f"Video {videos}: " if add_vision_id else "") + VIDEO_PLACEHOLDER)
-            elif kind == "text":
-                pieces.append(part["text"])
-        out.append("".join(pieces))
-    return out
+    seen = {"image": 0, "video": 0}
+
+    def write(part: Mapping) -> str:
+        kind = part_kind(part)
+        if kind not in seen:
+            return part["text"] if kind == "text" else ""
+        seen[kind] += 1
+        name, placeholder = ("Picture", IMAGE_PLACEHOLDER) if kind == "image" else ("Video", VIDEO_PLACEHOLDER)
+        return (f"{name} {seen[kind]}: " if add_vision_id else "") + placeholder
+
+    return [m["content"] if isinstance(m["content"], str) else "".join(map(write, m["content"]))
+            for m in messages]
 
 
 def turns(messages: Sequence[Mapping], *, add_vision_id: bool = False) -> list[tuple[str, str, str]]:
@@ -139,8 +126,7 @@ def render(messages: Sequence[Mapping], *, add_generation_prompt: bool = False, 
 
 
 class ChatTemplate:
-    """The official template rendered in code, or a checkpoint's own Jinja template (e.g. a base model's or a
-    fine-tune's) rendered with jinja2 in a sandbox."""
+    """The official template rendered in code, or a checkpoint's own (a base model's, a fine-tune's) in jinja2."""
 
     def __init__(self, source: str | None = None):
         self.source = source
@@ -152,7 +138,8 @@ class ChatTemplate:
                 raise MediaError(f"chat template: {message}")
 
             # the environment transformers renders chat templates in
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
             env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
             env.globals["raise_exception"] = raise_exception
             self._jinja = env.from_string(source)
@@ -175,8 +162,7 @@ class ChatTemplate:
         return cls(None)
 
     def __call__(self, messages, *, add_generation_prompt: bool = False, add_vision_id: bool = False) -> str:
+        options = {"add_generation_prompt": add_generation_prompt, "add_vision_id": add_vision_id}
         if self._jinja is None:
-            return render(messages, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id)
-        return self._jinja.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id
-        )
+            return render(messages, **options)
+        return self._jinja.render(messages=messages, **options)

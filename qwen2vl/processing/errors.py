@@ -1,5 +1,7 @@
 """The one error type of preprocessing: bad media or bad messages, named and explained in one line."""
 
+import os
+
 
 class MediaError(ValueError):
     """An image, video or message that cannot be used. The message names the item and the reason,
@@ -8,6 +10,8 @@ class MediaError(ValueError):
 
 def describe(source: object, limit: int = 60) -> str:
     """A short, printable name for a media source, for error messages (never the whole data URL)."""
+    if isinstance(source, os.PathLike):
+        source = str(source)
     if isinstance(source, (bytes, bytearray)):
         return f"<{len(source)} bytes>"
     if isinstance(source, str):

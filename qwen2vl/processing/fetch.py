@@ -29,9 +29,6 @@ class FetchPolicy:
     allow_private: bool = False  # every host may resolve to a private address (tests, trusted networks)
 
 
-DEFAULT_POLICY = FetchPolicy()
-
-
 def resolve(host: str, port: int) -> list[str]:
     """The addresses ``host`` resolves to (stubbed in tests)."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -67,14 +64,13 @@ class _PinnedHTTPSConnection(_PinnedHTTPConnection):
         self.sock = ssl.create_default_context().wrap_socket(self.sock, server_hostname=self.host)
 
 
-def fetch_url(url: str, policy: FetchPolicy = DEFAULT_POLICY, *, name: str = "media") -> bytes:
+def fetch_url(url: str, policy: FetchPolicy = FetchPolicy(), *, name: str = "media") -> bytes:
     """The body of ``url`` (http or https), or a :class:`MediaError` that says why not."""
     what = f"{name} ({describe(url)})"
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise MediaError(f"{what}: only http and https URLs can be fetched")
-    host = parts.hostname
-    if not host:
+    if not (host := parts.hostname):
         raise MediaError(f"{what}: the URL has no host")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -115,8 +111,6 @@ def fetch_url(url: str, policy: FetchPolicy = DEFAULT_POLICY, *, name: str = "me
                 raise MediaError(f"{what}: download took longer than {policy.timeout:g} s")
             chunks.append(chunk)
         return b"".join(chunks)
-    except MediaError:
-        raise
     except (OSError, http.client.HTTPException) as e:
         reason = "timed out" if isinstance(e, TimeoutError | socket.timeout) else (str(e) or type(e).__name__)
         raise MediaError(f"{what}: fetch failed ({reason})") from None

@@ -1,15 +1,13 @@
 """Qwen2-VL grounding: boxes written as text in answers (REFERENCE §7), parsed, written and drawn.
 
 The model writes ``<|object_ref_start|>the red car<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>``:
-(x1,y1) top-left, (x2,y2) bottom-right, integers normalised to [0,1000) relative to the *original* image size,
-whatever the resize, so pixel ``x = x_norm / 1000 * W`` and ``y = y_norm / 1000 * H``. A label applies to every box
-that follows it until some word-like text intervenes; a box may come without a label. ``<|quad_start|>`` spans hold
-four points (OCR); they are returned as their axis-aligned bounding box.
+top-left and bottom-right corners, integers in [0,1000) relative to the *original* image size, whatever the resize
+(pixel ``x = x_norm / 1000 * W``). A label applies to every box after it until word-like text intervenes; a box
+may have no label. A ``<|quad_start|>`` span (four points, OCR) is returned as its bounding box.
 
-When the answer was decoded with special tokens stripped, only ``the red car(120,200),(340,560)`` is left. Such text
-is parsed as a fallback (only when no markup token is present at all): each ``(x,y),(x,y)`` pair is a box with label
-``None``, since where the referring phrase started is lost and a guessed label would mislead more than help; a
-stripped quad reads as two boxes.
+Text decoded with special tokens stripped (``the red car(120,200),(340,560)``) is parsed as a fallback when no markup
+token is present at all: each ``(x,y),(x,y)`` pair is a box labelled ``None``, since where the phrase started is lost
+(a stripped quad reads as two boxes).
 """
 
 from __future__ import annotations
@@ -85,10 +83,6 @@ def _check_size(width: int | None, height: int | None) -> bool:
     return width is not None
 
 
-def _number(s: str) -> float:
-    return int(s) if s.isdigit() else float(s)
-
-
 def _box(points: list[tuple[float, float]], label: str | None) -> Box:
     """The enclosing box of the points, ordered top-left -> bottom-right (a model that swaps corners still means it)."""
     xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -98,15 +92,13 @@ def _box(points: list[tuple[float, float]], label: str | None) -> Box:
 def _points(body: str) -> list[tuple[float, float]] | None:
     if not _POINTS.fullmatch(body):
         return None
-    nums = [_number(n) for n in re.findall(r"\d+(?:\.\d+)?", body)]
+    nums = [int(n) if n.isdigit() else float(n) for n in re.findall(_NUM, body)]
     return list(zip(nums[0::2], nums[1::2]))
 
 
 def parse_boxes(text: str, width: int | None = None, height: int | None = None) -> list[Box]:
     """The boxes of an answer, in order: pixels when ``width``/``height`` are given, else normalised units as found.
-
-    Malformed spans (wrong number of points, non-numbers, unclosed) are skipped, never raised on.
-    """
+    Malformed spans (wrong number of points, non-numbers, unclosed) are skipped, never raised on."""
     sized = _check_size(width, height)
     boxes: list[Box] = []
     if _ANY_MARKUP.search(text):
@@ -122,9 +114,7 @@ def parse_boxes(text: str, width: int | None = None, height: int | None = None) 
             if points is not None and len(points) == (2 if m.lastgroup == "box" else 4):
                 boxes.append(_box(points, label))
     else:
-        for m in _BARE_BOX.finditer(text):
-            n = [_number(g) for g in m.groups()]
-            boxes.append(_box([(n[0], n[1]), (n[2], n[3])], None))
+        boxes = [_box(_points(m[0]), None) for m in _BARE_BOX.finditer(text)]
     return [b.to_pixels(width, height) for b in boxes] if sized else boxes  # type: ignore[arg-type]
 
 
@@ -168,7 +158,7 @@ def _open(image: Image.Image | str | os.PathLike) -> Image.Image:
         with Image.open(image) as im:
             return im.convert("RGB")
     except (OSError, ValueError) as e:  # missing file, not an image, truncated data
-        raise MediaError(f"image {describe(str(image))}: not a readable image ({e})") from e
+        raise MediaError(f"image {describe(image)}: not a readable image ({e})") from e
 
 
 Colour = tuple[int, int, int] | str  # an RGB triple, or a name PIL knows ("red", "#e6194b")
@@ -189,23 +179,14 @@ def _dashed_rectangle(draw: ImageDraw.ImageDraw, xy: tuple[int, int, int, int], 
         draw.rectangle((max(x2 - width + 1, x1), y, x2, end), fill=colour)
 
 
-def draw_boxes(
-    image: Image.Image | str | os.PathLike,
-    boxes: list[Box],
-    out_path: str | os.PathLike | None = None,
-    *,
-    width: int = 3,
-    colours: Sequence[Colour | None] | None = None,
-    dashed: bool = False,
-    font_size: int | None = None,
-) -> Image.Image:
+def draw_boxes(image: Image.Image | str | os.PathLike, boxes: list[Box], out_path: str | os.PathLike | None = None,
+               *, width: int = 3, colours: Sequence[Colour | None] | None = None, dashed: bool = False,
+               font_size: int | None = None) -> Image.Image:
     """An RGB copy of ``image`` with each box (in pixels) outlined and its label written on a filled tag above it.
 
-    ``colours`` gives each box its colour (one entry per box; None: pick one). Picked colours: boxes with the same
-    label share one, each unlabelled box gets its own. ``dashed``: dashed outlines (e.g. the true boxes beside
-    a model's). A label may hold several lines; ``font_size`` defaults to a 25th of the image's smaller side.
-    Boxes outside the image are skipped.
-    """
+    ``colours``: one per box (None: picked, shared by boxes with the same label, each unlabelled box its own).
+    ``dashed``: dashed outlines (e.g. the true boxes beside a model's). A label may hold several lines;
+    ``font_size`` defaults to a 25th of the image's smaller side. Boxes outside the image are skipped."""
     if colours is not None and len(colours) != len(boxes):
         raise ValueError(f"{len(colours)} colours for {len(boxes)} boxes: give one per box")
     img = _open(image)

@@ -1,9 +1,8 @@
 """Images to patches (REFERENCE §4): open, fix orientation and transparency, ``smart_resize``, normalise, patchify.
 
 Follows transformers' ``Qwen2VLImageProcessorPil`` (PIL bicubic, rescale in float64 then float32, CLIP mean/std),
-so that ``pixel_values`` equal its output. Per-item options follow qwen-vl-utils' names: ``min_pixels``,
-``max_pixels``, ``resized_height``/``resized_width``. ``to_patches`` serves video too (one path for both: an image
-is a clip of one frame, repeated to fill the temporal patch).
+so that ``pixel_values`` equal its output; per-item options take qwen-vl-utils' names. ``patch_levels`` serves
+video too (an image is a clip of one frame, repeated to fill the temporal patch).
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -31,29 +29,30 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 Image.MAX_IMAGE_PIXELS = 20000 * 20000  # PIL's decompression-bomb guard, at 400 Mpixel
 
 
-def smart_resize(
-    height: int, width: int, factor: int = FACTOR, min_pixels: int = IMAGE_MIN_PIXELS, max_pixels: int = IMAGE_MAX_PIXELS
-) -> tuple[int, int]:
+def smart_resize(height: int, width: int, factor: int = FACTOR, min_pixels: float = IMAGE_MIN_PIXELS,
+                 max_pixels: float = IMAGE_MAX_PIXELS, *, qwen_vl_utils: bool = False) -> tuple[int, int]:
     """The size closest to (height, width) whose sides are multiples of ``factor`` and whose area lies in
-    [min_pixels, max_pixels], aspect ratio kept as far as possible (transformers' rules, REFERENCE §4)."""
+    [min_pixels, max_pixels], aspect ratio kept as far as possible: transformers' rules (REFERENCE §4), or with
+    ``qwen_vl_utils`` that library's (video), where a side rounds to at least ``factor`` before the area is
+    compared and a downscale below ``factor`` is refused instead of clamped."""
     if height <= 0 or width <= 0:
-        raise MediaError(f"image size {width}x{height} is empty")
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise MediaError(
-            f"aspect ratio {max(height, width) / min(height, width):.0f}:1 of a {width}x{height} image is over "
-            f"the limit of {MAX_ASPECT_RATIO}:1"
-        )
+        raise MediaError(f"size {width}x{height} is empty")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise MediaError(f"aspect ratio {ratio:.0f}:1 of {width}x{height} is over the limit of {MAX_ASPECT_RATIO}:1")
     if min_pixels > max_pixels:
         raise MediaError(f"min_pixels {min_pixels} is larger than max_pixels {max_pixels}")
-    h, w = round(height / factor) * factor, round(width / factor) * factor
+    least = factor if qwen_vl_utils else 0
+    h, w = max(least, round(height / factor) * factor), max(least, round(width / factor) * factor)
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
+        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+        if qwen_vl_utils and min(h, w) < factor:  # qwen-vl-utils would return 0 here and fail later
+            raise MediaError(f"{width}x{height} is too thin for a budget of {max_pixels:g} pixels")
+        h, w = max(factor, h), max(factor, w)
     elif h * w < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
     return h, w
 
 
@@ -68,8 +67,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def load_image(source: object, *, name: str = "image", access: MediaAccess = TRUST_LOCAL) -> Image.Image:
     """An RGB PIL image from a path, URL, data URL, bytes or PIL image (``access`` says which sources are
-    allowed); EXIF orientation applied; fully decoded here, so that a truncated file fails now with a clear
-    message rather than later inside the resize."""
+    allowed), EXIF orientation applied. Decoded here, so that a truncated file fails now with a clear message."""
     what = f"{name} ({describe(source)})"
     if isinstance(source, Image.Image):
         image = source
@@ -87,24 +85,16 @@ def load_image(source: object, *, name: str = "image", access: MediaAccess = TRU
     if image.width == 0 or image.height == 0:
         raise MediaError(f"{what}: the image is empty ({image.width}x{image.height})")
     try:
-        image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
+        return to_rgb(ImageOps.exif_transpose(image))
     except (OSError, ValueError) as e:
         raise MediaError(f"{what}: cannot convert to RGB ({e})") from None
 
 
-def target_size(
-    height: int,
-    width: int,
-    *,
-    min_pixels: int = IMAGE_MIN_PIXELS,
-    max_pixels: int = IMAGE_MAX_PIXELS,
-    resized_height: int | None = None,
-    resized_width: int | None = None,
-    factor: int = FACTOR,
-) -> tuple[int, int]:
-    """The model input size of an image: an explicit ``resized_height``/``resized_width`` (rounded to the factor,
-    as qwen-vl-utils does) or the smart_resize of the image's own size within [min_pixels, max_pixels]."""
+def target_size(height: int, width: int, *, min_pixels: int = IMAGE_MIN_PIXELS, max_pixels: int = IMAGE_MAX_PIXELS,
+                resized_height: int | None = None, resized_width: int | None = None,
+                factor: int = FACTOR) -> tuple[int, int]:
+    """The model input size of an image: ``resized_height``/``resized_width`` rounded to the factor (as
+    qwen-vl-utils), or the smart_resize of its own size within [min_pixels, max_pixels]."""
     if (resized_height is None) != (resized_width is None):
         raise MediaError("resized_height and resized_width must be given together")
     if resized_height is not None:
@@ -112,16 +102,8 @@ def target_size(
     return smart_resize(height, width, factor, int(min_pixels), int(max_pixels))
 
 
-def normalization_table(mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
-    """float32 [C, 256]: the normalised value of every uint8 level per channel, computed as transformers does
-    (x/255 in float64, then float32, then (x - mean) / std in float32), so a lookup is bit-identical to it."""
-    levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
-    return (levels[None] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
-
-
-def patch_levels(
-    frames_THWC: np.ndarray, patch_size: int = PATCH, temporal_patch_size: int = 2, merge_size: int = MERGE
-) -> tuple[np.ndarray, tuple[int, int, int]]:
+def patch_levels(frames_THWC: np.ndarray, patch_size: int = PATCH, temporal_patch_size: int = 2,
+                 merge_size: int = MERGE) -> tuple[np.ndarray, tuple[int, int, int]]:
     """uint8 frames [T, H, W, C] -> (uint8 levels [t*gh*gw, C, tt, p*p], grid (t, gh, gw)) in 2x2-window order
     (REFERENCE §4): (t, gh/m, gw/m, m, m) over patches, (C, tt, p, p) within one. ``tt`` is 1 for an image (its
     temporal patch is two copies of it, made by ``normalise_levels``) and ``temporal_patch_size`` for a clip; a
@@ -140,29 +122,16 @@ def patch_levels(
 
 
 def normalise_levels(levels: np.ndarray, mean=CLIP_MEAN, std=CLIP_STD, temporal_patch_size: int = 2) -> np.ndarray:
-    """uint8 levels [N, C, tt, p*p] (``patch_levels``) -> float32 patches [N, C*tp*p*p] by table lookup,
-    bit-identical to transformers' arithmetic; tt = 1 is broadcast over the temporal patch."""
+    """uint8 levels [N, C, tt, p*p] (``patch_levels``) -> float32 patches [N, C*tp*p*p] by table lookup; tt = 1 is
+    broadcast over the temporal patch. The table is computed as transformers does (x/255 in float64, then float32,
+    then (x - mean) / std in float32), so the lookup is bit-identical to its arithmetic."""
     N, C, _, pp = levels.shape
-    table = normalization_table(mean, std)
+    scaled = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    table = (scaled[None] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]  # [C, 256]
     out = np.empty((N, C, temporal_patch_size, pp), np.float32)
     for c in range(C):
         out[:, c] = np.take(table[c], levels[:, c])
     return out.reshape(N, C * temporal_patch_size * pp)
-
-
-def to_patches(
-    frames_THWC: np.ndarray,
-    mean=CLIP_MEAN,
-    std=CLIP_STD,
-    patch_size: int = PATCH,
-    temporal_patch_size: int = 2,
-    merge_size: int = MERGE,
-) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """uint8 frames [T, H, W, C] -> (float32 patches [t*gh*gw, C*tp*p*p], grid (t, gh, gw)), normalised, in
-    2x2-window order. The reordering is done on uint8 (a quarter of the bytes) and normalisation is a table
-    lookup."""
-    levels, grid = patch_levels(frames_THWC, patch_size, temporal_patch_size, merge_size)
-    return normalise_levels(levels, mean, std, temporal_patch_size), grid
 
 
 @dataclass
@@ -177,29 +146,15 @@ class ImageInput:
         return self.grid[0] * self.grid[1] * self.grid[2] // (MERGE * MERGE)
 
 
-def preprocess_image(
-    image: Image.Image,
-    *,
-    min_pixels: int = IMAGE_MIN_PIXELS,
-    max_pixels: int = IMAGE_MAX_PIXELS,
-    resized_height: int | None = None,
-    resized_width: int | None = None,
-    mean=CLIP_MEAN,
-    std=CLIP_STD,
-    patch_size: int = PATCH,
-    temporal_patch_size: int = 2,
-    merge_size: int = MERGE,
-    levels_only: bool = False,
-) -> ImageInput:
-    """An RGB PIL image -> its patches and grid (with ``levels_only``, the uint8 levels of ``patch_levels``
-    instead of the normalised patches)."""
-    h, w = target_size(
-        image.height, image.width, min_pixels=min_pixels, max_pixels=max_pixels,
-        resized_height=resized_height, resized_width=resized_width, factor=patch_size * merge_size,
-    )  # fmt: skip
+def preprocess_image(image: Image.Image, *, min_pixels: int = IMAGE_MIN_PIXELS, max_pixels: int = IMAGE_MAX_PIXELS,
+                     resized_height: int | None = None, resized_width: int | None = None, mean=CLIP_MEAN,
+                     std=CLIP_STD, patch_size: int = PATCH, temporal_patch_size: int = 2, merge_size: int = MERGE,
+                     levels_only: bool = False) -> ImageInput:
+    """An RGB PIL image -> its patches and grid (with ``levels_only``, the uint8 levels of ``patch_levels``)."""
+    h, w = target_size(image.height, image.width, min_pixels=min_pixels, max_pixels=max_pixels,
+                       resized_height=resized_height, resized_width=resized_width, factor=patch_size * merge_size)
     resized = np.asarray(image.resize((w, h), Image.Resampling.BICUBIC))
-    levels, grid = patch_levels(resized[None], patch_size, temporal_patch_size, merge_size)
-    if levels_only:
-        return ImageInput(levels, grid, (h, w), (image.height, image.width))
-    pixels = normalise_levels(levels, mean, std, temporal_patch_size)
-    return ImageInput(pixels, grid, (h, w), (image.height, image.width))
+    values, grid = patch_levels(resized[None], patch_size, temporal_patch_size, merge_size)
+    if not levels_only:
+        values = normalise_levels(values, mean, std, temporal_patch_size)
+    return ImageInput(values, grid, (h, w), (image.height, image.width))

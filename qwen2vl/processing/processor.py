@@ -44,9 +44,8 @@ class MediaInfo:
 
 
 class BatchInputs(dict):
-    """The model inputs (``input_ids``, ``attention_mask``, and ``pixel_values``/``image_grid_thw``,
-    ``pixel_values_videos``/``video_grid_thw`` when used), plus ``.media`` (one MediaInfo per item) and
-    ``.texts`` (the rendered prompts)."""
+    """The model inputs (``input_ids``, ``attention_mask``, ``pixel_values``/``image_grid_thw`` and
+    ``pixel_values_videos``/``video_grid_thw`` when used), ``.media`` (a MediaInfo per item), ``.texts`` (prompts)."""
 
     media: list[MediaInfo]
     texts: list[str]
@@ -68,39 +67,31 @@ class MediaLoader:
     access: MediaAccess = TRUST_LOCAL  # which sources are allowed: local files, URLs (with limits), sizes
     video_cache: str | None = None  # a directory where local videos' decoded clips are kept (video_cache.py)
 
-    def image(self, part: Mapping, name: str = "image", *, levels_only: bool = False, **defaults) -> img.ImageInput:
-        options = {**defaults, **{k: part[k] for k in IMAGE_KEYS if k in part}}
-        options = {k: v for k, v in options.items() if k in IMAGE_KEYS and v is not None}
-        options.setdefault("min_pixels", self.min_pixels)
-        options.setdefault("max_pixels", self.max_pixels)
-        picture = img.load_image(media_source(part), name=name, access=self.access)
-        try:
-            return img.preprocess_image(
-                picture, **options, mean=self.image_mean, std=self.image_std, patch_size=self.patch_size,
-                temporal_patch_size=self.temporal_patch_size, merge_size=self.merge_size, levels_only=levels_only,
-            )  # fmt: skip
-        except MediaError as e:
-            raise MediaError(f"{name} ({describe(media_source(part))}): {e}") from None
-
     def video(self, part: Mapping, name: str = "video", **defaults):
         from .video import load_video
         from .video_cache import VideoCache
 
-        options = {**self.video_options, **defaults, **{k: part[k] for k in VIDEO_KEYS if k in part}}
-        options = {k: v for k, v in options.items() if k in VIDEO_KEYS and v is not None}
+        options = _options(VIDEO_KEYS, self.video_options, defaults, part)
         cache = VideoCache(self.video_cache) if self.video_cache else None
         return load_video(media_source(part), name=name, access=self.access, cache=cache, **options)
 
-    def load(self, kind: str, part: Mapping, name: str, options: Mapping, *, levels: bool = False
-             ) -> tuple[MediaInfo, np.ndarray]:  # fmt: skip
+    def load(self, kind: str, part: Mapping, name: str, options: Mapping, *,
+             levels: bool = False) -> tuple[MediaInfo, np.ndarray]:
         """One image or video part -> (what it became, its patches); with ``levels``, the uint8 levels of
         ``image.patch_levels`` that ``normalise`` turns into the patches."""
         source = describe(media_source(part))
         if kind == "image":
-            x = self.image(part, name, levels_only=levels,
-                           **{k: v for k, v in options.items() if k in IMAGE_KEYS})
-            info = MediaInfo("image", 0, 0, source, x.original_size, x.size, x.grid, x.tokens)
-            return info, x.pixel_values
+            options = {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels,
+                       **_options(IMAGE_KEYS, options, part)}
+            picture = img.load_image(media_source(part), name=name, access=self.access)
+            try:
+                x = img.preprocess_image(
+                    picture, **options, mean=self.image_mean, std=self.image_std, patch_size=self.patch_size,
+                    temporal_patch_size=self.temporal_patch_size, merge_size=self.merge_size, levels_only=levels,
+                )  # fmt: skip
+            except MediaError as e:
+                raise MediaError(f"{name} ({source}): {e}") from None
+            return MediaInfo("image", 0, 0, source, x.original_size, x.size, x.grid, x.tokens), x.pixel_values
         v = self.video(part, name, **options)
         values, grid = img.patch_levels(v.frames, self.patch_size, self.temporal_patch_size, self.merge_size)
         if not levels:
@@ -115,6 +106,12 @@ class MediaLoader:
     def normalise(self, levels: np.ndarray) -> np.ndarray:
         """uint8 levels from ``load(..., levels=True)`` -> the float32 patches ``load`` would have returned."""
         return img.normalise_levels(levels, self.image_mean, self.image_std, self.temporal_patch_size)
+
+
+def _options(keys: Sequence[str], *layers: Mapping) -> dict:
+    """The media options among ``keys`` that ``layers`` set, a later layer winning; None means unset."""
+    merged = {k: v for layer in layers for k, v in layer.items() if k in keys}
+    return {k: v for k, v in merged.items() if v is not None}
 
 
 class Processor:
@@ -134,33 +131,24 @@ class Processor:
         path = Path(path)
         if not path.is_dir():
             raise MediaError(f"{path}: not a directory")
-        return cls(Tokenizer.from_pretrained(path), ChatTemplate.from_pretrained(path), **{**media_settings(path), **kwargs})
-
-    # -- text --------------------------------------------------------------------------------------------
+        settings = {**media_settings(path), **kwargs}
+        return cls(Tokenizer.from_pretrained(path), ChatTemplate.from_pretrained(path), **settings)
 
     def render(self, messages, *, add_generation_prompt: bool = True, add_vision_id: bool = False) -> str:
-        return self.chat_template(
-            check_messages(messages), add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id
-        )
+        return self.chat_template(check_messages(messages), add_generation_prompt=add_generation_prompt,
+                                  add_vision_id=add_vision_id)
 
     def decode(self, ids, **kwargs) -> str:
         return self.tokenizer.decode(ids, **kwargs)
 
-    # -- the whole thing ---------------------------------------------------------------------------------
-
-    def __call__(
-        self,
-        messages,
-        add_generation_prompt: bool = True,
-        *,
-        add_vision_id: bool = False,
-        **media_options,
-    ) -> BatchInputs:
+    def __call__(self, messages, add_generation_prompt: bool = True, *, add_vision_id: bool = False,
+                 **media_options) -> BatchInputs:
         """One conversation (a list of messages) or a batch (a list of conversations) -> left-padded inputs."""
-        unknown = set(media_options) - set(VIDEO_KEYS)
-        if unknown:
+        if unknown := set(media_options) - set(VIDEO_KEYS):
             raise TypeError(f"unknown media options {sorted(unknown)}; known: {list(VIDEO_KEYS)}")
-        batch = [messages] if _is_conversation(messages) else list(messages)
+        # one conversation is a list of dicts, a batch a list of lists
+        one = isinstance(messages, Sequence) and bool(messages) and isinstance(messages[0], Mapping)
+        batch = [messages] if one else list(messages)
         if not batch:
             raise MediaError("messages: empty batch")
         texts, rows, media = [], [], []
@@ -168,9 +156,8 @@ class Processor:
         for c, conversation in enumerate(batch):
             name = "messages" if len(batch) == 1 else f"conversation {c}"
             conversation = check_messages(conversation, name)
-            text = self.chat_template(
-                conversation, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id
-            )
+            text = self.chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                      add_vision_id=add_vision_id)
             counts = {"image": (self.image_token_id, []), "video": (self.video_token_id, [])}
             for kind, part in media_parts(conversation):
                 n = sum(m.kind == kind for m in media)
@@ -183,7 +170,11 @@ class Processor:
             texts.append(text)
             ids = self.tokenizer.encode(text)
             rows.append(np.repeat(ids, placeholder_repeats(ids, counts, name)).tolist())
-        out = BatchInputs(self._pad(rows))
+        width = max(len(r) for r in rows)  # left padding
+        out = BatchInputs(
+            input_ids=torch.tensor([[self.tokenizer.pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long),
+            attention_mask=torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long),
+        )
         for kind, key, grid_key in (("image", "pixel_values", "image_grid_thw"),
                                     ("video", "pixel_values_videos", "video_grid_thw")):  # fmt: skip
             if pixels[kind]:
@@ -191,15 +182,6 @@ class Processor:
                 out[grid_key] = torch.tensor([m.grid for m in media if m.kind == kind], dtype=torch.long)
         out.media, out.texts = media, texts
         return out
-
-    def _pad(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
-        L = max(len(r) for r in rows)
-        ids = torch.full((len(rows), L), self.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), L), dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, L - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[b, L - len(r) :] = 1
-        return {"input_ids": ids, "attention_mask": mask}
 
 
 def placeholder_repeats(ids: list[int], items: dict[str, tuple[int, list[int]]], name: str) -> list[int]:
@@ -230,8 +212,7 @@ def preprocessor_config(min_pixels: int = img.IMAGE_MIN_PIXELS, max_pixels: int 
 def video_preprocessor_config(min_pixels: int, max_pixels: int, fps: float = 2.0, min_frames: int = 4,
                               max_frames: int = 768) -> dict:
     """``video_preprocessor_config.json`` as transformers' ``Qwen2VLVideoProcessor`` reads it: per-frame pixel
-    bounds, the sampling rate and the frame limits (qwen-vl-utils' defaults unless a checkpoint was trained
-    otherwise)."""
+    bounds, sampling rate and frame limits (qwen-vl-utils' defaults unless a checkpoint was trained otherwise)."""
     return {
         "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}, "min_pixels": min_pixels,
         "max_pixels": max_pixels, "fps": fps, "min_frames": min_frames, "max_frames": max_frames,
@@ -260,9 +241,9 @@ def save_processor_files(path: str | Path, tokenizer_json: str, *, model_max_len
 
 
 def media_settings(path: Path) -> dict:
-    """MediaLoader settings from a checkpoint's preprocessor_config.json and, when it has one,
-    video_preprocessor_config.json (its per-frame pixel bounds, fps and frame limits become the default video
-    options; without it videos get qwen-vl-utils' defaults, as the official checkpoints expect)."""
+    """MediaLoader settings from a checkpoint's preprocessor_config.json and video_preprocessor_config.json, whose
+    pixel bounds, fps and frame limits become the default video options (else qwen-vl-utils', as the official
+    checkpoints expect)."""
     cfg = _read_config(path / "preprocessor_config.json")
     if cfg is None:
         return {}
@@ -302,7 +283,3 @@ def _read_config(file: Path) -> dict | None:
         raise MediaError(f"{file}: expected a JSON object")
     return cfg
 
-
-def _is_conversation(messages) -> bool:
-    """One conversation is a list of dicts; a batch is a list of lists."""
-    return isinstance(messages, Sequence) and bool(messages) and isinstance(messages[0], Mapping)

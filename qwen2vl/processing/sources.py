@@ -25,7 +25,10 @@ class MediaAccess:
         """The bytes or the local path behind a media source: bytes, a path, ``file://``, ``data:``, http(s)."""
         what = f"{name} ({describe(source)})"
         if isinstance(source, (bytes, bytearray, memoryview)):
-            return self._capped(bytes(source), what)
+            data = bytes(source)
+            if len(data) > self.max_bytes:
+                raise MediaError(f"{what}: {len(data)} bytes is over the limit of {self.max_bytes}")
+            return data
         if isinstance(source, Path):
             source = str(source)
         if not isinstance(source, str):
@@ -48,11 +51,6 @@ class MediaAccess:
         if scheme and scheme != "file":
             raise MediaError(f"{what}: unsupported URL scheme {scheme!r}")
         return self._local(Path(source.removeprefix("file://")).expanduser(), what)
-
-    def _capped(self, data: bytes, what: str) -> bytes:
-        if len(data) > self.max_bytes:
-            raise MediaError(f"{what}: {len(data)} bytes is over the limit of {self.max_bytes}")
-        return data
 
     def _local(self, path: Path, what: str) -> Path:
         if self.local is False:

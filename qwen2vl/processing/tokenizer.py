@@ -19,6 +19,22 @@ SPECIAL_TOKENS = (
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 )  # fmt: skip
 GROUNDING_TOKENS = SPECIAL_TOKENS[3:9]
+QWEN2_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+def qwen2_pipeline(tok: _HFTokenizer) -> None:
+    """Give a byte-level BPE Qwen2's normaliser (NFC), pre-tokenizer (its split regex, digits one by one) and decoder."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
 
 
 class TokenizerError(ValueError):
@@ -143,8 +159,12 @@ class TextStream:
     is known not to be; once a stop string or an eos id appears, ``stopped`` is set and the text before it is all
     that is ever returned."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: str | list[str] | tuple[str, ...] | None = None,
-                 eos_ids: frozenset[int] | set[int] = frozenset()):  # fmt: skip
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        stop: str | list[str] | tuple[str, ...] | None = None,
+        eos_ids: frozenset[int] | set[int] = frozenset(),
+    ):
         self.decoder = IncrementalDecoder(tokenizer)
         self.stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         self.eos_ids = eos_ids

@@ -1,25 +1,14 @@
-"""Video loading and frame sampling for Qwen2-VL (REFERENCE §5), following qwen-vl-utils 0.0.14.
+"""Video loading and frame sampling (REFERENCE §5), following qwen-vl-utils 0.0.14.
 
-Which frames: ``sample_indices`` applies qwen-vl-utils' ``calculate_video_frame_range`` (``video_start`` /
-``video_end`` in seconds) and ``smart_nframes`` (either ``nframes``, or ``fps`` clamped to
-``[min_frames, max_frames]``, even), then takes ``linspace(start, end, n).round()`` as its decord/torchcodec
-readers do (computed with ``torch.linspace`` so that float32 rounding ties match exactly).
+``sample_indices`` is its ``calculate_video_frame_range`` and ``smart_nframes``, then ``linspace(start, end,
+n).round()`` as its decord/torchcodec readers (``torch.linspace``, so that float32 rounding ties match).
+``frame_size`` is ``fetch_video``'s sizing, except that the default ``total_pixels`` is ``max_tokens * 28 * 28``
+(the paper's 16384 tokens per video; ``max_tokens=None`` gives qwen-vl-utils' 90,316,800). Where the
+``1.05 * min_pixels`` floor still breaks that cap (long videos), ``plan_video`` lowers the frame count to the
+largest even one that fits, spread over the same range; elsewhere indices and sizes equal qwen-vl-utils'.
 
-What size: ``frame_size`` is ``fetch_video``'s sizing: per-frame ``max_pixels = max(min(VIDEO_MAX_PIXELS,
-total_pixels / n * 2), int(1.05 * min_pixels))``, a user ``max_pixels`` can only lower it, then ``smart_resize``
-with factor 28. One difference: the default ``total_pixels`` is ``max_tokens * 28 * 28`` (the paper's cap of
-16384 tokens per video) instead of qwen-vl-utils' ``MODEL_SEQ_LEN``-based 90,316,800 (which is used when
-``max_tokens=None``).
-
-Token cap: that budget keeps ``T/2 * H/28 * W/28 <= max_tokens`` except where the ``1.05 * min_pixels`` floor
-(or ``min_pixels``, ``resized_height/width``) wins, e.g. for long videos. Only then we lower the number of
-sampled frames to the largest even count that fits, spread uniformly over the same range (as if ``max_frames``
-were lowered). Wherever qwen-vl-utils stays within the cap, our indices and sizes equal its own.
-
-A list of frames is used whole and padded to an even count (qwen-vl-utils); it gets one size for all frames,
-computed as qwen-vl-utils would for its first frame, and the same cap (it is then subsampled uniformly).
-
-Decoding uses PyAV; kept frames are resized with PIL BICUBIC. The library never imports torchvision.
+A list of frames is used whole, padded to an even count, with one size for all frames (qwen-vl-utils' size of the
+first), under the same cap. Decoding uses PyAV, resizing PIL BICUBIC; the library never imports torchvision.
 """
 
 from __future__ import annotations
@@ -40,6 +29,7 @@ import torch
 from PIL import Image
 
 from .errors import MediaError, describe
+from .image import FACTOR, smart_resize
 from .sources import TRUST_LOCAL, MediaAccess
 from .video_cache import VideoCache
 
@@ -48,43 +38,14 @@ FPS = 2.0
 FRAME_FACTOR = 2
 FPS_MIN_FRAMES = 4
 FPS_MAX_FRAMES = 768
-IMAGE_FACTOR = 28  # patch 14 x spatial merge 2
 VIDEO_MIN_PIXELS = 128 * 28 * 28
 VIDEO_MAX_PIXELS = 768 * 28 * 28
 QWEN_TOTAL_PIXELS = 128000 * 28 * 28 * 0.9  # qwen-vl-utils 0.0.14 default (MODEL_SEQ_LEN=128000): 90316800
-_MAX_RATIO = 200
 
 
-def _round(x: float, f: int) -> int:
-    return round(x / f) * f  # Python's round (ties to even), as qwen-vl-utils
-
-
-def _ceil(x: float, f: int) -> int:
-    return math.ceil(x / f) * f
-
-
-def _floor(x: float, f: int) -> int:
-    return math.floor(x / f) * f
-
-
-def _smart_resize(height: int, width: int, factor: int, min_pixels: float, max_pixels: float) -> tuple[int, int]:
-    """qwen-vl-utils' smart_resize: sides divisible by ``factor``, area in [min_pixels, max_pixels], aspect kept."""
-    if height < 1 or width < 1:
-        raise MediaError(f"bad frame size {width}x{height}")
-    if max_pixels < min_pixels:
-        raise MediaError(f"max_pixels ({max_pixels:g}) is smaller than min_pixels ({min_pixels:g})")
-    if max(height, width) / min(height, width) > _MAX_RATIO:
-        raise MediaError(f"aspect ratio of {width}x{height} exceeds {_MAX_RATIO}")
-    h, w = max(factor, _round(height, factor)), max(factor, _round(width, factor))
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h, w = _floor(height / beta, factor), _floor(width / beta, factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h, w = _ceil(height * beta, factor), _ceil(width * beta, factor)
-    if h < factor or w < factor:  # qwen-vl-utils would return 0 here and fail later
-        raise MediaError(f"{width}x{height} is too thin for a budget of {max_pixels:g} pixels")
-    return h, w
+def _even(x: float, rounding: Callable[[float], int] = round) -> int:
+    """qwen-vl-utils' round/ceil/floor_by_factor with FRAME_FACTOR (Python's round: ties to even, as there)."""
+    return rounding(x / FRAME_FACTOR) * FRAME_FACTOR
 
 
 def _frame_range(total: int, video_fps: float, start: float | None, end: float | None) -> tuple[int, int]:
@@ -117,12 +78,12 @@ def sample_indices(total_frames: int, video_fps: float, *, fps: float | None = N
     first, last = _frame_range(total_frames, video_fps, video_start, video_end)
     count = last - first + 1
     if nframes is not None:
-        n = _round(nframes, FRAME_FACTOR)
+        n = _even(nframes)
     else:  # smart_nframes; note the default max_frames depends on the range's frame count
-        lo = _ceil(FPS_MIN_FRAMES if min_frames is None else min_frames, FRAME_FACTOR)
-        hi = _floor(min(FPS_MAX_FRAMES, count) if max_frames is None else max_frames, FRAME_FACTOR)
+        lo = _even(FPS_MIN_FRAMES if min_frames is None else min_frames, math.ceil)
+        hi = _even(min(FPS_MAX_FRAMES, count) if max_frames is None else max_frames, math.floor)
         wanted = count / video_fps * (FPS if fps is None else fps)
-        n = _floor(min(min(max(wanted, lo), hi), count), FRAME_FACTOR)
+        n = _even(min(min(max(wanted, lo), hi), count), math.floor)
     if not FRAME_FACTOR <= n <= count:
         raise MediaError(f"cannot sample {n} frames from {count}: a video needs between 2 and {count} frames")
     return torch.linspace(first, last, n).round().long().tolist()
@@ -140,30 +101,27 @@ def frame_size(height: int, width: int, nframes: int, *, min_pixels: float | Non
         if value is not None and not value > 0:
             raise MediaError(f"{key} must be positive, got {value}")
     if resized_height is not None:  # fetch_video: smart_resize with the image defaults
-        return _smart_resize(resized_height, resized_width, IMAGE_FACTOR, 4 * 28 * 28, 16384 * 28 * 28)
+        return smart_resize(resized_height, resized_width, qwen_vl_utils=True)
     min_pixels = VIDEO_MIN_PIXELS if min_pixels is None else min_pixels
     if total_pixels is None:
         total_pixels = QWEN_TOTAL_PIXELS if max_tokens is None else max_tokens * 28 * 28
     limit = max(min(VIDEO_MAX_PIXELS, total_pixels / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
     max_pixels = limit if max_pixels is None else min(max_pixels, limit)  # a user max_pixels can only lower it
-    return _smart_resize(height, width, IMAGE_FACTOR, min_pixels, max_pixels)
-
-
-def _tokens(nframes: int, size: tuple[int, int]) -> int:
-    return nframes // 2 * (size[0] // 28) * (size[1] // 28)
+    return smart_resize(height, width, FACTOR, min_pixels, max_pixels, qwen_vl_utils=True)
 
 
 def max_frames_for_cap(height: int, width: int, nframes: int, **sizing: Any) -> int:
     """The largest even frame count <= ``nframes`` whose tokens (with ``frame_size(..., **sizing)``) fit
-    ``max_tokens``; ``nframes`` itself when it fits or there is no cap, 0 when not even 2 frames fit."""
+    ``max_tokens`` (``nframes`` itself when there is no cap); a MediaError when not even 2 frames fit."""
     max_tokens = sizing.get("max_tokens", VIDEO_MAX_TOKENS)
     if max_tokens is None:
         return nframes
     # Fewer frames never shrink a frame, so the product is not monotonic in general: scan down (cheap arithmetic).
     for n in range(nframes - nframes % 2, 0, -2):
-        if _tokens(n, frame_size(height, width, n, **sizing)) <= max_tokens:
+        h, w = frame_size(height, width, n, **sizing)
+        if n // 2 * (h // 28) * (w // 28) <= max_tokens:
             return n
-    return 0
+    raise MediaError(f"even 2 frames exceed max_tokens={max_tokens}")
 
 
 def plan_video(total_frames: int, video_fps: float, height: int, width: int, *, fps=None, nframes=None,
@@ -174,8 +132,6 @@ def plan_video(total_frames: int, video_fps: float, height: int, width: int, *, 
     idx = sample_indices(total_frames, video_fps, fps=fps, nframes=nframes, min_frames=min_frames,
                          max_frames=max_frames, **times)
     cap = max_frames_for_cap(height, width, len(idx), **sizing)
-    if cap < 2:
-        raise MediaError(f"even 2 frames exceed max_tokens={sizing.get('max_tokens', VIDEO_MAX_TOKENS)}")
     if cap < len(idx):  # same as lowering max_frames to cap: n = cap, spread over the same range
         idx = sample_indices(total_frames, video_fps, nframes=cap, **times)
     return idx, frame_size(height, width, len(idx), **sizing)
@@ -236,13 +192,12 @@ def _list_frame(i: int, item: Any) -> Image.Image:
         raise MediaError(f"unsupported frame type {type(item).__name__}")
     except (OSError, ValueError, Image.DecompressionBombError) as e:  # MediaError included (a ValueError)
         reason = str(e) if isinstance(e, MediaError) else f"not a readable image ({e})"
-        raise MediaError(f"frame {i} ({describe(str(item) if isinstance(item, Path) else item)}): {reason}") from None
+        raise MediaError(f"frame {i} ({describe(item)}): {reason}") from None
 
 
 def _load_frame_list(items: Sequence[Any], fps: float | None, sizing: dict[str, Any]) -> Video:
-    """Every frame is used, padded to an even count by repeating the last (qwen-vl-utils). qwen-vl-utils sizes
-    each frame with its image rules and then the clip with the video rules; we compute one size from the
-    first frame the same way, so that all frames stack, and resize once (the cap may subsample the list)."""
+    """Every frame is used, the last repeated to an even count (qwen-vl-utils). qwen-vl-utils sizes each frame by
+    its image rules, then the clip by the video rules; we size the first frame so and resize all to that once."""
     if not items:
         raise MediaError("empty frame list")
     images = [_list_frame(i, item) for i, item in enumerate(items)]
@@ -250,12 +205,10 @@ def _load_frame_list(items: Sequence[Any], fps: float | None, sizing: dict[str, 
     w0, h0 = images[0].size
     # fetch_image is called with image_patch_size=28 there, so its factor is 56 (a quirk we follow for equal sizes)
     min_px, max_px = sizing.get("min_pixels"), sizing.get("max_pixels")
-    h1, w1 = _smart_resize(h0, w0, 56, 4 * 56 * 56 if min_px is None else min_px,
-                           16384 * 56 * 56 if max_px is None else max_px)
+    h1, w1 = smart_resize(h0, w0, 56, 4 * 56 * 56 if min_px is None else min_px,
+                          16384 * 56 * 56 if max_px is None else max_px, qwen_vl_utils=True)
     rate = FPS if fps is None else fps
     cap = max_frames_for_cap(h1, w1, n, **sizing)
-    if cap < 2:
-        raise MediaError(f"even 2 frames exceed max_tokens={sizing.get('max_tokens')}")
     if cap < n:
         idx = torch.linspace(0, len(images) - 1, cap).round().long().tolist()
     else:
@@ -287,12 +240,9 @@ def _probe(opener: Callable[[], Any]) -> tuple[int, float, int, int]:
 
 
 def _decode(opener: Callable[[], Any], indices: list[int], size: tuple[int, int]) -> tuple[list | None, int]:
-    """Decode sequentially and keep (resized) the frames at ``indices``. Returns (frames, count decoded), or
-    (None, count) when the stream ends or fails to decode before the last index. Kept frames are converted and
-    resized on worker threads while decoding goes on (PyAV and PIL release the GIL for both)."""
-    wanted: dict[int, list[int]] = {}
-    for pos, i in enumerate(indices):
-        wanted.setdefault(i, []).append(pos)
+    """(the frames at ``indices``, resized, or None when the stream ends or fails first; the count decoded). Frames
+    are converted and resized on worker threads while decoding goes on (PyAV and PIL release the GIL)."""
+    wanted = set(indices)
     pending: dict[int, Future] = {}
     count = 0
     with opener() as container, ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
@@ -340,20 +290,17 @@ def load_video(source: Any, *, name: str = "video", fps: float | None = None, nf
                resized_width: int | None = None, max_tokens: int | None = VIDEO_MAX_TOKENS,
                access: MediaAccess = TRUST_LOCAL, cache: VideoCache | None = None) -> Video:
     """Load, sample and resize a video: a path (optionally ``file://``), bytes of a video file, an http(s) URL,
-    or a list of frames (PIL images, uint8 arrays, image paths or image bytes). ``fps`` of a frame list is
-    the rate it was sampled at (default 2), the frame-sampling options do not apply to it. ``access`` says which
-    sources are allowed (default: any local file, public URLs). ``cache``: a local file's decoded clip is kept
-    there and read back on the next load with the same options (``video_cache.VideoCache``)."""
+    or a list of frames (PIL images, uint8 arrays, image paths or bytes; ``fps`` is the rate they were sampled at,
+    default 2). ``access``: which sources are allowed; ``cache``: where a local file's decoded clip is kept."""
     options = {"fps": fps, "nframes": nframes, "min_frames": min_frames, "max_frames": max_frames,
                "video_start": video_start, "video_end": video_end}
     sizing = {"min_pixels": min_pixels, "max_pixels": max_pixels, "total_pixels": total_pixels,
               "resized_height": resized_height, "resized_width": resized_width, "max_tokens": max_tokens}
-    label = f"{name} ({describe(str(source) if isinstance(source, Path) else source)})"
+    label = f"{name} ({describe(source)})"
     try:
         _check_sampling(fps, nframes)
         if isinstance(source, (list, tuple)):
-            unused = [k for k, v in options.items() if v is not None and k != "fps"]
-            if unused:
+            if unused := [k for k, v in options.items() if v is not None and k != "fps"]:
                 raise MediaError(f"{', '.join(unused)} cannot be used with a list of frames (every frame is used)")
             return _load_frame_list(source, fps, sizing)
         if not isinstance(source, (str, Path, bytes, bytearray, memoryview)):
@@ -372,4 +319,3 @@ def load_video(source: Any, *, name: str = "video", fps: float | None = None, nf
         raise MediaError(f"{label}: not a readable video ({e})") from None
     except MediaError as e:  # messages from access.read name the item already
         raise MediaError(str(e) if str(e).startswith(f"{name} (") else f"{label}: {e}") from None
-

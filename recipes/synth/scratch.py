@@ -17,25 +17,7 @@ import torch
 from qwen2vl import Qwen2VL, Qwen2VLConfig, TextConfig, VisionConfig
 from qwen2vl.atomic import new_directory
 from qwen2vl.processing.processor import save_processor_files
-from qwen2vl.processing.tokenizer import SPECIAL_TOKENS
-
-QWEN2_SPLIT = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-
-
-def qwen2_pipeline(tok) -> None:
-    """Qwen2's normaliser, pre-tokenizer and decoder on a byte-level BPE ``tokenizers.Tokenizer``."""
-    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
-
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-
+from qwen2vl.processing.tokenizer import SPECIAL_TOKENS, qwen2_pipeline
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
     """A byte-level BPE with ``vocab_size`` regular tokens, then the 14 Qwen2-VL special tokens (in Qwen's order,
