@@ -10,7 +10,7 @@ rewrite the rope type to "default", so M-RoPE is recognised by ``mrope_section``
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +95,8 @@ class Qwen2VLConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Qwen2VLConfig:
         """Read a config.json dict in the flat hub form or the nested transformers >= 4.52 form."""
-        model_type = d.get("model_type")
-        if model_type != "qwen2_vl":
-            raise ConfigError(f"config.json has model_type {model_type!r}; expected 'qwen2_vl'")
+        if d.get("model_type") != "qwen2_vl":
+            raise ConfigError(f"config.json has model_type {d.get('model_type')!r}; expected 'qwen2_vl'")
         t = d.get("text_config") or d  # nested form, else flat
         if not isinstance(t, dict):
             raise ConfigError("config.json: text_config is not an object")
@@ -107,52 +106,35 @@ class Qwen2VLConfig:
             raise ConfigError(f"{where} is missing required key(s): {', '.join(missing)}")
 
         rope = t.get("rope_parameters") or t.get("rope_scaling") or d.get("rope_scaling") or {}
-        mrope = rope.get("mrope_section", TextConfig.mrope_section)
         text = TextConfig(
-            vocab_size=int(t["vocab_size"]),
-            hidden_size=int(t["hidden_size"]),
-            intermediate_size=int(t["intermediate_size"]),
-            num_hidden_layers=int(t["num_hidden_layers"]),
-            num_attention_heads=int(t["num_attention_heads"]),
-            num_key_value_heads=int(t["num_key_value_heads"]),
+            **{k: int(t[k]) for k in _REQUIRED_TEXT_KEYS},
             # 1e-6 is every checkpoint's value; transformers' class default 1e-5 is a trap (REFERENCE §9.12)
             rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 1_000_000.0))),
-            mrope_section=tuple(int(x) for x in mrope),
-            max_position_embeddings=int(t.get("max_position_embeddings", 32768)),
-            hidden_act=t.get("hidden_act", "silu"),
+            rope_theta=float(rope.get("rope_theta", t.get("rope_theta", TextConfig.rope_theta))),
+            mrope_section=tuple(int(x) for x in rope.get("mrope_section", TextConfig.mrope_section)),
+            max_position_embeddings=int(t.get("max_position_embeddings", TextConfig.max_position_embeddings)),
+            hidden_act=t.get("hidden_act", TextConfig.hidden_act),
         )
 
         v = d.get("vision_config") or {}
-        vision = VisionConfig(
-            depth=int(v.get("depth", VisionConfig.depth)),
-            embed_dim=int(v.get("embed_dim", VisionConfig.embed_dim)),
-            num_heads=int(v.get("num_heads", VisionConfig.num_heads)),
-            mlp_ratio=float(v.get("mlp_ratio", VisionConfig.mlp_ratio)),
-            in_channels=int(v.get("in_channels", v.get("in_chans", VisionConfig.in_channels))),
-            patch_size=int(v.get("patch_size", v.get("spatial_patch_size", VisionConfig.patch_size))),
-            temporal_patch_size=int(v.get("temporal_patch_size", VisionConfig.temporal_patch_size)),
-            spatial_merge_size=int(v.get("spatial_merge_size", VisionConfig.spatial_merge_size)),
+        v = {
+            "in_channels": v.get("in_chans", VisionConfig.in_channels),  # the older names of two keys
+            "patch_size": v.get("spatial_patch_size", VisionConfig.patch_size),
             # transformers defaults a missing merger width to 3584 (right for 7B only); the merger
             # feeds the LLM, so its width can only be the LLM's hidden size.
-            hidden_size=int(v.get("hidden_size", text.hidden_size)),
-            hidden_act=v.get("hidden_act", VisionConfig.hidden_act),
-            rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", VisionConfig.rope_theta)),
-        )
+            "hidden_size": text.hidden_size,
+            **v,
+            "rope_theta": (v.get("rope_parameters") or {}).get("rope_theta", VisionConfig.rope_theta),
+        }
+        vision = VisionConfig(**{f.name: type(f.default)(v[f.name]) for f in fields(VisionConfig) if f.name in v})
 
         eos = _first(d, t, "eos_token_id", 151645)
-        # before transformers v5 the flag sometimes lived only inside text_config
-        tie = bool(d.get("tie_word_embeddings", False) or t.get("tie_word_embeddings", False))
         return cls(
             vision=vision,
             text=text,
-            tie_word_embeddings=tie,
-            image_token_id=int(d.get("image_token_id", 151655)),
-            video_token_id=int(d.get("video_token_id", 151656)),
-            vision_start_token_id=int(d.get("vision_start_token_id", 151652)),
-            vision_end_token_id=int(d.get("vision_end_token_id", 151653)),
-            bos_token_id=int(_first(d, t, "bos_token_id", 151643)),
-            pad_token_id=int(_first(d, t, "pad_token_id", 151643)),
+            # before transformers v5 the flag sometimes lived only inside text_config
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False) or t.get("tie_word_embeddings", False)),
+            **{k: int(_first(d, t, k, getattr(cls, k))) for k in _TOKEN_ID_KEYS},
             eos_token_ids=tuple(int(e) for e in eos) if isinstance(eos, list) else (int(eos),),
         )
 
@@ -162,44 +144,22 @@ class Qwen2VLConfig:
         return {
             "architectures": ["Qwen2VLForConditionalGeneration"],
             "model_type": "qwen2_vl",
-            "vocab_size": t.vocab_size,
-            "hidden_size": t.hidden_size,
-            "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_hidden_layers,
-            "num_attention_heads": t.num_attention_heads,
-            "num_key_value_heads": t.num_key_value_heads,
-            "hidden_act": t.hidden_act,
-            "rms_norm_eps": t.rms_norm_eps,
-            "rope_theta": t.rope_theta,
+            **{k: x for k, x in asdict(t).items() if k != "mrope_section"},  # our field names are the hub keys
             "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
-            "max_position_embeddings": t.max_position_embeddings,
             "max_window_layers": t.num_hidden_layers,
             "sliding_window": t.max_position_embeddings,
             "use_sliding_window": False,
             "attention_dropout": 0.0,
             "initializer_range": 0.02,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id,
+            **{k: getattr(self, k) for k in _TOKEN_ID_KEYS},
             "eos_token_id": self.eos_token_ids[0],
-            "pad_token_id": self.pad_token_id,
-            "image_token_id": self.image_token_id,
-            "video_token_id": self.video_token_id,
-            "vision_start_token_id": self.vision_start_token_id,
-            "vision_end_token_id": self.vision_end_token_id,
             "vision_token_id": 151654,
             "vision_config": {
-                "depth": v.depth,
-                "embed_dim": v.embed_dim,
-                "num_heads": v.num_heads,
+                **{k: x for k, x in asdict(v).items() if k != "rope_theta"},
                 "mlp_ratio": v.mlp_ratio if v.mlp_ratio != int(v.mlp_ratio) else int(v.mlp_ratio),
                 "in_chans": v.in_channels,
-                "in_channels": v.in_channels,
-                "patch_size": v.patch_size,
                 "spatial_patch_size": v.patch_size,
-                "temporal_patch_size": v.temporal_patch_size,
-                "spatial_merge_size": v.spatial_merge_size,
-                "hidden_size": v.hidden_size,
-                "hidden_act": v.hidden_act,
             },
         }
 
@@ -215,24 +175,14 @@ class Qwen2VLConfig:
         """config.json of a checkpoint directory, with the eos ids of generation_config.json if present."""
         path = Path(path)
         d = _read_json(path / "config.json")
-        gen_path = path / "generation_config.json"
-        if gen_path.exists():
-            gen = _read_json(gen_path)
-            if "eos_token_id" in gen:
-                d = {**d, "eos_token_id": gen["eos_token_id"]}
-            if gen.get("pad_token_id") is not None:
-                d = {**d, "pad_token_id": gen["pad_token_id"]}
+        if (path / "generation_config.json").exists():
+            gen = _read_json(path / "generation_config.json")
+            d = {**d, **{k: gen[k] for k in ("eos_token_id", "pad_token_id") if gen.get(k) is not None}}
         return cls.from_dict(d)
 
 
-_REQUIRED_TEXT_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-)
+_REQUIRED_TEXT_KEYS = [f.name for f in fields(TextConfig) if f.default is MISSING]
+_TOKEN_ID_KEYS = [f.name for f in fields(Qwen2VLConfig) if f.name.endswith("_token_id")]
 
 
 def _first(d: dict[str, Any], t: dict[str, Any], key: str, default: Any) -> Any:
@@ -325,14 +275,3 @@ Qwen2VLConfig.qwen2vl_2b = staticmethod(qwen2vl_2b)  # type: ignore[attr-defined
 Qwen2VLConfig.qwen2vl_7b = staticmethod(qwen2vl_7b)  # type: ignore[attr-defined]
 Qwen2VLConfig.qwen2vl_72b = staticmethod(qwen2vl_72b)  # type: ignore[attr-defined]
 Qwen2VLConfig.tiny = staticmethod(tiny)  # type: ignore[attr-defined]
-
-__all__ = [
-    "ConfigError",
-    "Qwen2VLConfig",
-    "TextConfig",
-    "VisionConfig",
-    "qwen2vl_2b",
-    "qwen2vl_7b",
-    "qwen2vl_72b",
-    "tiny",
-]

@@ -1,6 +1,5 @@
-"""``qwen2vl.Qwen2VL``: the network (model/qwen2vl.py) plus what a user expects of a checkpoint's model: load it,
-save it, generate with it. Each is a thin call into the room that owns it (weights.py, generate/engine.py), so
-the model itself imports neither."""
+"""``qwen2vl.Qwen2VL``: the network (model/qwen2vl.py) plus loading, saving and generating, each a thin call into
+the room that owns it (weights.py, generate/engine.py), so that the model itself imports neither."""
 
 from __future__ import annotations
 

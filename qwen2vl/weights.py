@@ -1,15 +1,15 @@
 """Checkpoint loading and saving: strict, lazy, built on the meta device (REFERENCE §8).
 
-Our parameter names are the hub names (``visual.*``, ``model.*``, ``lm_head.weight``), so the only
-renaming is between the hub layout and the one transformers >= 4.52 fine-tuning stacks write
-(``model.visual.*``, ``model.language_model.*``). ``LAYOUT`` is that table; saving in the newer
-layout uses the same table read backwards, so the two directions cannot drift.
+Our parameter names are the hub names (``visual.*``, ``model.*``, ``lm_head.weight``); ``LAYOUT`` maps the layout
+transformers >= 4.52 writes (``model.visual.*``, ``model.language_model.*``) to them, and read backwards the
+other way, so the two directions cannot drift.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -32,14 +32,8 @@ LAYOUT: tuple[tuple[str, str], ...] = (
     ("model.language_model.", "model."),
 )
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES |= {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class CheckpointError(ValueError):
@@ -83,17 +77,13 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
             if not shard.is_file():
                 raise CheckpointError(f"shard {shard.name} listed in {index.name} is missing from {path}")
         return files
-    if single.is_file():
-        return {name: single for name in _keys_of(single)}
-    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
-
-
-def _keys_of(file: Path) -> list[str]:
+    if not single.is_file():
+        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
     try:
-        with safe_open(file, framework="pt") as f:
-            return list(f.keys())
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+        raise CheckpointError(f"{single} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
 def load_pretrained(
@@ -119,49 +109,39 @@ def load_pretrained(
     with torch.device("meta"):
         model = cls(config, hf5_compat=hf5_compat)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    seen: set[str] = set()
-    unexpected = []
-    for stored, file in files.items():
-        name = to_hub_name(stored)
-        if name in seen:
-            raise CheckpointError(f"tensor {name} appears twice in {path} (both layouts mixed?)")
-        seen.add(name)
-        if name not in expected and not (name == "lm_head.weight" and config.tie_word_embeddings):
-            unexpected.append(stored)
-        by_file.setdefault(file, []).append((stored, name))
-    missing = sorted(set(expected) - seen)
+    names = {stored: to_hub_name(stored) for stored in files}
+    twice = sorted(name for name, count in Counter(names.values()).items() if count > 1)
+    if twice:
+        raise CheckpointError(f"tensor(s) {_few(twice)} appear twice in {path} (both layouts mixed?)")
+    unexpected = sorted(stored for stored, name in names.items() if name not in expected)
     if unexpected:
-        raise CheckpointError(f"unexpected tensor(s) in {path}: {_few(sorted(unexpected))}")
+        raise CheckpointError(f"unexpected tensor(s) in {path}: {_few(unexpected)}")
+    tied = config.tie_word_embeddings  # a tied head need not be stored; where it is, it must equal the embedding
+    missing = sorted(set(expected) - set(names.values()) - ({"lm_head.weight"} if tied else set()))
     if missing:
         raise CheckpointError(f"checkpoint {path} is missing {len(missing)} tensor(s): {_few(missing)}")
 
+    by_file: dict[Path, list[str]] = {}
+    for stored, file in files.items():
+        by_file.setdefault(file, []).append(stored)
     state: dict[str, torch.Tensor] = {}
-    tied_head = None
-    for file, names in by_file.items():
+    for file, stored_names in by_file.items():
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
-                for stored, name in names:
+                for stored in stored_names:
                     t = f.get_tensor(stored)
-                    if name == "lm_head.weight" and config.tie_word_embeddings:
-                        tied_head = t  # some tools save the tied head too; it must equal the embedding
-                        continue
-                    if tuple(t.shape) != expected[name]:
+                    if tuple(t.shape) != expected[names[stored]]:
                         raise CheckpointError(
-                            f"tensor {stored} has shape {tuple(t.shape)} but the config needs {expected[name]}"
+                            f"tensor {stored} has shape {tuple(t.shape)} but the config needs {expected[names[stored]]}"
                         )
-                    if dtype is None:
-                        dtype = t.dtype
-                    state[name] = t.to(device=device, dtype=dtype)
+                    dtype = dtype or t.dtype
+                    state[names[stored]] = t.to(device=device, dtype=dtype)
         except SafetensorError as e:
             raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
-    if tied_head is not None and not torch.equal(tied_head.to(dtype), state["model.embed_tokens.weight"]):
-        raise CheckpointError("config ties lm_head to embed_tokens but the checkpoint's lm_head.weight differs")
-
-    if config.tie_word_embeddings:
+    if tied:
+        head = state.pop("lm_head.weight", None)
+        if head is not None and not torch.equal(head, state["model.embed_tokens.weight"]):
+            raise CheckpointError("config ties lm_head to embed_tokens but the checkpoint's lm_head.weight differs")
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()  # assign=True made two Parameters of one tensor: make them one
@@ -169,9 +149,9 @@ def load_pretrained(
 
 
 def save_pretrained(model: Qwen2VLModel, path: str | Path, max_shard_size: int = 5 * 2**30) -> None:
-    """Hub layout: config.json (flat form), generation_config.json, model.safetensors or shards with
-    an index. Every file is written to a temporary name, fsynced and renamed into place; the index
-    and config come last, so a crash mid-save never leaves a directory that looks complete but is not."""
+    """Hub layout: config.json (flat form), generation_config.json, model.safetensors or shards with an index.
+    Each file is written atomically (atomic.py), the index and config last, so a crash mid-save never leaves a
+    directory that looks complete but is not."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -181,24 +161,20 @@ def save_pretrained(model: Qwen2VLModel, path: str | Path, max_shard_size: int =
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(state):
-        nbytes = state[name].numel() * state[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_size:
+        if shards[-1] and size + state[name].nbytes > max_shard_size:
             shards.append({})
             size = 0
         shards[-1][name] = state[name]
-        size += nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        write_file(path / "model.safetensors", lambda tmp: save_file(shards[0], str(tmp), metadata=meta))
+        size += state[name].nbytes
+    n = len(shards)
+    fnames = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    for fname, shard in zip(fnames, shards):
+        write_file(path / fname, lambda tmp, s=shard: save_file(s, str(tmp), metadata={"format": "pt"}))
+    if n == 1:
         (path / "model.safetensors.index.json").unlink(missing_ok=True)
     else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            write_file(path / fname, lambda tmp, s=shard: save_file(s, str(tmp), metadata=meta))
-            weight_map.update({name: fname for name in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        weight_map = {name: fname for fname, shard in zip(fnames, shards) for name in shard}
+        index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())}, "weight_map": weight_map}
         write_text(path / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
         (path / "model.safetensors").unlink(missing_ok=True)
     dtype_name = str(model.dtype).removeprefix("torch.")

@@ -1,18 +1,17 @@
 """The one place that picks attention kernels.
 
-- ``varlen_attention``: non-causal attention over packed sequences (the ViT: every image, and every
-  2-frame slice of a video, attends only to itself). Never builds an N x N mask: runs of equal-length
-  segments become one batched SDPA call (all slices of a video, or same-size images), other segments
-  get their own call. On CUDA with flash-attn installed, one varlen kernel call does it all.
-- ``causal_attention``: the LLM's attention, with GQA and an optional boolean mask for padding, or over one
-  packed training row (each sequence causal within itself), again one call per run of equal lengths.
+- ``varlen_attention``: the ViT's non-causal attention over packed segments (each image, each 2-frame slice of a
+  video, attends only to itself). flash-attn's varlen kernel where installed (CUDA), else SDPA.
+- ``causal_attention``: the LLM's, with GQA and an optional padding mask, or over one packed training row.
 
-On CUDA without flash-attn, a packed row of many short segments would cost a kernel launch chain per run, and the
-launches, not the arithmetic, would set the step time. There, up to ``MASKED_MAX_TOKENS`` tokens go through ONE
-SDPA call with a block-diagonal mask instead. The CPU keeps the per-run calls (the arithmetic dominates).
+Never an N x N mask on the CPU: each run of equal-length segments is one batched SDPA call. On CUDA the launches,
+not the arithmetic, would then set the step time of a row of many short segments, so up to ``MASKED_MAX_TOKENS``
+tokens go through ONE SDPA call with a block-diagonal mask instead.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -34,25 +33,6 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def _per_run(qkv: tuple[torch.Tensor, ...], runs: list[tuple[int, int, int]], dim: int, attend) -> torch.Tensor:
-    """``attend(q, k, v, count, n)`` on each run of ``count`` segments of length ``n``, the runs split off q, k, v
-    along ``dim`` and their outputs joined along it. Split, not sliced: under autograd a slice's backward fills a
-    zero tensor of the whole row, once per run and per input (with ~20 runs a row, 10% of a training step here),
-    where a split's backward is one cat. Without autograd the outputs go into one preallocated tensor, so no more
-    than one run's output exists beside it (the ViT on large images at inference)."""
-    sizes = [count * n for _, count, n in runs]
-    parts = zip(runs, *(x.split(sizes, dim) for x in qkv))
-    if torch.is_grad_enabled():
-        return torch.cat([attend(q, k, v, count, n) for (_, count, n), q, k, v in parts], dim)
-    out = None
-    for (offset, count, n), q, k, v in parts:
-        o = attend(q, k, v, count, n)
-        if out is None:
-            out = o.new_empty(o.shape[:dim] + (sum(sizes),) + o.shape[dim + 1 :])
-        out.narrow(dim, offset, count * n).copy_(o)
-    return out
-
-
 def _one_masked_call(x: torch.Tensor, seqlens: list[int], runs: list) -> bool:
     return x.is_cuda and len(runs) > 1 and sum(seqlens) <= MASKED_MAX_TOKENS
 
@@ -66,38 +46,54 @@ def block_mask(seqlens: list[int], device: torch.device, causal: bool) -> torch.
 
 def segment_runs(seqlens: list[int]) -> list[tuple[int, int, int]]:
     """Group consecutive equal lengths: [(offset, count, length), ...]."""
-    runs: list[tuple[int, int, int]] = []
+    runs = []
     offset = 0
-    for n in seqlens:
-        if runs and runs[-1][2] == n and runs[-1][0] + runs[-1][1] * n == offset:
-            o, c, _ = runs[-1]
-            runs[-1] = (o, c + 1, n)
-        else:
-            runs.append((offset, 1, n))
-        offset += n
+    for n, group in itertools.groupby(seqlens):
+        count = len(list(group))
+        runs.append((offset, count, n))
+        offset += count * n
     return runs
 
 
-def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
-    """Block-diagonal attention over packed tokens. q, k, v: [T, heads, head_dim] -> [T, heads, head_dim].
+def _block_diagonal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: list[int], causal: bool):
+    """q: [H, T, D]; k, v: [KVH, T, D]; each segment of ``seqlens`` attends only to itself.
 
-    ``seqlens`` are host ints (one per segment, summing to T), computed once per forward.
+    One SDPA call per run of equal-length segments, split off q, k, v, not sliced: under autograd a slice's
+    backward fills a zero tensor of the whole row, once per run and input (10% of a training step with ~20 runs a
+    row), a split's is one cat. Without autograd the outputs go into one preallocated tensor, so at most one run's
+    output exists beside it (the ViT on large images).
     """
+    runs = segment_runs(seqlens)
+    if _one_masked_call(q, seqlens, runs):
+        groups = q.shape[0] // k.shape[0]  # GQA by repetition: with a mask, SDPA's GQA may fall back
+        k, v = (x.repeat_interleave(groups, dim=0) for x in (k, v))
+        return _sdpa(q, k, v, attn_mask=block_mask(seqlens, q.device, causal))
+
+    def attend(q, k, v, count, n):  # [H, count*n, D] -> [count, H, n, D] and back
+        q, k, v = (x.unflatten(1, (count, n)).transpose(0, 1) for x in (q, k, v))
+        return _sdpa(q, k, v, is_causal=causal, enable_gqa=True).transpose(0, 1).flatten(1, 2)
+
+    sizes = [count * n for _, count, n in runs]
+    parts = zip(runs, *(x.split(sizes, 1) for x in (q, k, v)))
+    if torch.is_grad_enabled():
+        return torch.cat([attend(q, k, v, count, n) for (_, count, n), q, k, v in parts], 1)
+    out = None
+    for (offset, count, n), q, k, v in parts:
+        o = attend(q, k, v, count, n)
+        if out is None:
+            out = o.new_empty(o.shape[0], sum(sizes), o.shape[2])
+        out[:, offset : offset + count * n] = o
+    return out
+
+
+def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+    """Block-diagonal attention over packed tokens [T, heads, head_dim]; ``seqlens``: host ints summing to T."""
     if flash_attn_varlen_func is not None and q_THD.is_cuda and q_THD.dtype in (torch.float16, torch.bfloat16):
         cu = torch.tensor([0, *seqlens], device=q_THD.device).cumsum(0, dtype=torch.int32)
         m = max(seqlens)
         return flash_attn_varlen_func(q_THD, k_THD, v_THD, cu, cu, m, m, causal=False)
-    runs = segment_runs(seqlens)
-    if _one_masked_call(q_THD, seqlens, runs):
-        q, k, v = (x.transpose(0, 1) for x in (q_THD, k_THD, v_THD))  # [H, T, D]
-        o = _sdpa(q, k, v, attn_mask=block_mask(seqlens, q.device, causal=False))
-        return o.transpose(0, 1)
-
-    def attend(q, k, v, count, n):  # [count*n, H, D] -> [count, H, n, D] and back
-        q, k, v = (x.unflatten(0, (count, n)).transpose(1, 2) for x in (q, k, v))
-        return _sdpa(q, k, v).transpose(1, 2).flatten(0, 1)
-
-    return _per_run((q_THD, k_THD, v_THD), runs, 0, attend)
+    q, k, v = (x.transpose(0, 1) for x in (q_THD, k_THD, v_THD))  # [H, T, D]
+    return _block_diagonal(q, k, v, seqlens, causal=False).transpose(0, 1)
 
 
 def causal_attention(
@@ -107,37 +103,16 @@ def causal_attention(
     mask_B1LS: torch.Tensor | None,
     seqlens: list[int] | None = None,
 ) -> torch.Tensor:
-    """Causal GQA attention. q: [B, H, L, D]; k, v: [B, KVH, S, D] with S >= L (cached keys first).
-
-    ``mask_B1LS`` (bool, True = attend) already holds causality and padding; when it is None the
-    queries are the last L positions of an unpadded sequence. ``seqlens``: one packed row (B = 1, no cache)
-    of several sequences, each attending causally to itself only (training with packing).
-    """
-    if seqlens is not None:
-        return _packed_causal(q_BHLD, k_BHSD, v_BHSD, seqlens)
+    """Causal GQA attention. q: [B, H, L, D]; k, v: [B, KVH, S, D] with S >= L (cached keys first). ``mask_B1LS``
+    (bool, True = attend) holds causality and padding; None: the queries are the last L positions of an unpadded
+    sequence. ``seqlens``: one packed training row (B = 1, no cache), each sequence attending to itself only."""
     L, S = q_BHLD.shape[2], k_BHSD.shape[2]
+    if seqlens is not None:
+        if q_BHLD.shape[0] != 1 or sum(seqlens) != L or S != L:
+            raise ValueError(f"packed attention takes one row of {sum(seqlens)} tokens and no cache")
+        return _block_diagonal(q_BHLD[0], k_BHSD[0], v_BHSD[0], seqlens, causal=True)[None]
     if mask_B1LS is None and L > 1:
         if L == S:
             return F.scaled_dot_product_attention(q_BHLD, k_BHSD, v_BHSD, is_causal=True, enable_gqa=True)
         mask_B1LS = torch.ones(L, S, dtype=torch.bool, device=q_BHLD.device).tril(S - L)
     return F.scaled_dot_product_attention(q_BHLD, k_BHSD, v_BHSD, attn_mask=mask_B1LS, enable_gqa=True)
-
-
-def _packed_causal(
-    q_1HLD: torch.Tensor, k_1HLD: torch.Tensor, v_1HLD: torch.Tensor, seqlens: list[int]
-) -> torch.Tensor:
-    """Block-diagonal causal attention over one packed row, one SDPA call per run of equal-length sequences."""
-    if q_1HLD.shape[0] != 1 or sum(seqlens) != q_1HLD.shape[2] or k_1HLD.shape[2] != q_1HLD.shape[2]:
-        raise ValueError(f"packed attention takes one row of {sum(seqlens)} tokens and no cache")
-    runs = segment_runs(seqlens)
-    if _one_masked_call(q_1HLD, seqlens, runs):
-        groups = q_1HLD.shape[1] // k_1HLD.shape[1]  # GQA by repetition: with a mask, SDPA's GQA may fall back
-        k, v = (x.repeat_interleave(groups, dim=1) for x in (k_1HLD, v_1HLD))
-        mask = block_mask(seqlens, q_1HLD.device, causal=True)
-        return F.scaled_dot_product_attention(q_1HLD, k, v, attn_mask=mask)
-
-    def attend(q, k, v, count, n):  # [H, count*n, D] -> [count, H, n, D] and back
-        q, k, v = (x.unflatten(1, (count, n)).transpose(0, 1) for x in (q, k, v))
-        return _sdpa(q, k, v, is_causal=True, enable_gqa=True).transpose(0, 1).flatten(1, 2)
-
-    return _per_run((q_1HLD[0], k_1HLD[0], v_1HLD[0]), runs, 1, attend)[None]

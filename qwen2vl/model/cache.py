@@ -1,8 +1,7 @@
 """The KV cache: preallocated per-layer key/value tensors plus what decoding needs to continue.
 
-It is an ordinary object passed into the model and handed back; the model keeps nothing between
-calls. Rows of a batch share one slot counter (left padding keeps them aligned); ``key_mask`` marks
-which slots hold real tokens and ``next_position`` is each row's M-RoPE position for its next token.
+Passed into the model and handed back; the model keeps nothing between calls. Rows of a batch share one slot
+counter (left padding keeps them aligned).
 """
 
 from __future__ import annotations
@@ -52,20 +51,14 @@ class KVCache:
 
     def attention_mask(self, new: int) -> torch.Tensor | None:
         """Mask for ``new`` tokens about to be written after the filled slots; None when nothing is padding."""
-        if not self.padded:
-            return None
-        return causal_padding_mask(self.key_mask[:, : self.length + new], self.length)
+        return causal_padding_mask(self.key_mask[:, : self.length + new], self.length) if self.padded else None
 
 
 def causal_padding_mask(key_mask_BS: torch.Tensor, start: int) -> torch.Tensor:
-    """Bool mask [B, 1, S-start, S] (True = attend) for queries at slots start..S-1 over keys 0..S-1.
-
-    Causal, with padding keys hidden; a padding query still sees itself so that no row is all-False
-    (an all-masked softmax gives NaN, and NaN in a pad slot would leak through 0 * NaN).
-    """
+    """Bool mask [B, 1, S-start, S] (True = attend) for queries at slots start..S-1 over keys 0..S-1: causal, with
+    padding keys hidden. A padding query still sees itself so that no row is all-False (an all-masked softmax
+    gives NaN, and NaN in a pad slot would leak through 0 * NaN)."""
     S = key_mask_BS.shape[1]
-    new = S - start
-    causal = torch.ones(new, S, dtype=torch.bool, device=key_mask_BS.device).tril(start)
-    diag = torch.zeros_like(causal)
-    diag[torch.arange(new), torch.arange(start, S)] = True
-    return ((causal & key_mask_BS[:, None, :]) | diag)[:, None]
+    query = torch.arange(start, S, device=key_mask_BS.device)[:, None]
+    key = torch.arange(S, device=key_mask_BS.device)[None]
+    return (((key <= query) & key_mask_BS[:, None, :]) | (key == query))[:, None]

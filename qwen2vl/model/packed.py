@@ -1,12 +1,9 @@
 """CPU inference with the linear layers' weights in oneDNN's blocked layout.
 
-On the CPU, PyTorch's ``F.linear`` calls MKL's GEMM on the weight as stored. Reordered once into oneDNN's blocked
-layout (what torch.compile's CPU "freezing" does), the same products run faster, most for the few rows of decoding
-(figures: ``bench/linear_speed.py`` and bench/README.md). Results differ from ``F.linear`` by float rounding only
-(another summation order).
-
-Inference only: the dense weights are dropped (the packed copy replaces them, so memory stays the same, except
-for a tied LM head, whose embedding keeps its dense copy), so a packed model can no longer be trained or saved.
+Reordered once into that layout (what torch.compile's CPU "freezing" does), the products ``F.linear`` would run
+through MKL on the weight as stored run faster, most for the few rows of decoding (bench/linear_speed.py); results
+differ by float rounding only. The packed copy replaces the dense weight (a tied head's embedding keeps its own),
+so memory stays the same and a packed model can no longer be trained or saved.
 """
 
 from __future__ import annotations

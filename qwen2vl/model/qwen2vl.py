@@ -1,11 +1,8 @@
 """Qwen2-VL: the vision tower, the Qwen2 decoder with M-RoPE, and the LM head, on one device.
 
-Takes exactly the tensors transformers' Qwen2-VL processor produces. Visual features replace the
-``<|image_pad|>`` / ``<|video_pad|>`` embeddings in reading order (all images of the batch, then all
-videos). Parameter names equal the hub checkpoint's, so ``state_dict()`` is the hub layout.
-
-This is the network alone: it knows nothing of checkpoints files, tokenizers or sampling. ``qwen2vl.Qwen2VL``
-(pretrained.py) adds ``from_pretrained``, ``save_pretrained`` and ``generate`` on top of it.
+Takes the tensors transformers' processor produces; visual features replace the ``<|image_pad|>`` /
+``<|video_pad|>`` embeddings in reading order. ``state_dict()`` is the hub layout. The network alone: no
+checkpoint files, tokenizers or sampling (``qwen2vl.Qwen2VL`` in pretrained.py adds those).
 """
 
 from __future__ import annotations
@@ -16,8 +13,9 @@ import torch
 from torch import nn
 
 from ..config import Qwen2VLConfig
-from ..positions import PlaceholderError, decode_positions, mrope_positions, next_positions
+from ..positions import PlaceholderError, mrope_positions
 from .cache import KVCache, causal_padding_mask
+from .packed import pack_linears
 from .rope import mrope_cos_sin
 from .text import RMSNorm, TextModel
 from .vision import VisionTransformer
@@ -25,8 +23,7 @@ from .vision import VisionTransformer
 
 @dataclass(frozen=True)
 class Media:
-    """The visual inputs of a batch, as the processor makes them: the patches and (t, h, w) grids of all its
-    images, and of all its videos. Empty when the prompts are text only."""
+    """The patches and (t, h, w) grids of all images, and of all videos, of a batch; empty for text only."""
 
     pixel_values: torch.Tensor | None = None  # [patches, 1176]
     image_grid_thw: torch.Tensor | None = None  # [images, 3]
@@ -60,35 +57,28 @@ class Qwen2VLModel(nn.Module):
 
     @torch.no_grad()
     def pack_for_cpu(self) -> Qwen2VLModel:
-        """Inference on the CPU: every Linear's weight reordered once into oneDNN's layout (see model/packed.py;
-        decoding runs faster). Inference only: the model can no longer be trained or saved. A no-op
-        off the CPU or where oneDNN is missing."""
-        from .packed import pack_linears
-
+        """Every Linear's weight reordered once into oneDNN's layout (model/packed.py): faster CPU inference, but
+        no more training or saving. A no-op off the CPU or where oneDNN is missing."""
         if self.device.type == "cpu" and not self.packed:
             pack_linears(self)
         return self
 
     def tie_weights(self) -> None:
-        """2B: the output projection is the embedding table. Call again after ``to_empty()``, which
-        gives every parameter its own storage and so unties them."""
+        """2B: the output projection is the embedding table. Call again after ``to_empty()``, which unties them."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """Every weight in one place: Linear, Conv3d and Embedding ~ N(0, std) (transformers'
-        initializer_range), biases 0, LayerNorm and RMSNorm scales 1 (LayerNorm shifts 0)."""
+        """Every weight in one place: Linear, Conv3d and Embedding ~ N(0, std) (transformers' initializer_range),
+        biases and LayerNorm shifts 0, norm scales 1."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv3d, nn.Embedding)):
                 m.weight.normal_(0.0, std)
-                if getattr(m, "bias", None) is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.LayerNorm):
+            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
                 m.weight.fill_(1.0)
+            if getattr(m, "bias", None) is not None:
                 m.bias.zero_()
-            elif isinstance(m, RMSNorm):
-                m.weight.fill_(1.0)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -166,16 +156,14 @@ class Qwen2VLModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         seqlens: list[int] | None = None,
     ) -> torch.Tensor:
-        """Final hidden states [B, L, D] (no cache), before the LM head: training computes logits only where
-        there are labels. A packed row (B = 1) of several samples passes ``seqlens`` (attention stays inside
-        each sample) and ``position_ids`` [3, 1, L] (each sample's own M-RoPE positions, see train/packing.py)."""
+        """Final hidden states [B, L, D] (no cache): training computes logits only where there are labels. A packed
+        row (B = 1, train/packing.py) passes ``seqlens`` and each sample's own ``position_ids`` [3, 1, L]."""
         h = self.embed(input_ids, Media(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw))
         if position_ids is None:
             position_ids, _ = self.positions(input_ids, attention_mask, image_grid_thw, video_grid_thw)
         cos, sin = self._cos_sin(position_ids, h.dtype)
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            mask = causal_padding_mask(attention_mask.bool(), 0)
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        mask = causal_padding_mask(attention_mask.bool(), 0) if padded else None
         return self.model(h, cos, sin, mask, seqlens=seqlens)
 
     def prefill(
@@ -185,8 +173,8 @@ class Qwen2VLModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         media: Media | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
-        """Run a left-padded prompt into ``cache`` (after what it already holds); logits [B, V] of the
-        last position. Positions of the new tokens start at each row's ``cache.next_position``."""
+        """Run a left-padded prompt into ``cache``, after what it holds (positions continue at each row's
+        ``cache.next_position``); logits [B, V] of the last position."""
         B, L = input_ids.shape
         start = cache.length
         if start + L > cache.capacity:
@@ -205,7 +193,7 @@ class Qwen2VLModel(nn.Module):
         mask = cache.attention_mask(L)
         h = self.model(h, cos, sin, mask, cache.layers, start)
         cache.length = start + L
-        cache.next_position = cache.next_position + next_positions(real, deltas, L)
+        cache.next_position = cache.next_position + real.sum(-1) + deltas  # positions.py: real tokens + delta
         return self.lm_head(h[:, -1]), cache
 
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
@@ -214,7 +202,7 @@ class Qwen2VLModel(nn.Module):
         if start + 1 > cache.capacity:
             raise ValueError(f"the KV cache is full ({cache.capacity} slots)")
         h = self.model.embed_tokens(tokens[:, None])
-        pos = decode_positions(cache.next_position)
+        pos = cache.next_position.view(1, -1, 1).expand(3, -1, 1)  # a text token: one id in all three rows
         cos, sin = self._cos_sin(pos, h.dtype)
         cache.key_mask[:, start] = True
         mask = cache.attention_mask(1)

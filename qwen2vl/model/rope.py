@@ -1,7 +1,6 @@
 """Rotary embeddings: the ViT's 2D RoPE and the LLM's M-RoPE (REFERENCE §2.2-2.3 and §3.2).
 
-Both use the "rotate half" convention: x * cos + cat(-x2, x1) * sin, with x1, x2 the two halves of
-the head dimension. Angles are computed in fp32.
+Both rotate halves (x1, x2 the two halves of the head dimension); angles are computed in fp32.
 """
 
 from __future__ import annotations
@@ -23,17 +22,13 @@ def inv_freq(dim: int, theta: float, device: torch.device | None = None) -> torc
 
 
 def vision_position_ids(grid_thw: list[tuple[int, int, int]], merge: int) -> torch.Tensor:
-    """(h, w) patch coordinates in the order of the rows of pixel_values: 2x2 windows, raster order.
-
-    For grid (1, 4, 4): h = [0,0,1,1, 0,0,1,1, 2,2,3,3, 2,2,3,3], w = [0,1,0,1, 2,3,2,3, ...].
-    Returns a long tensor [N, 2]; each frame pair (t) repeats the same coordinates.
-    """
+    """(h, w) patch coordinates [N, 2] in the order of the rows of pixel_values: 2x2 windows in raster order, the
+    same for each frame pair. Grid (1, 4, 4): h = [0,0,1,1, 0,0,1,1, 2,2,3,3, ...], w = [0,1,0,1, 2,3,2,3, ...]."""
     out = []
     for t, h, w in grid_thw:
-        hpos = torch.arange(h).view(h // merge, merge, 1, 1).expand(h // merge, merge, w // merge, merge)
-        wpos = torch.arange(w).view(1, 1, w // merge, merge).expand(h // merge, merge, w // merge, merge)
+        hw = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), dim=-1)  # [h, w, 2]
         # (h/m, m, w/m, m) -> (h/m, w/m, m, m): one 2x2 window after another
-        hw = torch.stack([hpos.permute(0, 2, 1, 3).flatten(), wpos.permute(0, 2, 1, 3).flatten()], dim=-1)
+        hw = hw.view(h // merge, merge, w // merge, merge, 2).transpose(1, 2).reshape(-1, 2)
         out.append(hw.repeat(t, 1))
     return torch.cat(out)
 
@@ -41,10 +36,7 @@ def vision_position_ids(grid_thw: list[tuple[int, int, int]], merge: int) -> tor
 def vision_cos_sin(
     grid_thw: list[tuple[int, int, int]], head_dim: int, theta: float, merge: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [N, head_dim] in fp32. Half of the head rotates by the row angle, half by the column.
-
-    Dims [0, hd/4) and [hd/2, 3hd/4) follow h; the other two quarters follow w.
-    """
+    """cos, sin [N, head_dim] in fp32: dims [0, hd/4) and [hd/2, 3hd/4) rotate by the row (h), the rest by w."""
     pos = vision_position_ids(grid_thw, merge).to(device)  # [N, 2]
     freqs = inv_freq(head_dim // 2, theta, device)  # [hd/4]
     angles = (pos[:, :, None].float() * freqs).flatten(1)  # [N, hd/2]: h angles then w angles
@@ -55,11 +47,8 @@ def vision_cos_sin(
 def mrope_cos_sin(
     position_ids: torch.Tensor, head_dim: int, theta: float, section: tuple[int, int, int], dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, L, head_dim] for M-RoPE position ids [3, B, L] (rows: temporal, height, width).
-
-    Frequency j takes its angle from the t row for j < s0, the h row for j < s0+s1, else the w row
-    (contiguous bands, not interleaved); the table then repeats for the second half of the head.
-    """
+    """cos, sin [B, L, head_dim] for position ids [3, B, L]. Frequency j takes its angle from the t row for j < s0,
+    the h row for j < s0+s1, else the w row (contiguous bands, not interleaved); repeated for the second half."""
     freqs = inv_freq(head_dim, theta, position_ids.device)  # [hd/2]
     angles = position_ids[..., None].float() * freqs  # [3, B, L, hd/2]
     bands = angles.split(list(section), dim=-1)

@@ -1,8 +1,7 @@
 """The Qwen2 decoder with M-RoPE: GQA with q/k/v bias, RMSNorm, SwiGLU (REFERENCE §3.1-3.2).
 
-Module and parameter names equal the checkpoint's (``model.layers.N.self_attn.q_proj`` ...), so a
-hub state dict loads without renaming. The KV cache is passed in (``model/cache.py``); nothing is
-kept on the modules between calls.
+Module and parameter names equal the checkpoint's (``model.layers.N.self_attn.q_proj`` ...). The KV cache is
+passed in (model/cache.py); nothing is kept on the modules between calls.
 """
 
 from __future__ import annotations
@@ -87,7 +86,6 @@ class DecoderLayer(nn.Module):
 class TextModel(nn.Module):
     def __init__(self, c: TextConfig):
         super().__init__()
-        self.config = c
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
@@ -102,8 +100,7 @@ class TextModel(nn.Module):
         start: int = 0,
         seqlens: list[int] | None = None,
     ) -> torch.Tensor:
-        """Hidden states after the final norm. cos/sin [B, L, K] are unsqueezed once for the heads.
-        ``seqlens``: one row packing several sequences (see ``causal_attention``)."""
+        """Hidden states after the final norm; ``seqlens``: one row packing several sequences (causal_attention)."""
         cos, sin = cos[:, None], sin[:, None]
         for i, layer in enumerate(self.layers):
             h_BLD = layer(h_BLD, cos, sin, mask, None if kv_cache is None else kv_cache[i], start, seqlens)

@@ -1,9 +1,9 @@
 """The vision tower: patch embedding, 32 pre-norm ViT blocks with 2D RoPE, and the 2x2 patch merger.
 
-Naive dynamic resolution (paper §2.1): the patches of every image and video of a batch arrive packed
-in one sequence ``[T, 1176]`` with ``grid_thw`` rows (t, h, w) per item; attention stays inside each
-item and each 2-frame slice of a video. Follows transformers' ``Qwen2VisionTransformerPretrainedModel``
-(REFERENCE §2). Suffixes name packed shapes: T patch tokens, D width, H heads, K head dim.
+Naive dynamic resolution (paper §2.1): the patches of a batch's images and videos arrive packed as ``[T, 1176]``
+with a ``grid_thw`` row (t, h, w) per item; attention stays inside each 2-frame slice of an item. Follows
+transformers' ``Qwen2VisionTransformerPretrainedModel`` (REFERENCE §2). Suffixes: T patch tokens, D width, H heads,
+K head dim.
 """
 
 from __future__ import annotations
@@ -26,13 +26,12 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv3d(c.in_channels, c.embed_dim, kernel_size=k, stride=k, bias=False)
 
     def forward(self, patches_TP: torch.Tensor) -> torch.Tensor:
-        return F.linear(patches_TP, self.proj.weight.flatten(1))
+        return F.linear(patches_TP.to(self.proj.weight.dtype), self.proj.weight.flatten(1))
 
 
-# Inference runs the token-wise parts of a block (projections, rotary, MLP) over chunks of this many
-# patches, so that a batch of large images never holds a [T, 4 * width] intermediate at once: the
-# peak memory of the tower then grows with the width, not with four times it. Training (grad
-# enabled) runs them whole, as autograd keeps the intermediates anyway.
+# Inference runs the token-wise parts of a block (projections, rotary, MLP) over chunks of this many patches, so
+# that large images never hold a [T, 4 * width] intermediate at once. Training runs them whole, as autograd keeps
+# the intermediates anyway.
 TOKEN_CHUNK = 4096
 
 
@@ -130,14 +129,10 @@ class VisionTransformer(nn.Module):
         """pixel_values [T, 1176] (the processor's layout), grid_thw [n, 3] -> features [T/4, D_llm]."""
         c = self.config
         grid = check_grid(grid_thw, c.spatial_merge_size)
-        n_patches = sum(t * h * w for t, h, w in grid)
-        if pixel_values.ndim != 2 or pixel_values.shape != (n_patches, c.patch_dim):
-            raise ValueError(
-                f"pixel values have shape {tuple(pixel_values.shape)} but grid_thw {grid} needs "
-                f"({n_patches}, {c.patch_dim})"
-            )
-        dtype = self.patch_embed.proj.weight.dtype
-        x_TD = self.patch_embed(pixel_values.to(dtype))
+        shape = (sum(t * h * w for t, h, w in grid), c.patch_dim)
+        if pixel_values.shape != shape:
+            raise ValueError(f"pixel values have shape {tuple(pixel_values.shape)} but grid_thw {grid} needs {shape}")
+        x_TD = self.patch_embed(pixel_values)
         cos, sin = vision_cos_sin(grid, c.head_dim, c.rope_theta, c.spatial_merge_size, x_TD.device)
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         seqlens = [h * w for t, h, w in grid for _ in range(t)]  # one segment per 2-frame slice
@@ -147,14 +142,10 @@ class VisionTransformer(nn.Module):
 
 
 def check_grid(grid_thw: torch.Tensor | list, merge: int) -> list[tuple[int, int, int]]:
-    """grid_thw as host ints, validated once per forward (rows of positive t, h, w; h, w divisible by merge)."""
-    rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else list(grid_thw)
-    grid = []
-    for row in rows:
-        if len(row) != 3:
-            raise ValueError(f"grid_thw rows must be (t, h, w); got {row}")
-        t, h, w = (int(x) for x in row)
-        if t < 1 or h < merge or w < merge or h % merge or w % merge:
-            raise ValueError(f"grid_thw row {[t, h, w]} is invalid: t >= 1 and h, w positive multiples of {merge}")
-        grid.append((t, h, w))
+    """grid_thw as host ints, validated once per forward."""
+    rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else grid_thw
+    grid = [tuple(int(x) for x in row) for row in rows]
+    for row in grid:
+        if len(row) != 3 or row[0] < 1 or any(n < merge or n % merge for n in row[1:]):
+            raise ValueError(f"grid_thw row {list(row)} is not (t, h, w): t >= 1, h, w positive multiples of {merge}")
     return grid
