@@ -1,14 +1,10 @@
-"""Writing outputs so that nobody ever sees one half-written.
+"""Writing outputs so that nobody ever sees one half-written: weights, checkpoints, exported models, reports and
+pictures go into a temporary beside the target, are fsynced, given the mode a plain ``open``/``mkdir`` would give
+them, renamed into place, and the parent directory synced so that the rename survives a power cut. A crash or an
+exception (KeyboardInterrupt included) leaves the previous output as it was and no temporary behind.
 
-Weights, checkpoints, exported models, reports and drawn pictures are all written the same way: into a temporary
-file or directory beside the target, flushed to disk, given the mode a plain ``open``/``mkdir`` would have given
-it, then renamed into place, and the parent directory synced so that the rename itself survives a power cut. A
-crash or an exception (KeyboardInterrupt included) at any point leaves the previous output as it was and no
-temporary behind.
-
-Modes: ``tempfile`` creates its files 0600 and its directories 0700, and the rename would keep that, so a model
-exported for a server run by another user, or a report in a shared directory, would be unreadable to everyone
-else. ``as_created`` applies the process's umask instead, as ``open``/``mkdir`` would.
+Modes matter because ``tempfile`` creates 0600 files and 0700 directories: a model exported for a server run by
+another user, or a report in a shared directory, would be unreadable to everyone else.
 """
 
 from __future__ import annotations
@@ -37,13 +33,13 @@ def umask() -> int:
 
 
 def as_created(path: str | os.PathLike) -> None:
-    """Give ``path`` (a file or a directory from ``tempfile``) the mode ``open``/``mkdir`` would have."""
+    """Give ``path`` (from ``tempfile``) the mode ``open``/``mkdir`` would have given it under the umask."""
     full = 0o777 if os.path.isdir(path) else 0o666
     os.chmod(path, full & ~umask())
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename or a new entry in ``path`` durable."""
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a file's content, or a directory's entries (a rename into it), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -62,15 +58,14 @@ def write_file(target: str | os.PathLike, write: Callable[[Path], object], durab
     try:
         write(tmp)
         if durable:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            fsync(tmp)
         as_created(tmp)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     if durable:
-        fsync_dir(target.parent)
+        fsync(target.parent)
     return target
 
 
@@ -91,11 +86,8 @@ def new_directory(dest: str | os.PathLike, replace: bool = False) -> Iterator[Pa
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
     try:
         yield tmp
-        for f in tmp.rglob("*"):  # what the block wrote with a plain open is synced here
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        fsync_dir(tmp)
+        for f in [*tmp.rglob("*"), tmp]:  # what the block wrote with a plain open is synced here
+            fsync(f)
         as_created(tmp)
         if replace and dest.exists():
             shutil.rmtree(dest)
@@ -103,7 +95,4 @@ def new_directory(dest: str | os.PathLike, replace: bool = False) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_dir(dest.parent)
-
-
-__all__ = ["as_created", "fsync_dir", "new_directory", "umask", "write_file", "write_text"]
+    fsync(dest.parent)

@@ -4,11 +4,13 @@ terminal. Heavy modules (torch, training) are imported inside the verbs, so that
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
 
-from .demo import SHIPPED_MODEL  # noqa: F401 (tests import it from here)
+from .demo import SHIPPED_MODEL, params_table
 
 
 class ArgumentError(ValueError):
@@ -124,35 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         args.prompt, extra = extra[0], []
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    run = {"params": run_params, "demo": run_demo, "tokens": run_tokens, "chat": run_chat, "serve": run_serve,
+           "train": run_train, "export": run_export, "eval": run_eval, "data": run_data_check}[args.verb]
     try:
         check_inputs(args)
-        if args.verb == "params":
-            run_params()
-        elif args.verb == "demo":
-            run_demo(args)
-        elif args.verb == "tokens":
-            run_tokens(args)
-        elif args.verb == "chat":
-            run_chat(args)
-        elif args.verb == "serve":
-            run_serve(args)
-        elif args.verb == "train":
-            run_train(args)
-        elif args.verb == "export":
-            run_export(args)
-        elif args.verb == "eval":
-            run_eval(args)
-        elif args.verb == "data" and args.data_verb == "check":
-            return run_data_check(args)
+        return run(args) or 0
     except KeyboardInterrupt:
         return 130
-    except ArgumentError as e:
-        print(f"qwen2vl: error: {e}", file=sys.stderr)
-        return 2
     except (ValueError, OSError) as e:  # our errors are one line and name the problem
         print(f"qwen2vl: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return 2 if isinstance(e, ArgumentError) else 1
 
 
 def add_media_arguments(p: argparse.ArgumentParser) -> None:
@@ -256,7 +239,8 @@ def run_tokens(args: argparse.Namespace) -> None:
     loader = MediaLoader(**(media_settings(resolve_model(args.model)) if args.model else {}))
     options = media_options(args)
     total = 0
-    print(f"{'item':<10} {'source':<36} {'original':>11} {'model input':>13} {'frames':>6} {'grid (t,h,w)':>14} {'tokens':>7}")
+    print(f"{'item':<10} {'source':<36} {'original':>11} {'model input':>13} {'frames':>6} {'grid (t,h,w)':>14} "
+          f"{'tokens':>7}")
     for i, part in enumerate(items):
         kind = part["type"]
         n = sum(p["type"] == kind for p in items[:i]) + 1
@@ -343,10 +327,8 @@ def draw_answer_boxes(history: list[dict], answer: str, out: str) -> None:
 def run_train(args: argparse.Namespace) -> None:
     from .train.loop import TrainConfig, train
 
-    keys = ("stage", "model", "data", "out", "resume", "max_steps", "batch_tokens", "rows_per_step", "lr",
-            "vision_lr_scale", "warmup_steps", "save_every", "seed", "dtype", "activation_checkpointing", "parallel",
-            "loss_weighting", "device", "progress", "tensorboard", "video_cache")  # fmt: skip
-    cfg = TrainConfig.from_recipe(args.recipe, **{k: getattr(args, k) for k in keys})
+    settings = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig.from_recipe(args.recipe, **{k: v for k, v in vars(args).items() if k in settings})
     for key, kind in (("model", "directory"), ("data", "file")):
         if getattr(args, key) is None:  # the recipe's (the flags were checked before it was read)
             check_path(getattr(cfg, key), f"{args.recipe}: {key}", kind)
@@ -382,8 +364,6 @@ def run_data_check(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    import json
-
     try:
         from .serve.app import ServerConfig, serve
     except ImportError as e:
@@ -405,17 +385,14 @@ def run_serve(args: argparse.Namespace) -> None:
     serve(args.model, args.host, args.port, dtype=args.dtype, device=args.device, config=config)
 
 
-def run_params() -> None:
-    from .demo import params_table
-
+def run_params(args: argparse.Namespace) -> None:
     print(params_table())
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from . import demo
+    from .demo import run
 
-    demo.run(args.model, random=args.random, preset=args.preset, dtype=args.dtype, new_tokens=args.new_tokens,
-             out=args.out)
+    run(args.model, random=args.random, preset=args.preset, dtype=args.dtype, new_tokens=args.new_tokens, out=args.out)
 
 
 if __name__ == "__main__":

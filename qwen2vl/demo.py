@@ -1,9 +1,6 @@
 """``qwen2vl demo`` and ``qwen2vl params``: the shipped model answering about the example pictures, scored against
-their known truths, and the architecture walk-through with random weights.
-
-The demo is a terminal walk-through, so its functions write lines through ``say`` (``print`` by default) as they
-go; torch is imported inside them, so that importing this module (``qwen2vl --help``) loads nothing heavy.
-"""
+their known truths, and the architecture walk-through with random weights. A terminal walk-through: lines go out
+through ``say`` as they come; torch is imported inside the functions, so that ``qwen2vl --help`` loads nothing."""
 
 from __future__ import annotations
 
@@ -77,41 +74,19 @@ def params_table() -> str:
     return "\n".join(lines)
 
 
-def _grown(box, px: int, label: str | None = None):
+def _outline(box, px: int, label: str | None = None):
+    """``box`` on the SCALE-times enlarged picture, grown by ``px`` on every side."""
     from .processing.grounding import Box
 
-    return Box(box.x1 - px, box.y1 - px, box.x2 + px, box.y2 + px, label)
-
-
-def colour_of(label: str | None) -> tuple[int, int, int] | None:
-    """The picture colour a label names ("the blue square" -> blue), or None when it names none."""
-    for word in (label or "").lower().split():
-        if word in SHAPE_COLOURS:
-            return SHAPE_COLOURS[word]
-    return None
-
-
-def judge(asked: str, boxes: list, truth) -> list[str]:
-    """One line per box of the answer to "Where is ``asked``?": its IoU with the true box and whether it is right;
-    an answer without a box is wrong too."""
-    if not boxes:
-        return [f"wrong: no box in the answer for {asked}"]
-    lines = []
-    for box in boxes:
-        iou = box.iou(truth)
-        verdict = "right" if iou >= RIGHT_IOU else f"wrong (a right box has IoU >= {RIGHT_IOU})"
-        other = f"; labelled {box.label!r}" if box.label != asked else ""
-        lines.append(f"IoU with the true box of {asked}: {iou:.2f} -> {verdict}{other}")
-    return lines
+    return Box(box.x1 * SCALE - px, box.y1 * SCALE - px, box.x2 * SCALE + px, box.y2 * SCALE + px, label)
 
 
 def trained_demo(
     model_dir: str | os.PathLike, dtype: str = "float32", out: str = TRAINED_OUT, say: Say = print
 ) -> list[tuple[str, float]]:
-    """The shipped model (or any directory) answers about examples/shapes.png, one.png, text.png and ball.mp4; its
-    boxes are scored against the true ones and drawn on a 3x enlargement of shapes.png to ``out``: each of the
-    model's boxes solid in the colour its label names, with its IoU, beside the true box dashed in the same colour.
-    Returns (asked shape, IoU) for each box."""
+    """The model answers about examples/shapes.png, one.png, text.png and ball.mp4; its boxes are scored against
+    the true ones and drawn on a 3x enlargement of shapes.png to ``out``: each solid in the colour its label names,
+    with its IoU, beside the true box dashed in its shape's colour. Returns (asked shape, IoU) for each box."""
     import torch
 
     from . import load
@@ -130,29 +105,32 @@ def trained_demo(
                  (text, "What does the text say?", None), (clip, "Which direction does the ball move?", None)]
     picture = load_image(shapes)
     w, h = picture.size
-    drawn, colours, truths, scores = [], [], [], []
+    drawn, colours, scores = [], [], []
     for source, question, asked in questions:
         t = time.perf_counter()
         kind = "video" if source.suffix == ".mp4" else "image"
-        messages = [{"role": "user", "content": [{"type": kind, kind: str(source)}, {"type": "text", "text": question}]}]
-        answer = assistant.chat(messages, max_new_tokens=40)
+        content = [{"type": kind, kind: str(source)}, {"type": "text", "text": question}]
+        answer = assistant.chat([{"role": "user", "content": content}], max_new_tokens=40)
         ms = (time.perf_counter() - t) * 1000
         say(f"\n{source.name}: {question}\n  -> {answer}   ({ms:.0f} ms)")
         if asked is None:
             continue
-        truth = Box(*SHAPES_TRUTH[asked])
         boxes = parse_boxes(answer, w, h)
-        for line in judge(asked, boxes, truth):
-            say(f"     {line}")
-        own = SHAPE_COLOURS[asked.split()[1]]
-        truths.append(_grown(Box(*(v * SCALE for v in SHAPES_TRUTH[asked])), 3 * LINE))
+        if not boxes:
+            say(f"     wrong: no box in the answer for {asked}")
         for box in boxes:
-            iou = box.iou(truth)
+            iou = box.iou(Box(*SHAPES_TRUTH[asked]))
+            right = iou >= RIGHT_IOU
+            verdict = "right" if right else f"wrong (a right box has IoU >= {RIGHT_IOU})"
+            other = f"; labelled {box.label!r}" if box.label != asked else ""
+            say(f"     IoU with the true box of {asked}: {iou:.2f} -> {verdict}{other}")
             scores.append((asked, iou))
-            tag = f"{box.label or 'no label'}\nIoU {iou:.2f}" + (" right" if iou >= RIGHT_IOU else " wrong")
-            drawn.append(_grown(Box(box.x1 * SCALE, box.y1 * SCALE, box.x2 * SCALE, box.y2 * SCALE), LINE, tag))
-            colours.append(colour_of(box.label) or own)
+            tag = f"{box.label or 'no label'}\nIoU {iou:.2f} {'right' if right else 'wrong'}"
+            drawn.append(_outline(box, LINE, tag))
+            named = [SHAPE_COLOURS[word] for word in (box.label or "").lower().split() if word in SHAPE_COLOURS]
+            colours.append(named[0] if named else SHAPE_COLOURS[asked.split()[1]])
     big = picture.resize((w * SCALE, h * SCALE), resample=0)  # nearest: the flat shapes stay flat
+    truths = [_outline(Box(*xyxy), 3 * LINE) for xyxy in SHAPES_TRUTH.values()]
     truth_colours = [SHAPE_COLOURS[name.split()[1]] for name in SHAPES_TRUTH]
     big = draw_boxes(big, truths, colours=truth_colours, dashed=True, width=LINE)
     draw_boxes(big, drawn, out, colours=colours, width=LINE, font_size=16)
@@ -169,8 +147,8 @@ def trained_demo(
 
 
 def expected_cost(preset: str) -> str | None:
-    """What the random-weight walk-through of a big preset will take, said before it starts (None for tiny): the
-    memory from the parameter count; the time as measured (over 7 minutes at 9.3 GB on a 2-core CPU)."""
+    """What the walk-through of a big preset will take (None for tiny): the memory from the parameter count; the
+    time as measured (over 7 minutes at 9.3 GB on a 2-core CPU)."""
     if preset == "tiny":
         return None
     import torch
@@ -187,9 +165,8 @@ def expected_cost(preset: str) -> str | None:
 
 def random_demo(preset: str = "tiny", dtype: str = "float32", new_tokens: int = 16, out: str = RANDOM_OUT,
                 say: Say = print) -> None:
-    """The architecture walk-through with random weights: the example image through the real preprocessing, a
-    random-weight model through save -> strict load -> vision -> M-RoPE -> cached decoding, and the grounding
-    format on the image's ground-truth boxes, drawn to ``out``."""
+    """The example image through the real preprocessing, a random-weight model through save -> strict load ->
+    vision -> M-RoPE -> cached decoding, and the grounding format on the image's true boxes, drawn to ``out``."""
     import torch
 
     from . import Qwen2VL, qwen2vl_2b, tiny

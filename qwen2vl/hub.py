@@ -25,7 +25,7 @@ def resolve_model(ref: str | Path) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise ModelNotFound(f"{ref}: no such directory; to fetch it from the hub, pip install huggingface_hub") from None
+        raise ModelNotFound(f"{ref}: no such directory; pip install huggingface_hub to fetch it from the hub") from None
     try:
         return Path(snapshot_download(str(ref), allow_patterns=PATTERNS))
     except Exception as e:  # offline, unknown repo, gated: the hub's own exception types vary by version

@@ -31,17 +31,15 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
 
 def with_root(messages: list[dict], root: Path) -> list[dict]:
     """The messages with relative media paths made relative to ``root`` (a data file's directory)."""
-    out = []
-    for message in messages:
-        if isinstance(message["content"], str):
-            out.append(message)
-            continue
-        parts = []
-        for part in message["content"]:
-            kind = part_kind(part)
-            source = part.get(kind) if kind in ("image", "video") else None
-            if isinstance(source, str) and "://" not in source and not source.startswith(("data:", "/")):
-                part = {**part, kind: str(root / source)}
-            parts.append(part)
-        out.append({**message, "content": parts})
-    return out
+
+    def rooted(part: dict) -> dict:
+        kind = part_kind(part)
+        source = part.get(kind) if kind in ("image", "video") else None
+        if isinstance(source, str) and "://" not in source and not source.startswith(("data:", "/")):
+            return {**part, kind: str(root / source)}
+        return part
+
+    return [
+        m if isinstance(m["content"], str) else {**m, "content": [rooted(p) for p in m["content"]]}
+        for m in messages
+    ]

@@ -17,7 +17,7 @@ import re
 import string
 from collections.abc import Callable, Sequence
 
-from ..processing.grounding import parse_boxes
+from ..processing.grounding import Box, parse_boxes
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
 PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -42,10 +42,7 @@ def vqa(prediction: str, reference: str | Sequence[str]) -> float:
     p = normalize(prediction)
     if len(refs) < 2:
         return float(bool(refs) and p == refs[0])
-    scores = []
-    for i in range(len(refs)):
-        others = refs[:i] + refs[i + 1 :]
-        scores.append(min(1.0, sum(r == p for r in others) / 3))
+    scores = [min(1.0, sum(r == p for r in refs[:i] + refs[i + 1 :]) / 3) for i in range(len(refs))]
     return sum(scores) / len(scores)
 
 
@@ -83,13 +80,11 @@ def _number(text: str) -> float | None:
 
 
 def relaxed(prediction: str, reference: str | Sequence[str], tolerance: float = 0.05) -> float:
+    guess = _number(prediction)
     for r in _references(reference):
-        target, guess = _number(r), _number(prediction)
+        target = _number(r)
         if target is not None and guess is not None and NUMBER.fullmatch(r.strip()):
-            if target == 0:
-                if guess == 0:
-                    return 1.0
-            elif abs(guess - target) / abs(target) <= tolerance:
+            if guess == target or target != 0 and abs(guess - target) / abs(target) <= tolerance:
                 return 1.0
         elif normalize(prediction) == normalize(r):
             return 1.0
@@ -109,8 +104,6 @@ def box_iou(prediction: str, reference: str | Sequence[str] | Sequence[float]) -
     elif reference and isinstance(reference[0], str):
         targets = [b for r in reference for b in parse_boxes(r)]
     else:
-        from ..processing.grounding import Box
-
         targets = [Box(*map(float, reference))]
     guesses = parse_boxes(prediction)
     if not guesses or not targets:

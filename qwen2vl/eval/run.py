@@ -50,19 +50,14 @@ def evaluate(assistant, data: str | Path, metric: str | None = None, *, max_new_
             show(f"{k}/{len(records)} score {mean:.3f} ETA {elapsed / k * (len(records) - k):.0f} s", k, len(records))
     if progress:
         end_progress()
-    tasks: dict[str, dict] = {}
-    for r in results:
-        t = tasks.setdefault(r["task"], {"metric": r["metric"], "n": 0, "score": 0.0})
-        t["n"] += 1
-        t["score"] += r["score"]
-        if "iou" in r:
-            t["mean_iou"] = t.get("mean_iou", 0.0) + r["iou"]
-    for t in tasks.values():
-        t["score"] /= t["n"]
-        if "mean_iou" in t:
-            t["mean_iou"] = round(t["mean_iou"] / t["n"], 4)
-    return {"data": str(data), "n": len(results), "seconds": round(time.perf_counter() - t0, 2),
-            "tasks": dict(sorted(tasks.items())), "records": results}  # fmt: skip
+    tasks = {}
+    for task in sorted({r["task"] for r in results}):
+        mine = [r for r in results if r["task"] == task]
+        tasks[task] = {"metric": mine[0]["metric"], "n": len(mine), "score": sum(r["score"] for r in mine) / len(mine)}
+        if ious := [r["iou"] for r in mine if "iou" in r]:
+            tasks[task]["mean_iou"] = round(sum(ious) / len(mine), 4)
+    return {"data": str(data), "n": len(results), "seconds": round(time.perf_counter() - t0, 2), "tasks": tasks,
+            "records": results}
 
 
 def markdown(report: dict) -> str:

@@ -1,9 +1,7 @@
 """Checkpoints that survive a crash: ``OUT/checkpoint-<step>/`` holds the model in the hub layout (loadable by
 ``Qwen2VL.from_pretrained`` and transformers), the optimizer, and the trainer state (step, data position, RNG).
-Everything is written into a temporary directory, fsynced, and renamed into place; ``OUT/latest`` (the name of
-the newest complete checkpoint) is replaced atomically last. A run killed at any moment leaves the previous
-checkpoint intact and ``latest`` pointing at a complete one.
-"""
+Each is written atomically (atomic.py), then ``OUT/latest`` names it: a run killed at any moment leaves
+``latest`` pointing at a complete checkpoint."""
 
 from __future__ import annotations
 

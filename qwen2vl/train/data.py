@@ -7,15 +7,12 @@ Two record formats, one JSON object per line:
 Either may say ``"type": "pretrain"`` (stages 1-2: captions, interleaved image-text) or ``"chat"`` (stage 3,
 the default when there is an assistant turn).
 
-Labels (the paper: loss on text tokens only):
-  - chat: the official ChatML template; only the assistant replies and their ``<|im_end|>`` are supervised.
-  - pretrain: the content parts in order with no template, then ``<|endoftext|>``; all text is supervised.
-  - vision tokens (``<|vision_start|>``, the placeholders, ``<|vision_end|>``) never are, and neither is a
-    sample's first token (nothing in the sample predicts it; with packing, the previous sample would).
-  - with ``turn_weights``, each supervised token also gets the weight 1 / (supervised tokens of its reply): every
-    assistant reply (a caption is one) then weighs the same in the loss, whether it is "4" or a 20-token box.
-Which tokens are supervised is decided on the rendered text's characters and mapped to tokens by their offsets,
-so the ids are exactly those inference produces for the same conversation.
+Labels (the paper: loss on text tokens only): in chat, the official ChatML template, only the assistant replies
+and their ``<|im_end|>`` are supervised; in pretrain, the content parts in order with no template, then
+``<|endoftext|>``, all text is. Vision tokens never are, nor a sample's first token (nothing in the sample predicts
+it). With ``turn_weights`` each supervised token weighs 1 / (supervised tokens of its reply), so every reply (a
+caption is one) weighs the same, whether it is "4" or a 20-token box. Supervision is decided on the rendered text's
+characters and mapped to tokens by their offsets, so the ids are exactly those inference produces.
 """
 
 from __future__ import annotations
@@ -34,6 +31,7 @@ from ..processing.processor import Processor, placeholder_repeats
 from ..records import DataError, with_root
 
 IGNORE = -100  # label of a token that is not supervised
+KINDS = ("image", "video")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -94,9 +92,8 @@ def to_messages(record: dict, where: str = "record", root: Path | None = None) -
 
 
 def _from_sharegpt(record: dict, where: str) -> list[dict]:
-    media = {"image": list(record.get("images") or ([record["image"]] if "image" in record else [])),
-             "video": list(record.get("videos") or ([record["video"]] if "video" in record else []))}  # fmt: skip
-    used = {"image": 0, "video": 0}
+    media = {kind: list(record.get(f"{kind}s") or ([record[kind]] if kind in record else [])) for kind in KINDS}
+    used = dict.fromkeys(KINDS, 0)
     messages = []
     for i, turn in enumerate(record["conversations"]):
         role = ROLES.get(turn.get("from") or turn.get("role"))
@@ -114,7 +111,7 @@ def _from_sharegpt(record: dict, where: str) -> list[dict]:
             elif piece:
                 parts.append({"type": "text", "text": piece})
         messages.append({"role": role, "content": parts})
-    for kind in ("image", "video"):
+    for kind in KINDS:
         if used[kind] != len(media[kind]):
             raise DataError(f"{where}: {len(media[kind])} {kind}s listed but {used[kind]} <{kind}> placeholders")
     return messages
@@ -127,12 +124,12 @@ def encode(messages: list[dict], kind: str, processor: Processor, where: str = "
     images, a quarter for videos). ``turn_weights``: also the per-token weights that make each reply weigh 1."""
     tok = processor.tokenizer
     if kind == "chat":
-        text, spans, pos = "", [], 0
+        text, spans = "", []
         for role, header, body in turns(messages):
             turn = header + body + "<|im_end|>\n"
             if role == "assistant":  # the reply and its <|im_end|>, not the header or the newline after
-                spans.append((pos + len(header), pos + len(turn) - 1))
-            text, pos = text + turn, pos + len(turn)
+                spans.append((len(text) + len(header), len(text) + len(turn) - 1))
+            text += turn
     else:  # the content parts in order, no template, then <|endoftext|>
         text = "".join(bodies(messages)) + "<|endoftext|>"
         spans = [(0, len(text))]
@@ -141,22 +138,18 @@ def encode(messages: list[dict], kind: str, processor: Processor, where: str = "
     turn = np.full(len(ids), -1, dtype=np.int64)  # which span (reply) each token lies in; -1: none
     for k, (a, b) in enumerate(spans):
         turn[(starts >= a) & (starts < b)] = k
-    supervised = turn >= 0
     vision = [tok.token_id(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")]
     ids_np = np.array(ids, dtype=np.int64)
-    labels = np.where(supervised & ~np.isin(ids_np, vision), ids_np, IGNORE)
+    labels = np.where((turn >= 0) & ~np.isin(ids_np, vision), ids_np, IGNORE)
 
     # load the media and expand each placeholder to its token count (never supervised)
-    loaded = {"image": [], "video": []}
-    for k, part in media_parts(messages):
-        try:
-            loaded[k].append(processor.media.load(k, part, f"{where} {k} {len(loaded[k]) + 1}", media_options,
-                                                  levels=levels))  # fmt: skip
-        except MediaError as e:
-            raise DataError(str(e)) from None
-    counts = {"image": (processor.image_token_id, [info.tokens for info, _ in loaded["image"]]),
-              "video": (processor.video_token_id, [info.tokens for info, _ in loaded["video"]])}  # fmt: skip
+    loaded = {kind: [] for kind in KINDS}
+    placeholders = {"image": processor.image_token_id, "video": processor.video_token_id}
     try:
+        for k, part in media_parts(messages):
+            name = f"{where} {k} {len(loaded[k]) + 1}"
+            loaded[k].append(processor.media.load(k, part, name, media_options, levels=levels))
+        counts = {k: (placeholders[k], [info.tokens for info, _ in loaded[k]]) for k in KINDS}
         repeats = placeholder_repeats(ids, counts, where)
     except MediaError as e:
         raise DataError(str(e)) from None
@@ -169,8 +162,8 @@ def encode(messages: list[dict], kind: str, processor: Processor, where: str = "
         sizes = np.bincount(out_turn[out_turn >= 0], minlength=len(spans))
         weights = np.where(out_turn >= 0, 1.0 / np.maximum(sizes[np.maximum(out_turn, 0)], 1), 0.0)
         sample.weights = torch.from_numpy(weights.astype(np.float32))
-    for k, key, grid_key in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos",
-                                                                            "video_grid_thw")):  # fmt: skip
+    for k, key, grid_key in (("image", "pixel_values", "image_grid_thw"),
+                             ("video", "pixel_values_videos", "video_grid_thw")):
         if loaded[k]:
             setattr(sample, key, torch.from_numpy(np.concatenate([values for _, values in loaded[k]])))
             setattr(sample, grid_key, torch.tensor([info.grid for info, _ in loaded[k]]))

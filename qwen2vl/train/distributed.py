@@ -77,9 +77,7 @@ def no_sync(objective: nn.Module, last: bool):
 
 
 def clip_grad_norm(objective: nn.Module, max_norm: float) -> torch.Tensor:
-    params = [p for p in objective.parameters() if p.grad is not None]
-    if not params:
-        return torch.zeros(())
+    params = [p for p in objective.parameters() if p.grad is not None]  # none at all: a norm of 0
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
 
@@ -113,13 +111,14 @@ def save(objective: nn.Module, optimizer, out: Path, step: int, state: dict, ran
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = get_model_state_dict(model, options=options)
-        optim = get_optimizer_state_dict(model, optimizer, options=options)
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
         if rank == 0:
-            plain = type(model)(model.config)
-            plain.load_state_dict(full)
-            save_checkpoint(out, step, plain, optim, state)
-    elif rank == 0:
-        save_checkpoint(out, step, model, optimizer.state_dict(), state)
+            model = type(model)(model.config)
+            model.load_state_dict(full)
+    else:
+        optimizer_state = optimizer.state_dict()
+    if rank == 0:
+        save_checkpoint(out, step, model, optimizer_state, state)
     barrier()
 
 

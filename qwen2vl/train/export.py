@@ -1,7 +1,6 @@
-"""A training checkpoint -> a complete model directory in the hub layout: the checkpoint's weights and config
-plus the tokenizer, preprocessor and chat template of the model the run started from. Written to a temporary
-directory and renamed into place. With ``dtype`` the weights are stored in that type (bfloat16 halves a model
-that ships in the repository)."""
+"""A training checkpoint -> a complete model directory in the hub layout, written atomically: the checkpoint's
+weights and config plus the tokenizer, preprocessor and chat template of the model the run started from. With
+``dtype`` the weights are stored in that type (bfloat16 halves a model that ships in the repository)."""
 
 from __future__ import annotations
 

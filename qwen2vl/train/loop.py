@@ -1,11 +1,9 @@
 """One training loop for the three stages: packed rows, gradient accumulation normalised over the supervised
-tokens of the whole window (equal to one bigger batch), AdamW with warmup then cosine, gradient clipping, bf16
-autocast, optional activation checkpointing, atomic checkpoints with exact resume, metrics.jsonl, and
-torch.distributed (DDP or FSDP2 under torchrun) wrapped around the model from outside.
+tokens of the whole window (equal to one bigger batch), AdamW with warmup then cosine, clipping, bf16 autocast,
+activation checkpointing, atomic checkpoints with exact resume, metrics.jsonl, DDP or FSDP2 from outside.
 
 Data order is a pure function of (seed, epoch), so the data position is just (epoch, row): a resumed run, or a
-run on N processes, sees the same global batches as an uninterrupted single-process run.
-"""
+run on N processes, sees the same global batches as an uninterrupted single-process run."""
 
 from __future__ import annotations
 
@@ -68,24 +66,21 @@ class TrainConfig:
     @classmethod
     def from_recipe(cls, path: str | None, **overrides) -> TrainConfig:
         """A YAML recipe, then command-line overrides (None means "not given")."""
-        values: dict = {}
+        values = {}
         if path:
             try:
                 import yaml
             except ImportError:
                 raise ValueError("a YAML recipe needs PyYAML: pip install 'qwen2vl[train]'") from None
 
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-            if not isinstance(loaded, dict):
+            values = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(values, dict):
                 raise ValueError(f"{path}: a recipe is a mapping of settings")
-            values.update(loaded)
         values.update({k: v for k, v in overrides.items() if v is not None})
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
+        if unknown := sorted(set(values) - known):
             raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
-        missing = [k for k in ("stage", "model", "data", "out") if values.get(k) is None]
-        if missing:
+        if missing := [k for k in ("stage", "model", "data", "out") if values.get(k) is None]:
             raise ValueError(f"missing training settings: {', '.join(missing)}")
         return cls(**values)
 
@@ -111,15 +106,15 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 class Objective(nn.Module):
-    """The thing DDP/FSDP wrap: one packed row -> (summed loss, supervised tokens). When the row has no media
-    but the vision tower trains, a zero-weighted pass over a dummy image keeps every process's graph the same,
-    so a step where one rank has no image does not hang the others."""
+    """The thing DDP/FSDP wrap: one packed row -> its summed loss. When the row has no media but the vision tower
+    trains, a zero-weighted pass over a dummy image keeps every process's graph the same, so a step where one rank
+    has no image does not hang the others."""
 
     def __init__(self, model: Qwen2VL):
         super().__init__()
         self.model = model
 
-    def forward(self, row: PackedRow) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, row: PackedRow) -> torch.Tensor:
         vision, unused = self.model.visual, None
         if row.pixel_values is None and row.pixel_values_videos is None and any(
             p.requires_grad for p in vision.parameters()
@@ -127,10 +122,8 @@ class Objective(nn.Module):
             c = self.model.config.vision
             dummy = torch.zeros(4, c.patch_dim, device=row.input_ids.device)
             unused = vision(dummy, torch.tensor([[1, 2, 2]])).sum()
-        loss, n = loss_sum(self.model, row)
-        if unused is not None:
-            loss = loss + 0.0 * unused
-        return loss, torch.tensor(n)
+        loss, _ = loss_sum(self.model, row)
+        return loss if unused is None else loss + 0.0 * unused
 
 
 def use_activation_checkpointing(model: Qwen2VL) -> None:
@@ -204,8 +197,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     groups = param_groups(model, st, cfg.lr, cfg.weight_decay)  # FSDP2 replaced the parameters: take the new ones
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
     if start_from:
-        dist_utils.load_optimizer(objective, optimizer, torch.load(start_from / "optimizer.pt", weights_only=True,
-                                                                       map_location=device))  # fmt: skip
+        saved = torch.load(start_from / "optimizer.pt", weights_only=True, map_location=device)
+        dist_utils.load_optimizer(objective, optimizer, saved)
 
     samples = prepare_samples(cfg, processor, log)
     trainable = sum(p.numel() for g in groups for p in g["params"])
@@ -250,7 +243,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         mine = [pack([samples[i] for i in r], model.config).to(device) for r in window[rank::world]]  # this rank's
         for i, row in enumerate(mine):
             with dist_utils.no_sync(objective, last=i == len(mine) - 1), autocast:
-                loss, _ = objective(row)
+                loss = objective(row)
             (loss * world / count).backward()  # DDP/FSDP average over ranks: * world gives the window's mean
             local_sum += loss.detach().float()
         grad_norm = dist_utils.clip_grad_norm(objective, cfg.grad_clip)
@@ -270,8 +263,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                 for key in ("loss", "lr", "grad_norm"):
                     writer.add_scalar(f"train/{key}", entry[key], entry["step"])
                 writer.add_scalar("train/tokens_per_second", entry["tokens"] / max(seconds, 1e-9), entry["step"])
-        done = step + 1 == cfg.max_steps
-        if (step + 1) % cfg.save_every == 0 or done:
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
             new_state = {"step": step + 1, "epoch": epoch, "row": row_index, "rng": torch.get_rng_state().tolist(),
                          "config": asdict(cfg)}  # fmt: skip
             dist_utils.save(objective, optimizer, out, step + 1, new_state, rank)

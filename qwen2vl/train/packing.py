@@ -62,13 +62,9 @@ def plan_rows(lengths: list[int], budget: int) -> list[list[int]]:
 
 def pack(samples: list[Sample], config: Qwen2VLConfig) -> PackedRow:
     """One row of these samples, in order."""
-    positions = []
-    for s in samples:
-        pos, _ = mrope_positions(
-            s.input_ids[None], s.image_grid_thw, s.video_grid_thw, None, image_token_id=config.image_token_id,
-            video_token_id=config.video_token_id, spatial_merge_size=config.vision.spatial_merge_size,
-        )  # fmt: skip
-        positions.append(pos)
+    options = {"image_token_id": config.image_token_id, "video_token_id": config.video_token_id,
+               "spatial_merge_size": config.vision.spatial_merge_size}
+    positions = [mrope_positions(s.input_ids[None], s.image_grid_thw, s.video_grid_thw, **options)[0] for s in samples]
 
     def cat(key: str) -> torch.Tensor | None:
         parts = [s.patches(key) if key.startswith("pixel") else getattr(s, key) for s in samples

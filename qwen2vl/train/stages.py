@@ -1,5 +1,4 @@
-"""The paper's three training stages as presets: what trains and at which learning rate. One loop serves all
-three; they differ only here.
+"""The paper's three training stages as presets: what trains and at which learning rate (one loop serves all):
 
 1. ``vision``: the ViT and the merger learn from image-text pairs; the LLM is frozen.
 2. ``all``: everything trains, on broader multimodal data.
@@ -52,10 +51,10 @@ def param_groups(model: nn.Module, st: Stage, lr: float | None = None, weight_de
         if not trains:
             continue
         group_lr = lr * (st.vision_lr_scale if name == "vision" else 1.0)
-        seen = set()
-        unique = [p for p in params if not (id(p) in seen or seen.add(id(p)))]  # tied head = embedding
-        for decay, chosen in ((weight_decay, [p for p in unique if p.ndim > 1]), (0.0, [p for p in unique if p.ndim <= 1])):
+        unique = list({id(p): p for p in params}.values())  # tied head = embedding
+        for suffix, decay, chosen in (("", weight_decay, [p for p in unique if p.ndim > 1]),
+                                      (".no_decay", 0.0, [p for p in unique if p.ndim <= 1])):
             if chosen:
-                groups.append({"name": f"{name}{'' if decay else '.no_decay'}", "params": chosen, "lr": group_lr,
-                               "weight_decay": decay, "base_lr": group_lr})  # fmt: skip
+                groups.append({"name": name + suffix, "params": chosen, "lr": group_lr, "weight_decay": decay,
+                               "base_lr": group_lr})
     return groups
