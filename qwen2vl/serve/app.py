@@ -1,16 +1,8 @@
-"""An OpenAI-compatible server: ``POST /v1/chat/completions`` (streamed or not), ``GET /v1/models``,
-``GET /health``. HTTP <-> processor and batcher; no model logic here.
+"""An OpenAI-compatible server: HTTP <-> processor and batcher; no model logic here.
 
-Requests are preprocessed on worker threads (so a bad image is a 400 before anything else happens), then queued
-for one engine thread that owns the model and runs continuous batching (``generate/batch.py``): a request joins
-the running batch between decode steps and leaves when done. The queue is bounded; when it is full the answer is
-an immediate 429. A client that disconnects cancels its sequence at the next step.
-
-Security by default: binds 127.0.0.1; ``--api-key`` enforced on /v1; no local file is read unless
-``--allowed-local-media-path`` names a directory (and then nothing outside it, '..' and symlinks resolved); URLs
-are fetched with a timeout, a size cap while downloading, no redirects, and only from public addresses unless the
-host is in ``--allowed-media-domains``; media counts (``--limit-mm-per-prompt``) are checked before anything is
-downloaded or decoded.
+Requests are preprocessed on worker threads (a bad image is a 400 before anything is queued), then queued (bounded:
+when full, an immediate 429) for the one engine thread that owns the model and batches continuously. Media counts
+are checked before anything is downloaded; what may be read or fetched is ``ServerConfig.media_access``.
 """
 
 from __future__ import annotations
@@ -78,11 +70,9 @@ class EngineDown(Exception):
 
 
 class Engine:
-    """The one thread that touches the model: admits queued sequences into free rows, then steps the batch.
-
-    A failed step ends what was running ("error") and the loop goes on. If that recovery fails too, the engine
-    restarts itself: a fresh batcher (a new cache), every sequence it held failed, ``restarts`` counted. Should
-    the thread still die, ``alive`` turns false: /health answers 503 and requests fail at once, never wait."""
+    """The one thread that touches the model. A failed step ends what was running ("error"); if that fails too,
+    a fresh batcher replaces it (``restarts``). Should the thread die, ``alive`` turns false: /health answers 503
+    and requests fail at once, never wait."""
 
     def __init__(self, model, max_batch_size: int, max_len: int, max_queue: int):
         self.model, self.max_batch_size, self.max_len = model, max_batch_size, max_len
@@ -145,11 +135,8 @@ class Engine:
                     s.finish("error")
 
     def _fail_waiting(self) -> None:
-        while True:
-            try:
-                seq = self.waiting.get_nowait()
-            except queue.Empty:
-                return
+        while not self.waiting.empty():  # this thread is the only consumer
+            seq = self.waiting.get_nowait()
             with contextlib.suppress(Exception):
                 seq.finish("error")
 
@@ -198,9 +185,7 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
         return JSONResponse(ApiError(e.status_code, str(e.detail), "invalid_request_error").body(), e.status_code)
 
     def authorize(request: Request) -> None:
-        if config.api_key is None:
-            return
-        if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
+        if config.api_key is not None and request.headers.get("authorization", "") != f"Bearer {config.api_key}":
             raise ApiError(401, "invalid or missing API key", "authentication_error", "invalid_api_key")
 
     @app.get("/health")
@@ -255,69 +240,64 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
         eos = frozenset(model.config.eos_token_ids)
         top = (req.top_logprobs or 0) if req.logprobs else None
         json_mode = req.response_format is not None and req.response_format.type == "json_object"
-        loop, answers = asyncio.get_running_loop(), []
+        events: asyncio.Queue = asyncio.Queue()  # of every answer, posted from the engine thread
+        post = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, events.put_nowait)
+        answers = []
         for i in range(req.n):  # n answers: n sequences of one prompt, seeds seed, seed + 1, ...
             seed = None if params.seed is None else (params.seed + i if params.seed + i < 2**64 else params.seed - i)
-            events: asyncio.Queue = asyncio.Queue()
-            post = functools.partial(loop.call_soon_threadsafe, events.put_nowait)
-            a = Answer(i, TextStream(processor.tokenizer, req.stops, eos), engine, events, post, metrics, token_text)
+            a = Answer(i, TextStream(processor.tokenizer, req.stops, eos), post, metrics, token_text)
             a.seq = Sequence(
                 inputs["input_ids"], Media.of(inputs), limit, dataclasses.replace(params, seed=seed),
                 emit=a.emit, finish=a.finish, logprobs=top,
                 constraint=JsonObject(token_text, eos) if json_mode else None,
             )  # fmt: skip
             answers.append(a)
+
+        def cancel() -> None:  # a no-op for what has finished; frees the rows of the rest
+            for a in answers:
+                a.seq.cancelled = True
+
         try:
             for a in answers:
                 engine.submit(a.seq)
         except (Overloaded, EngineDown) as e:
-            for a in answers:
-                a.seq.cancelled = True
+            cancel()
             if isinstance(e, Overloaded):
                 raise ApiError(429, "the server is at capacity; retry later", code="overloaded") from None
             raise ApiError(503, "the engine has stopped; the server must be restarted", code="engine_stopped") from None
         rid, name = completion_id(), config.model_name
-        usage = lambda: usage_of(L, inputs.media, answers)  # noqa: E731
 
         if not req.stream:
             try:
-                await asyncio.gather(*(a.collect(request) for a in answers))
+                async for _ in outputs(request, engine, events, len(answers)):
+                    pass
             finally:
-                for a in answers:
-                    a.seq.cancelled = True
+                cancel()
             choices = [{"text": a.full, "finish_reason": a.finish_reason,
                         "logprobs": a.entries if top is not None else None} for a in answers]  # fmt: skip
-            return completion(rid, name, choices, usage())
+            return completion(rid, name, choices, usage_of(L, inputs.media, answers))
 
         async def sse():
             def event(payload: dict) -> str:
                 return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-            merged: asyncio.Queue = asyncio.Queue()
-            tasks = [asyncio.create_task(a.pump(request, merged)) for a in answers]
             try:
                 for a in answers:
                     yield event(chunk(rid, name, {"role": "assistant", "content": ""}, index=a.index))
-                ended = 0
-                while ended < len(answers):
-                    a, piece, entries = await merged.get()
+                async for a, piece, entries in outputs(request, engine, events, len(answers)):
                     logprobs = entries if top is not None else None
-                    if isinstance(piece, ApiError):  # the headers are sent: the error is an event, then the end
-                        log.error("request %s: %s", request.scope.get("request_id", "-"), piece.message)
-                        yield event(piece.body())
-                        break
                     if piece is None:
-                        ended += 1
                         yield event(chunk(rid, name, {}, a.finish_reason, index=a.index, logprobs=logprobs))
                     else:
                         yield event(chunk(rid, name, {"content": piece}, index=a.index, logprobs=logprobs))
-                else:
-                    if req.stream_options and req.stream_options.include_usage:
-                        yield event(chunk(rid, name, {}, usage=usage()))
-                yield "data: [DONE]\n\n"
+                if req.stream_options and req.stream_options.include_usage:
+                    yield event(chunk(rid, name, {}, usage=usage_of(L, inputs.media, answers)))
+            except ApiError as e:  # the headers are sent: the error is an event, then the end
+                log.error("request %s: %s", request.scope.get("request_id", "-"), e.message)
+                yield event(e.body())
             finally:
-                for t in tasks:
-                    t.cancel()
+                cancel()
+            yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -326,14 +306,12 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
 
 @dataclass
 class Answer:
-    """One answer (of the request's ``n``): its tokens go through the token loop (``text``) on the engine thread,
-    which ends the sequence at once at an eos id or a stop string; the text pieces arrive here on ``events``."""
+    """One of the request's ``n`` answers. Its tokens go through ``text`` on the engine thread, which ends the
+    sequence at once at an eos id or a stop string; what it releases is posted to the request's events."""
 
     index: int
     text: TextStream
-    engine: Engine
-    events: asyncio.Queue
-    post: Callable[[tuple], None]  # puts an event on ``events`` from the engine thread
+    post: Callable[[tuple], None]
     metrics: Metrics
     token_text: Callable[[int], str]
     seq: Sequence = field(init=False)
@@ -348,7 +326,7 @@ class Answer:
         counted = token not in self.text.eos_ids  # the eos id is no part of the answer
         if counted:
             self.metrics.token()
-        self.post(("token", token if counted else None, piece))
+        self.post((self, "token", token if counted else None, piece))
         return self.text.stopped
 
     def finish(self, reason: str) -> None:
@@ -357,20 +335,7 @@ class Answer:
         try:
             tail = "" if reason == "error" else self.text.finish()
         finally:
-            self.post(("finish", reason, tail))
-
-    async def collect(self, request: Request) -> None:
-        async for _ in self.pieces(request):
-            pass
-
-    async def pump(self, request: Request, merged: asyncio.Queue) -> None:
-        """Each piece to ``merged`` as (self, piece, logprob entries since the last), then (self, None, ...)."""
-        try:
-            async for piece in self.pieces(request):
-                await merged.put((self, piece, self._new_entries()))
-            await merged.put((self, None, self._new_entries()))
-        except ApiError as e:
-            await merged.put((self, e, None))
+            self.post((self, "finish", reason, tail))
 
     def _new_entries(self) -> list[dict]:
         new, self.sent = self.entries[self.sent :], len(self.entries)
@@ -384,30 +349,30 @@ class Answer:
         self.entries.append({"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": [
             {"token": (t := self.token_text(i)), "logprob": lp, "bytes": list(t.encode())} for i, lp in top]})
 
-    async def pieces(self, request: Request):
-        """Text pieces until the sequence ends; a disconnect ends it early."""
+
+async def outputs(request: Request, engine: Engine, events: asyncio.Queue, n: int):
+    """(answer, text piece, its new logprob entries) as they come, and (answer, None, ...) when one ends, until all
+    ``n`` have; a disconnect ends early."""
+    while n:
         try:
-            while True:
-                try:
-                    kind, value, piece = await asyncio.wait_for(self.events.get(), timeout=1.0)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    if not self.engine.alive and self.events.empty():
-                        raise ApiError(503, "the engine has stopped", "server_error", "engine_stopped") from None
-                    continue
-                if kind == "finish" and value == "error":
-                    raise ApiError(500, "generation failed", "server_error", "generation_failed")
-                if kind == "token" and value is not None:
-                    self._entry(value)
-                if piece:
-                    self.full += piece
-                    yield piece
-                if kind == "finish":
-                    self.finish_reason = "length" if value == "length" else "stop"
-                    return
-        finally:
-            self.seq.cancelled = True  # a no-op once finished; frees the row after a disconnect
+            a, kind, value, piece = await asyncio.wait_for(events.get(), timeout=1.0)
+        except TimeoutError:
+            if await request.is_disconnected():
+                return
+            if not engine.alive and events.empty():
+                raise ApiError(503, "the engine has stopped", "server_error", "engine_stopped") from None
+            continue
+        if kind == "finish" and value == "error":
+            raise ApiError(500, "generation failed", "server_error", "generation_failed")
+        if kind == "token" and value is not None:
+            a._entry(value)
+        if piece:
+            a.full += piece
+            yield a, piece, a._new_entries()
+        if kind == "finish":
+            a.finish_reason = "length" if value == "length" else "stop"
+            n -= 1
+            yield a, None, a._new_entries()
 
 
 def usage_of(prompt_tokens: int, media, answers: list[Answer]) -> dict:
@@ -447,7 +412,6 @@ class RequestIds:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         rid = scope["request_id"] = uuid.uuid4().hex[:16]
-
         started = False
 
         async def send_with_id(message):

@@ -1,6 +1,5 @@
-"""What ``GET /metrics`` reports, in Prometheus' text format (version 0.0.4): requests by status, queue depth,
-running rows, generated tokens (a counter and the rate over the last 10 s), engine restarts and whether the
-engine is alive. Counters are plain ints under one lock; the engine thread and the request threads share them."""
+"""What ``GET /metrics`` reports, in Prometheus' text format (version 0.0.4). Counters are plain ints under one
+lock: the engine thread and the request threads share them."""
 
 from __future__ import annotations
 

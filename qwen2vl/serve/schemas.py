@@ -7,7 +7,6 @@ import json
 import time
 import uuid
 from collections.abc import Mapping
-
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -25,9 +24,7 @@ ERROR_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found",
 
 
 class ApiError(Exception):
-    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "code"}}``, ``type`` from the status
-    (``invalid_request_error`` for other 4xx, ``server_error`` for 5xx) unless given, ``code`` a word, never a
-    number."""
+    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "code"}}``; ``code`` is a word."""
 
     def __init__(self, status: int, message: str, type: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -43,33 +40,31 @@ MAX_DEPTH = 16  # a chat body nests about 6 deep (messages, parts, image_url); m
 MAX_NUMBER_CHARS = 64  # no field needs a longer number; Python's int() is quadratic in the digits
 
 
+def _invalid_json(message: str) -> ApiError:
+    return ApiError(400, message, code="invalid_json")
+
+
 def parse_body(raw: bytes) -> object:
-    """The request body as JSON, or an ApiError naming what is wrong: invalid UTF-8 or JSON, NaN/Infinity,
-    numbers of more than MAX_NUMBER_CHARS characters, nesting deeper than MAX_DEPTH, text with lone surrogates."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        message = f"the body is not valid UTF-8 ({e.reason} at byte {e.start})"
-        raise ApiError(400, message, code="invalid_json") from None
+    """The request body as JSON, or an ApiError naming what is wrong (also: NaN/Infinity, over-long numbers, nesting
+    deeper than MAX_DEPTH, lone surrogates)."""
 
-    def number(kind):
-        def parse(literal: str):
-            if len(literal) > MAX_NUMBER_CHARS:
-                raise ApiError(400, f"a number of {len(literal)} characters (at most {MAX_NUMBER_CHARS})",
-                               code="invalid_json")  # fmt: skip
-            return kind(literal)
-
-        return parse
+    def number(literal: str, kind=int):
+        if len(literal) > MAX_NUMBER_CHARS:
+            raise _invalid_json(f"a number of {len(literal)} characters (at most {MAX_NUMBER_CHARS})")
+        return kind(literal)
 
     def constant(name: str):
-        raise ApiError(400, f"{name} is not JSON", code="invalid_json")
+        raise _invalid_json(f"{name} is not JSON")
 
     try:
-        body = json.loads(text, parse_int=number(int), parse_float=number(float), parse_constant=constant)
+        text = raw.decode("utf-8")
+        body = json.loads(text, parse_int=number, parse_float=lambda x: number(x, float), parse_constant=constant)
+    except UnicodeDecodeError as e:
+        raise _invalid_json(f"the body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise ApiError(400, f"invalid JSON body: {e}", code="invalid_json") from None
+        raise _invalid_json(f"invalid JSON body: {e}") from None
     except RecursionError:
-        raise ApiError(400, f"the body nests deeper than {MAX_DEPTH} levels", code="invalid_json") from None
+        raise _invalid_json(f"the body nests deeper than {MAX_DEPTH} levels") from None
     _check_values(body)
     return body
 
@@ -80,7 +75,7 @@ def _check_values(body: object) -> None:
     while todo:
         value, where, depth = todo.pop()
         if depth > MAX_DEPTH:
-            raise ApiError(400, f"{where}: nests deeper than {MAX_DEPTH} levels", code="invalid_json")
+            raise _invalid_json(f"{where}: nests deeper than {MAX_DEPTH} levels")
         if isinstance(value, str):
             try:
                 value.encode("utf-8")
@@ -168,7 +163,7 @@ class ChatRequest(BaseModel):
     @classmethod
     def parse(cls, body: object) -> ChatRequest:
         if not isinstance(body, Mapping):
-            raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+            raise _invalid_json("the request body must be a JSON object")
         for name, value in body.items():
             offs = OFF_VALUES.get(name, ())
             if offs and not any(value == off and isinstance(value, bool) == isinstance(off, bool) for off in offs):
@@ -192,14 +187,6 @@ class ChatRequest(BaseModel):
     @property
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-
-
-def _url(part: Mapping, key: str, where: str) -> str:
-    value = part.get(key)
-    url = value.get("url") if isinstance(value, Mapping) else value
-    if not isinstance(url, str) or not url:
-        raise ApiError(400, f"{where}: {key} needs a 'url' string", code="invalid_messages")
-    return url
 
 
 def to_qwen_messages(messages: list[dict]) -> tuple[list[dict], dict[str, int]]:
@@ -229,9 +216,13 @@ def to_qwen_messages(messages: list[dict]) -> tuple[list[dict], dict[str, int]]:
                     raise ApiError(400, f"{at}: a text part needs a 'text' string", code="invalid_messages")
                 parts.append({"type": "text", "text": part["text"]})
             else:
+                value = part.get(kind)
+                url = value.get("url") if isinstance(value, Mapping) else value
+                if not isinstance(url, str) or not url:
+                    raise ApiError(400, f"{at}: {kind} needs a 'url' string", code="invalid_messages")
                 media = "image" if kind == "image_url" else "video"
                 counts[media] += 1
-                parts.append({"type": media, media: _url(part, kind, at)})
+                parts.append({"type": media, media: url})
         out.append({"role": role, "content": parts})
     return out, counts
 
