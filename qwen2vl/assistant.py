@@ -1,13 +1,12 @@
 """The high-level API: ``qwen2vl.load(path)`` -> an :class:`Assistant` with ``.chat(messages) -> str`` and
-``.stream(messages)`` yielding text pieces. It joins the processor (messages <-> ids) and the engine (ids -> ids).
-
-Sampling: greedy unless ``temperature`` > 0 (OpenAI's convention; the Instruct checkpoints' generation_config,
-top_k 1 / top_p 0.001, is greedy in effect too). ``stop`` strings end the answer and are not part of it.
-"""
+``.stream(messages)`` yielding text pieces, joining the processor (messages <-> ids) and the engine (ids -> ids).
+Sampling is greedy unless ``temperature`` > 0 (OpenAI's convention; the Instruct checkpoints' generation_config,
+top_k 1 / top_p 0.001, is greedy in effect too). ``stop`` strings end the answer and are not part of it."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import closing
 from pathlib import Path
 
 import torch
@@ -29,10 +28,9 @@ def load(
     *,
     pack: bool = True,
 ) -> Assistant:
-    """A checkpoint directory (weights, config, tokenizer, preprocessor and chat template) ready to chat; a hub
-    id (``Qwen/Qwen2-VL-2B-Instruct``) is downloaded first when huggingface_hub is installed and online.
-    On the CPU the linear layers are packed for oneDNN (``Qwen2VL.pack_for_cpu``: inference only, faster);
-    ``pack=False`` keeps the plain model (to train or save it)."""
+    """A checkpoint directory (weights, config, tokenizer, preprocessor, chat template) or a hub id, downloaded
+    when huggingface_hub is installed and online, ready to chat. On the CPU the linear layers are packed for oneDNN
+    (``Qwen2VL.pack_for_cpu``: inference only, faster); ``pack=False`` keeps the plain model (to train or save it)."""
     path = resolve_model(path)
     model = Qwen2VL.from_pretrained(path, dtype=dtype, device=device).eval()
     if pack:
@@ -79,14 +77,12 @@ class Assistant:
             self.model, inputs["input_ids"], attention_mask=inputs["attention_mask"], media=Media.of(inputs),
             max_new_tokens=max_new_tokens, params=params,
         )  # fmt: skip
-        try:
+        with closing(tokens):
             for token in tokens:
                 if piece := text.push(int(token[0])):
                     yield piece
                 if text.stopped:
                     return
-        finally:
-            tokens.close()
         if piece := text.finish():
             yield piece
 

@@ -81,3 +81,23 @@ def test_sampled_rows_are_seeded_per_request(tiny):
     run(Batcher(tiny, max_batch_size=2), [make(ids, Media(), 8, out, done, params), make(ids, Media(), 8, out, done, params)])
     alone = generate(tiny, ids, max_new_tokens=8, params=params, eos_token_ids=())[0].tolist()
     assert out[0] == out[1] == alone
+
+
+def test_a_prompt_longer_than_the_compacted_timeline_is_admitted(tiny):
+    """A full timeline whose live rows fill fewer slots, after compaction, than a new prompt's length: the prompt
+    must still land whole (it once raised a shape error, and the server's request ended in "error")."""
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(0, 150000, (1, n), generator=g) for n in (5, 1, 6)]
+    lengths = [2, 9, 5]
+    alone = [generate(tiny, r, max_new_tokens=n, eos_token_ids=())[0].tolist() for r, n in zip(rows, lengths)]
+    out, done = {}, {}
+    seqs = [make(r, Media(), n, out, done) for r, n in zip(rows, lengths)]
+    batcher = Batcher(tiny, max_batch_size=3, max_len=256, initial_slots=8)
+    batcher.admit(seqs[0])
+    batcher.admit(seqs[1])
+    for _ in range(3):  # the first ends; the timeline is full, the second row holding only a few slots
+        batcher.step()
+    batcher.admit(seqs[2])
+    run(batcher, [])
+    assert [out[i] for i in range(3)] == alone
+    assert set(done.values()) == {"length"}

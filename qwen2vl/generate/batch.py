@@ -1,48 +1,36 @@
-"""Continuous batching: requests join the running batch between decode steps and leave when done.
-
-Token ids in, token ids out (no text). One thread owns a :class:`Batcher` and calls ``admit`` and ``step``.
-
-How the rows share one KV cache: the cache is a timeline of slots shared by all rows (``KVCache``: one write
-counter, ``key_mask`` marking each row's real tokens). A new request is prefilled alone (batch 1, exactly as
-``generate.engine.stream`` does) and its keys/values are copied into a free row so that they end at the current
-write position; its M-RoPE positions travel in ``next_position``, so where a row sits on the timeline never
-changes its numbers. Every decode step then writes one slot for all rows at once. When the timeline is full it
-is compacted (everything shifted left past the oldest live slot) or grown, up to ``max_len`` slots: memory is
-taken as requests need it, not reserved for the worst case at start-up.
-
-Only rows up to the highest live one take part in a step (a view of the first rows of the cache), so a lone
-request runs at batch 1.
-"""
+"""Continuous batching: requests join the running batch between decode steps and leave when done (token ids in and
+out; one thread owns a :class:`Batcher` and calls ``admit`` and ``step``). All rows share one KV-cache timeline
+(one write counter; ``key_mask`` marks each row's real tokens). A request is prefilled alone, as ``engine.stream``
+does, and copied into a free row to end at the write position; its M-RoPE positions travel in ``next_position``,
+so where it sits never changes its numbers. A full timeline is compacted (shifted left past the oldest live slot)
+or grown up to ``max_len`` slots, so memory is taken as requests need it. A step runs only the rows up to the
+highest live one, so a lone request runs at batch 1."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..model.cache import KVCache
 from ..model.qwen2vl import Media
 from .json_mode import JsonObject
-from .sampling import SamplingParams, choose
+from .sampling import SamplingParams, choose, sampling_state
 
 log = logging.getLogger("qwen2vl.batch")
 
 
 @dataclass
 class Sequence:
-    """One request: its prompt (batch 1), limits and sampling, and where its tokens go.
-
-    ``emit(token_id)`` receives every new token and says whether it ends the answer: the caller's token loop
-    (``processing.tokenizer.TextStream``) met an eos id or a stop string. ``finish(reason)`` is called once at
-    the end with "stop" (emit said so, or the constraint closed), "length" (max_new_tokens or the cache limit),
-    "cancelled" or "error" (choosing or emitting its token raised: that sequence ends alone, the batch goes on).
-    Set ``cancelled`` from any thread to end the sequence at the next step.
-
-    ``logprobs`` (k): each emitted token's log-probability under the model (before sampling's transforms) and the k
-    most likely alternatives are appended to ``trace`` before ``emit`` sees the token. ``constraint``
-    (json_mode.JsonObject): only tokens it allows are chosen, and the sequence stops where it is complete."""
+    """One request. ``emit(token_id)`` receives every new token and returns True when it ends the answer (an eos
+    id or a stop string). ``finish(reason)`` is called once: "stop" (emit said so, or the constraint closed),
+    "length" (max_new_tokens or the cache limit), "cancelled", or "error" (choosing or emitting its token raised:
+    it ends alone). Set ``cancelled`` from any thread to end it at the next step. ``logprobs`` (k): each token's
+    log-probability under the model and the k likeliest alternatives go to ``trace`` before ``emit`` sees it.
+    ``constraint`` (json_mode.JsonObject): only tokens it allows are chosen, and it stops where it is complete."""
 
     input_ids: torch.Tensor  # [1, L]
     media: Media
@@ -74,8 +62,6 @@ class Batcher:
         )
         self.cache.padded = True  # rows hold different amounts: always mask
 
-    # -- bookkeeping ---------------------------------------------------------------------------------------
-
     @property
     def active(self) -> int:
         return sum(r is not None for r in self.rows)
@@ -101,9 +87,8 @@ class Batcher:
         c, n = self.cache, self.cache.length
         src = slice(max(0, -offset), n)
         dst = slice(max(0, offset), n + offset)
-        for k, v in c.layers:
-            k[:, :, dst] = k[:, :, src].clone()
-            v[:, :, dst] = v[:, :, src].clone()
+        for t in itertools.chain.from_iterable(c.layers):
+            t[:, :, dst] = t[:, :, src].clone()
         c.key_mask[:, dst] = c.key_mask[:, src].clone()
         if offset > 0:
             c.key_mask[:, :offset] = False
@@ -112,22 +97,19 @@ class Batcher:
                 s.start += offset
         c.length = n + offset
 
-    def _make_room(self, needed_length: int) -> None:
-        """Make the timeline able to hold ``needed_length`` slots: compact, then grow (doubling)."""
-        if needed_length <= self.cache.capacity:
+    def _make_room(self, length: int = 0) -> None:
+        """Room for one slot past ``length`` and past the filled ones: compact, then grow (doubling)."""
+        if max(length, self.cache.length) < self.cache.capacity:
             return
-        live = [s.start for s in self.rows if s is not None]
-        oldest = min(live) if live else self.cache.length
+        oldest = min((s.start for s in self.rows if s is not None), default=self.cache.length)
         if oldest > 0:
             self._shift(-oldest)
-            needed_length -= oldest
-        if needed_length > self.cache.capacity:
-            slots = self.cache.capacity
-            while slots < needed_length:
-                slots *= 2
-            self._resize(min(max(slots, needed_length), self.max_len + 1))
-
-    # -- the two operations -------------------------------------------------------------------------------
+        needed = max(length, self.cache.length) + 1
+        slots = self.cache.capacity
+        while slots < needed:
+            slots *= 2
+        if slots > self.cache.capacity:
+            self._resize(min(slots, self.max_len + 1))
 
     @torch.inference_mode()
     def admit(self, seq: Sequence) -> None:
@@ -139,44 +121,35 @@ class Batcher:
         device = self.model.device
         own = KVCache.allocate(self.config.text, 1, L, self.model.dtype, device)
         logits, own = self.model.prefill(seq.input_ids.to(device), own, media=seq.media.to(device))
-        if seq.params.repetition_penalty is not None:
-            seq.seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=device)
-            seq.seen[0, seq.input_ids[0].to(device)] = True
-        if seq.params.do_sample and seq.params.seed is not None:
-            seq.generator = torch.Generator(device=device).manual_seed(seq.params.seed)
-
-        # place its keys/values so that they end at the write position
-        if self.cache.length < L:  # the timeline is shorter than the prompt: move the live rows right
-            self._make_room(L + 1)
-            if self.cache.length > 0:
-                self._shift(L - self.cache.length)
-            self.cache.length = L
-        else:
-            self._make_room(self.cache.length + 1)
+        seq.seen, seq.generator = sampling_state(seq.params, seq.input_ids, logits.shape[-1], device)
+        self._make_room(L)
         c = self.cache
-        end = c.length
+        if c.length < L:  # the timeline is shorter than the prompt: move the live rows right
+            self._shift(L - c.length)
+        span = slice(c.length - L, c.length)  # its keys/values end at the write position
         for (k, v), (k1, v1) in zip(c.layers, own.layers):
-            k[row, :, end - L : end], v[row, :, end - L : end] = k1[0], v1[0]
+            k[row, :, span], v[row, :, span] = k1[0], v1[0]
         c.key_mask[row] = False
-        c.key_mask[row, end - L : end] = True
+        c.key_mask[row, span] = True
         c.next_position[row] = own.next_position[0]
-        seq.row, seq.start = row, end - L
+        seq.row, seq.start = row, span.start
         self.rows[row] = seq
         self._take(seq, logits[0:1])
 
     @torch.inference_mode()
     def step(self) -> None:
         """One decode step for every live row."""
-        self._retire_cancelled()
+        for s in self.rows:
+            if s is not None and s.cancelled:
+                self._retire(s, "cancelled")
         if not self.active:
             return
         n = max(i for i, s in enumerate(self.rows) if s is not None) + 1
-        self._make_room(self.cache.length + 1)
+        self._make_room()
         c = self.cache
-        view = KVCache(
-            layers=[(k[:n], v[:n]) for k, v in c.layers], key_mask=c.key_mask[:n],
-            next_position=c.next_position[:n], length=c.length, padded=True,
-        )  # fmt: skip
+        view = replace(
+            c, layers=[(k[:n], v[:n]) for k, v in c.layers], key_mask=c.key_mask[:n], next_position=c.next_position[:n]
+        )
         tokens = torch.tensor(
             [s.last if s is not None else self.config.pad_token_id for s in self.rows[:n]], device=self.model.device
         )
@@ -189,47 +162,39 @@ class Batcher:
             else:
                 self._take(s, logits[i : i + 1])
 
-    # -- per sequence -------------------------------------------------------------------------------------
-
     def _take(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Choose, emit and record the next token of ``seq``; retire it when it is done, or alone when this fails."""
         try:
-            self._next(seq, logits)
+            token = self._choose(seq, logits)
+            if seq.logprobs is not None:
+                logp = torch.log_softmax(logits[0].float(), -1)
+                top = logp.topk(seq.logprobs)
+                seq.trace.append((float(logp[token]), list(zip(top.indices.tolist(), top.values.tolist()))))
+            seq.generated += 1
+            seq.last = token
+            if seq.seen is not None:
+                seq.seen[0, token] = True
+            if seq.emit(token):
+                return self._retire(seq, "stop")
+            if seq.constraint is not None:
+                seq.constraint.advance(token)
+                if seq.constraint.done:  # the object closed: nothing more may follow
+                    return self._retire(seq, "stop")
+            at_limit = seq.input_ids.shape[1] + seq.generated >= self.max_len  # prompt + answer fill max_len
+            if seq.generated >= seq.max_new_tokens or at_limit:
+                self._retire(seq, "length")
         except Exception:
             log.exception("sequence in row %d failed; ending it alone", seq.row)
             self._retire(seq, "error")
 
-    def _next(self, seq: Sequence, logits: torch.Tensor) -> None:
-        if seq.constraint is not None:
-            token = self._allowed(seq, logits)
-        else:
-            token = int(choose(logits, seq.params, seq.seen, seq.generator)[0])
-        if seq.logprobs is not None:
-            logp = torch.log_softmax(logits[0].float(), -1)
-            top = logp.topk(seq.logprobs)
-            seq.trace.append((float(logp[token]), list(zip(top.indices.tolist(), top.values.tolist()))))
-        seq.generated += 1
-        seq.last = token
-        if seq.seen is not None:
-            seq.seen[0, token] = True
-        if seq.emit(token):
-            return self._retire(seq, "stop")
-        if seq.constraint is not None:
-            seq.constraint.advance(token)
-            if seq.constraint.done:  # the object closed: nothing more may follow
-                return self._retire(seq, "stop")
-        at_limit = seq.input_ids.shape[1] + seq.generated >= self.max_len  # prompt + answer fill max_len
-        if seq.generated >= seq.max_new_tokens or at_limit:
-            self._retire(seq, "length")
-
     @staticmethod
-    def _allowed(seq: Sequence, logits: torch.Tensor, tries: int = 1024) -> int:
-        """The sampler's choice among the tokens the constraint allows: a refused choice is masked and the
-        choice made again (the likely tokens are nearly always allowed, so this is a few checks a step)."""
-        logits = logits.clone()
+    def _choose(seq: Sequence, logits: torch.Tensor, tries: int = 1024) -> int:
+        """The sampler's choice, among the tokens the constraint allows if there is one: a refused choice is masked
+        and the choice made again (the likely tokens are nearly always allowed, so this is a few checks a step)."""
+        logits = logits.clone() if seq.constraint is not None else logits  # the masks must not reach the logprobs
         for _ in range(tries):
             token = int(choose(logits, seq.params, seq.seen, seq.generator)[0])
-            if seq.constraint.after(token) is not None:
+            if seq.constraint is None or seq.constraint.after(token) is not None:
                 return token
             logits[0, token] = float("-inf")
         raise RuntimeError(f"no allowed token among the {tries} most likely")
@@ -250,12 +215,7 @@ class Batcher:
             log.exception("finish callback failed")
 
     def end_all(self, reason: str) -> None:
-        """End every live row now (``finish(reason)`` on each) and free its slot: what a server does when a step
-        failed and the shared cache can no longer be trusted."""
+        """End every live row (``finish(reason)``) and free it: what a server does when a failed step left the
+        shared cache untrusted."""
         for s in [s for s in self.rows if s is not None]:
             self._retire(s, reason)
-
-    def _retire_cancelled(self) -> None:
-        for s in self.rows:
-            if s is not None and s.cancelled:
-                self._retire(s, "cancelled")

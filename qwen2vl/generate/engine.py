@@ -9,7 +9,7 @@ import torch
 
 from ..model.cache import KVCache
 from ..model.qwen2vl import Media, Qwen2VLModel
-from .sampling import SamplingParams, choose
+from .sampling import SamplingParams, choose, sampling_state
 
 
 @torch.inference_mode()
@@ -33,39 +33,24 @@ def stream(
     B, L = input_ids.shape
     device = model.device
     eos = torch.tensor(list(eos_token_ids if eos_token_ids is not None else cfg.eos_token_ids), device=device)
-    pad = cfg.pad_token_id
 
     cache = KVCache.allocate(cfg.text, B, L + max_new_tokens, model.dtype, device)
     mask = None if attention_mask is None else attention_mask.to(device)
     logits, cache = model.prefill(input_ids.to(device), cache, mask, (media or Media()).to(device))
-    generator = None
-    if params.do_sample and params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
-    seen = None
-    if params.repetition_penalty is not None:  # as transformers: every id of the prompt counts, pads too
-        seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device)
-        seen.scatter_(1, input_ids.to(device), True)
+    seen, generator = sampling_state(params, input_ids, logits.shape[-1], device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    rows = torch.arange(B, device=device)
     for step in range(max_new_tokens):
-        token = choose(logits, params, seen, generator)
-        token = torch.where(finished, torch.full_like(token, pad), token)
+        token = choose(logits, params, seen, generator).masked_fill(finished, cfg.pad_token_id)
         yield token
         finished |= torch.isin(token, eos)
         if step == max_new_tokens - 1 or bool(finished.all()):
             return
         if seen is not None:
-            seen[rows, token] = True
+            seen.scatter_(1, token[:, None], True)
         logits, cache = model.decode(token, cache)
 
 
-def generate(
-    model: Qwen2VLModel,
-    input_ids: torch.Tensor,
-    *,
-    max_new_tokens: int,
-    **kwargs,
-) -> torch.Tensor:
+def generate(model: Qwen2VLModel, input_ids: torch.Tensor, *, max_new_tokens: int, **kwargs) -> torch.Tensor:
     """All new tokens [B, max_new_tokens]; positions after a row's end hold the pad id."""
     out = torch.full((input_ids.shape[0], max_new_tokens), model.config.pad_token_id, dtype=torch.long)
     for step, token in enumerate(stream(model, input_ids, max_new_tokens=max_new_tokens, **kwargs)):

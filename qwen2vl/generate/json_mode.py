@@ -1,14 +1,13 @@
 """``response_format: {"type": "json_object"}``: the answer is kept a prefix of one JSON object, token by token,
 and ends where the object closes, so it always parses (unless it runs out of tokens first: finish "length").
-
-A small pushdown automaton over characters (RFC 8259, an object at the top); a candidate token is allowed when
-its text keeps the answer a valid prefix. Sampling proceeds as usual, the disallowed tokens masked one by one
-(the most likely candidate is nearly always allowed, so this costs a few checks a step, not a vocabulary scan).
+A candidate token is allowed when its text keeps the answer a valid prefix, by a small pushdown automaton over
+characters (RFC 8259, an object at the top).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from string import hexdigits
 
 WHITESPACE = " \t\n\r"
 MAX_WHITESPACE = 32  # a run longer than indentation needs is a model looping on blanks: refused
@@ -21,35 +20,10 @@ NUMBER = {
     ("e", "s"): "esign", ("e", "0"): "exp", ("e", "d"): "exp", ("esign", "0"): "exp", ("esign", "d"): "exp",
     ("exp", "0"): "exp", ("exp", "d"): "exp",
 }  # fmt: skip
+NUMBER_CLASS = {"0": "0", **dict.fromkeys("123456789", "d"), ".": ".", "e": "e", "E": "e", "+": "s", "-": "s"}
 LITERALS = {"t": "rue", "f": "alse", "n": "ull"}
 
 State = tuple[str, str, object, int]  # (open brackets, mode, detail of the mode, whitespace run)
-
-
-def _number_class(ch: str) -> str | None:
-    if ch == "0":
-        return "0"
-    if "1" <= ch <= "9":
-        return "d"
-    return {".": ".", "e": "e", "E": "e", "+": "s", "-": "s"}.get(ch)
-
-
-def _value_start(stack: str, ch: str) -> State | None:
-    if ch == "{":
-        return stack + "{", "key_or_end", None, 0
-    if ch == "[":
-        return stack + "[", "value_or_end", None, 0
-    if ch == '"':
-        return stack, "string", (False, 0), 0
-    if ch == "-":
-        return stack, "number", "minus", 0
-    if ch == "0":
-        return stack, "number", "zero", 0
-    if "1" <= ch <= "9":
-        return stack, "number", "int", 0
-    if ch in LITERALS:
-        return stack, "literal", LITERALS[ch], 0
-    return None
 
 
 def _after_value(stack: str) -> State:
@@ -66,22 +40,17 @@ def step(state: State, ch: str) -> State | None:
                 return stack, mode, (is_key, 5), 0
             return (stack, mode, (is_key, 0), 0) if ch in '"\\/bfnrt' else None
         if escape > 1:  # the four hex digits of \uXXXX
-            if ch not in "0123456789abcdefABCDEF":
-                return None
-            return stack, mode, (is_key, 0 if escape == 2 else escape - 1), 0
+            return (stack, mode, (is_key, 0 if escape == 2 else escape - 1), 0) if ch in hexdigits else None
         if ch == '"':
             return (stack, "colon", None, 0) if is_key else _after_value(stack)
         if ch == "\\":
             return stack, mode, (is_key, 1), 0
         return None if ord(ch) < 0x20 else state
     if mode == "number":
-        cls = _number_class(ch)
-        following = NUMBER.get((detail, cls)) if cls else None
+        following = NUMBER.get((detail, NUMBER_CLASS.get(ch)))
         if following is not None:
             return stack, mode, following, 0
-        if detail not in NUMBER_END:
-            return None
-        return step(_after_value(stack), ch)  # the number ended; the character belongs to what follows
+        return step(_after_value(stack), ch) if detail in NUMBER_END else None  # ended: ch belongs to what follows
     if mode == "literal":
         if ch != detail[0]:
             return None
@@ -99,12 +68,18 @@ def step(state: State, ch: str) -> State | None:
     if mode in ("value", "value_or_end"):
         if ch == "]" and mode == "value_or_end":
             return _after_value(stack[:-1])
-        return _value_start(stack, ch)
+        if ch in ("{", "["):
+            return stack + ch, "key_or_end" if ch == "{" else "value_or_end", None, 0
+        if ch == '"':
+            return stack, "string", (False, 0), 0
+        if ch in LITERALS:
+            return stack, "literal", LITERALS[ch], 0
+        number = "minus" if ch == "-" else NUMBER.get(("minus", NUMBER_CLASS.get(ch)))  # a digit: as after "-"
+        return None if number is None else (stack, "number", number, 0)
     if mode == "after":
-        closer = "}" if stack[-1] == "{" else "]"
         if ch == ",":
-            return (stack, "key", None, 0) if closer == "}" else (stack, "value", None, 0)
-        return _after_value(stack[:-1]) if ch == closer else None
+            return stack, "key" if stack[-1] == "{" else "value", None, 0
+        return _after_value(stack[:-1]) if ch == {"{": "}", "[": "]"}[stack[-1]] else None
     return None  # done: nothing may follow but whitespace
 
 

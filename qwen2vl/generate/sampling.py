@@ -1,10 +1,7 @@
-"""Next-token choice from logits, in the order transformers applies its processors:
-repetition penalty, then temperature, top-k, top-p, then argmax or a draw.
-
-Every value that passes ``SamplingParams``' checks is numerically safe: logits are fp32, nan and inf are mapped
-to finite values first, the temperature divides logits already shifted so that their maximum is 0 (a tiny
-temperature then leaves the most likely token alone, never inf/inf), and top-k / top-p always keep at least one
-token."""
+"""Next-token choice from logits, in transformers' processor order: repetition penalty, temperature, top-k, top-p,
+then argmax or a draw. Every value ``SamplingParams`` accepts is numerically safe: logits are fp32 with nan and inf
+made finite, the temperature divides logits shifted to a maximum of 0 (so a tiny one never gives inf/inf), and
+top-k / top-p always keep at least one token."""
 
 from __future__ import annotations
 
@@ -39,28 +36,22 @@ class SamplingParams:
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Divide positive and multiply negative logits of every token already in the sequence (CTRL paper).
-
-    ``seen`` is a [B, V] bool table of tokens present in the prompt or generated so far.
-    """
+    """Divide positive and multiply negative logits of the tokens ``seen`` ([B, V] bool) so far (CTRL paper)."""
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    k = min(k, logits.shape[-1])
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    kth = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
-    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = cum <= (1 - p)
+    drop_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - p)
     drop_sorted[..., -1] = False
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    return logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
 
 
 def choose(
@@ -79,14 +70,24 @@ def choose(
         logits = top_k_filter(logits, params.top_k)
     if params.top_p is not None and params.top_p < 1.0:
         logits = top_p_filter(logits, params.top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
 def _finite(logits: torch.Tensor) -> torch.Tensor:
     """nan -> the lowest value, +-inf -> the largest finite ones: a model's overflow never reaches the draw."""
     big = torch.finfo(logits.dtype).max
     return torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
+
+
+def sampling_state(params: SamplingParams, input_ids: torch.Tensor, vocab_size: int, device: torch.device | str):
+    """What ``choose`` carries between steps: the [B, V] table of the ids seen (for the repetition penalty; as in
+    transformers, every id of the prompt counts, pads too) and the seeded generator; each None when unused."""
+    seen = None
+    if params.repetition_penalty is not None:
+        seen = torch.zeros(input_ids.shape[0], vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, input_ids.to(device), True)
+    seeded = params.do_sample and params.seed is not None
+    return seen, torch.Generator(device=device).manual_seed(params.seed) if seeded else None
 
 
 def openai_params(
