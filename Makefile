@@ -21,7 +21,7 @@ $(BIN)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 demo: $(BIN)/.demo
-	$(BIN)/qwen2vl demo
+	$(BIN)/python -m examples.demo
 	@printf "\nTo use qwen2vl yourself: source $(VENV)/bin/activate (puts qwen2vl on PATH), or: make shell\n"
 
 # A shell with the environment active, so `qwen2vl` is on PATH

@@ -8,28 +8,19 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-from .demo import SHIPPED_MODEL, params_table
+from .hub import HUB_ID, resolve_model
 
 
 class ArgumentError(ValueError):
-    """A command-line argument that cannot be used (a missing file, an unreadable image), found before anything
-    loads: one line naming it, exit code 2 as for argparse's own usage errors."""
+    """An argument that cannot be used (a missing file, an unreadable image): exit code 2, as argparse's own."""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qwen2vl", description="Qwen2-VL in plain PyTorch")
     verbs = parser.add_subparsers(dest="verb", required=True)
-
-    demo = verbs.add_parser("demo", help="the shipped model answers about the example pictures, offline")
-    demo.add_argument("--model", default=str(SHIPPED_MODEL), help="model directory (default: the shipped one)")
-    demo.add_argument("--random", action="store_true", help="instead: an architecture walk-through, random weights")
-    demo.add_argument("--preset", choices=["tiny", "2b"], help="architecture of --random (default tiny; implies it)")
-    demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    demo.add_argument("--new-tokens", type=int, default=16, help="tokens --random generates")
-    demo.add_argument("--out", help="where to save the grounding picture (default: demo_boxes.png, or "
-                      "demo_random_boxes.png with --random)")
 
     verbs.add_parser("params", help="parameter counts of the presets (the paper's Table 1)")
 
@@ -126,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         args.prompt, extra = extra[0], []
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    run = {"params": run_params, "demo": run_demo, "tokens": run_tokens, "chat": run_chat, "serve": run_serve,
+    run = {"params": run_params, "tokens": run_tokens, "chat": run_chat, "serve": run_serve,
            "train": run_train, "export": run_export, "eval": run_eval, "data": run_data_check}[args.verb]
     try:
         check_inputs(args)
@@ -170,23 +161,18 @@ INPUTS = {
 
 
 def check_inputs(args: argparse.Namespace) -> None:
-    """Every local file a verb's arguments name exists and reads, and its media decode, before a model loads:
-    else an :class:`ArgumentError` naming the argument."""
+    """Raise an :class:`ArgumentError` naming the first of a verb's ``INPUTS`` that does not exist, read or decode."""
     for attr, name, kind in INPUTS.get(args.verb, []):
-        value = getattr(args, attr, None)
+        value = getattr(args, attr)
         for v in value if isinstance(value, list) else [value]:
-            if v is None:
-                continue
-            if kind in ("image", "video"):
+            if v is not None and kind in ("image", "video"):
                 check_media(kind, v, name)
-            else:
+            elif v is not None:
                 check_path(v, name, kind)
 
 
 def check_path(value: str, name: str, kind: str) -> None:
     """``kind``: "file", "directory", or "model" (a directory, or a hub id that is fetched later)."""
-    from .hub import HUB_ID
-
     path = Path(value).expanduser()
     if not path.exists():
         if kind == "model" and HUB_ID.fullmatch(value):
@@ -203,6 +189,7 @@ def check_path(value: str, name: str, kind: str) -> None:
 def check_media(kind: str, source: str, name: str) -> None:
     """A local image decodes, a local video opens and its first frame decodes; URLs are left to the loader."""
     from .processing.errors import MediaError, describe
+    from .processing.image import load_image
 
     if source.startswith(("http://", "https://", "data:")):
         return
@@ -210,8 +197,6 @@ def check_media(kind: str, source: str, name: str) -> None:
     check_path(path, name, "file")
     try:
         if kind == "image":
-            from .processing.image import load_image
-
             load_image(path, name=name)
             return
         import av
@@ -230,7 +215,6 @@ def check_media(kind: str, source: str, name: str) -> None:
 
 def run_tokens(args: argparse.Namespace) -> None:
     """One line per item: original and model size, frames, grid, tokens; then the total."""
-    from .hub import resolve_model
     from .processing.processor import MediaLoader, media_settings
 
     items = media_content(args)
@@ -259,41 +243,14 @@ def run_chat(args: argparse.Namespace) -> None:
     from . import load
 
     assistant = load(args.model, dtype=args.dtype, device=args.device)
-    generation = dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop, **media_options(args),
-    )  # fmt: skip
+    keys = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
+    generation = {k: getattr(args, k) for k in keys} | media_options(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     media = media_content(args)
     interactive = args.prompt is None
-    if interactive:
-        print("Interactive chat: empty line or Ctrl-D ends it; /image P or /video P attaches media to the next turn.",
-              file=sys.stderr)
-    while True:
-        if interactive:
-            try:
-                line = input("you> " if sys.stdin.isatty() else "").strip()
-            except EOFError:
-                break
-            if not line or line in ("/exit", "/quit"):
-                break
-            command, _, path = line.partition(" ")
-            if command in ("/image", "/video"):
-                kind, path = command[1:], path.strip()
-                try:
-                    if not path:
-                        raise ArgumentError(f"{command} wants a path or URL: {command} PATH")
-                    check_media(kind, path, command)
-                except ArgumentError as e:
-                    print(f"qwen2vl: error: {e} (the conversation goes on)", file=sys.stderr)
-                    continue
-                media.append({"type": kind, kind: path})
-                continue
-            question = line
-        else:
-            question = args.prompt
+    for question in read_questions(media) if interactive else [args.prompt]:
         history.append({"role": "user", "content": [*media, {"type": "text", "text": question}]})
-        media = []
+        media.clear()
         answer = []
         try:
             for piece in assistant.stream(history, **generation):
@@ -310,8 +267,32 @@ def run_chat(args: argparse.Namespace) -> None:
         history.append({"role": "assistant", "content": "".join(answer)})
         if args.draw_boxes:
             draw_answer_boxes(history, "".join(answer), args.draw_boxes)
-        if not interactive:
-            break
+
+
+def read_questions(media: list[dict]) -> Iterator[str]:
+    """The interactive session's questions, up to an empty line or EOF; ``/image P`` and ``/video P`` add to
+    ``media`` (the next turn's) instead."""
+    print("Interactive chat: empty line or Ctrl-D ends it; /image P or /video P attaches media to the next turn.",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if sys.stdin.isatty() else "").strip()
+        except EOFError:
+            return
+        if not line or line in ("/exit", "/quit"):
+            return
+        command, _, path = line.partition(" ")
+        if command not in ("/image", "/video"):
+            yield line
+            continue
+        kind, path = command[1:], path.strip()
+        try:
+            if not path:
+                raise ArgumentError(f"{command} wants a path or URL: {command} PATH")
+            check_media(kind, path, command)
+            media.append({"type": kind, kind: path})
+        except ArgumentError as e:
+            print(f"qwen2vl: error: {e} (the conversation goes on)", file=sys.stderr)
 
 
 def draw_answer_boxes(history: list[dict], answer: str, out: str) -> None:
@@ -374,25 +355,34 @@ def run_serve(args: argparse.Namespace) -> None:
             raise ValueError
     except ValueError:
         raise ValueError(f"--limit-mm-per-prompt must be a JSON object of counts, got {args.limit_mm_per_prompt!r}")
-    config = ServerConfig(
-        api_key=args.api_key or os.environ.get("QWEN2VL_API_KEY"), max_model_len=args.max_model_len,
-        max_batch_size=args.max_batch_size, max_queue=args.max_queue, limit_mm_per_prompt=limits,
-        allowed_local_media_path=args.allowed_local_media_path,
-        allowed_media_domains=tuple(args.allowed_media_domains), max_request_bytes=args.max_request_bytes,
-    )  # fmt: skip
+    as_given = ("max_model_len", "max_batch_size", "max_queue", "allowed_local_media_path", "max_request_bytes")
+    config = ServerConfig(api_key=args.api_key or os.environ.get("QWEN2VL_API_KEY"), limit_mm_per_prompt=limits,
+                          allowed_media_domains=tuple(args.allowed_media_domains),
+                          **{k: getattr(args, k) for k in as_given})
     if args.served_model_name:
         config.model_name = args.served_model_name
     serve(args.model, args.host, args.port, dtype=args.dtype, device=args.device, config=config)
 
 
+def params_table() -> str:
+    """Parameter counts of the 2B, 7B and 72B presets, counted on the meta device (the paper's Table 1)."""
+    import torch
+
+    from . import Qwen2VL, qwen2vl_2b, qwen2vl_7b, qwen2vl_72b
+
+    lines = ["Parameters of the presets, counted on the meta device (paper, Table 1):",
+             f"  {'model':<6} {'vision (ViT+merger)':>20} {'LLM':>16} {'total':>16}"]  # fmt: skip
+    for name, make in (("2B", qwen2vl_2b), ("7B", qwen2vl_7b), ("72B", qwen2vl_72b)):
+        with torch.device("meta"):
+            m = Qwen2VL(make())
+        vis = sum(p.numel() for p in m.visual.parameters())
+        total = sum(p.numel() for p in m.parameters())
+        lines.append(f"  {name:<6} {vis:>20,} {total - vis:>16,} {total:>16,}")
+    return "\n".join(lines)
+
+
 def run_params(args: argparse.Namespace) -> None:
     print(params_table())
-
-
-def run_demo(args: argparse.Namespace) -> None:
-    from .demo import run
-
-    run(args.model, random=args.random, preset=args.preset, dtype=args.dtype, new_tokens=args.new_tokens, out=args.out)
 
 
 if __name__ == "__main__":

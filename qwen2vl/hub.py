@@ -29,8 +29,6 @@ def resolve_model(ref: str | Path) -> Path:
     try:
         return Path(snapshot_download(str(ref), allow_patterns=PATTERNS))
     except Exception as e:  # offline, unknown repo, gated: the hub's own exception types vary by version
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelNotFound(
-            f"{ref}: no such directory, and it could not be fetched from the Hugging Face hub "
-            f"(offline or unknown repository: {reason}); give a local directory"
-        ) from None
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise ModelNotFound(f"{ref}: no such directory, and it could not be fetched from the Hugging Face hub "
+                            f"(offline or unknown repository: {reason}); give a local directory") from None

@@ -1,6 +1,5 @@
 """The progress line of long jobs (training, evaluation): redrawn in place on a terminal; in a log file or a pipe,
-a plain line once every tenth of the way, so that a log holds ten readable lines, not thousands of carriage
-returns."""
+a plain line once every tenth of the way, so that a log holds ten lines, not thousands of carriage returns."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 import qwen2vl
 from qwen2vl.assistant import Assistant
+from examples.demo import main as demo_main
 from qwen2vl.cli import main
 
 
@@ -103,7 +104,7 @@ def test_console_script_runs():
 
 def test_random_demo_runs_offline_on_the_example_image(tmp_path, capsys):
     out = tmp_path / "boxes.png"
-    assert main(["demo", "--random", "--new-tokens", "2", "--out", str(out)]) == 0
+    assert demo_main(["--random", "--new-tokens", "2", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "640x400 -> model input 644x392" in text and "322 tokens" in text
     assert "('the red ball', 70, 90, 210, 230)" in text
@@ -111,7 +112,7 @@ def test_random_demo_runs_offline_on_the_example_image(tmp_path, capsys):
 
 
 def test_demo_without_a_model_falls_back_to_random_weights(tmp_path, capsys):
-    assert main(["demo", "--model", str(tmp_path / "none"), "--new-tokens", "2", "--out", str(tmp_path / "b.png")]) == 0
+    assert demo_main(["--model", str(tmp_path / "none"), "--new-tokens", "2", "--out", str(tmp_path / "b.png")]) == 0
     assert "no model at" in capsys.readouterr().out
 
 
@@ -209,8 +210,7 @@ for name in ("fastapi", "uvicorn", "yaml", "tensorboard", "transformers", "torch
              "dashscope", "openai", "pytest", "huggingface_hub"):
     sys.modules[name] = None
 import qwen2vl
-from qwen2vl.demo import SHIPPED_MODEL
-a = qwen2vl.load(SHIPPED_MODEL)
+a = qwen2vl.load("models/qwen2vl-synth")
 video = [{"role": "user", "content": [{"type": "video", "video": "examples/ball.mp4"},
                                       {"type": "text", "text": "Which direction does the ball move?"}]}]
 print(a.chat(video, max_new_tokens=8))

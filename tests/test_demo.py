@@ -1,14 +1,14 @@
-"""`qwen2vl demo`: the boxes picture and lines say what the model really did, and the random walk-through keeps
-its own file and warns before a big preset. The trained demo runs on scripted answers here (no model); the shipped
-model's own run is tests/test_shipped.py's."""
+"""`make demo` (examples/demo.py): the boxes picture and lines say what the model really did, and the random
+walk-through keeps its own file and warns before a big preset. The trained demo runs on scripted answers here (no
+model); the shipped model's own run is tests/test_shipped.py's."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import qwen2vl
-from qwen2vl import demo
-from qwen2vl.cli import main
+from examples import demo
+from examples.demo import main
 from qwen2vl.processing.grounding import Box, format_box
 
 W, H = 224, 168  # examples/shapes.png
@@ -38,7 +38,7 @@ def scripted(monkeypatch, tmp_path):
 
 
 def test_the_demo_says_which_boxes_are_wrong(scripted, tmp_path, capsys):
-    assert main(["demo", "--model", str(scripted), "--out", str(tmp_path / "boxes.png")]) == 0
+    assert main(["--model", str(scripted), "--out", str(tmp_path / "boxes.png")]) == 0
     out = capsys.readouterr().out
     assert "IoU with the true box of the red circle: 1.00 -> right" in out
     assert "IoU with the true box of the blue square: 0.00 -> wrong" in out
@@ -48,7 +48,7 @@ def test_the_demo_says_which_boxes_are_wrong(scripted, tmp_path, capsys):
 
 def test_each_box_wears_its_shapes_colour_beside_the_dashed_true_box(scripted, tmp_path):
     out = tmp_path / "boxes.png"
-    assert main(["demo", "--model", str(scripted), "--out", str(out)]) == 0
+    assert main(["--model", str(scripted), "--out", str(out)]) == 0
     picture = np.asarray(Image.open(out).convert("RGB"))
     assert picture.shape == (H * S, W * S, 3)
     for name, (x1, y1, x2, y2) in PREDICTED.items():  # the model's box, solid: its left edge all in its colour
@@ -65,7 +65,7 @@ def test_each_box_wears_its_shapes_colour_beside_the_dashed_true_box(scripted, t
 
 def test_a_missing_box_is_wrong(monkeypatch, scripted, tmp_path, capsys):
     monkeypatch.setattr(Scripted, "chat", lambda self, messages, **kw: "I cannot see it")
-    assert main(["demo", "--model", str(scripted), "--out", str(tmp_path / "b.png")]) == 0
+    assert main(["--model", str(scripted), "--out", str(tmp_path / "b.png")]) == 0
     out = capsys.readouterr().out
     assert "wrong: no box in the answer for the blue square" in out and "boxes: 0 of 3 right" in out
 
@@ -73,7 +73,7 @@ def test_a_missing_box_is_wrong(monkeypatch, scripted, tmp_path, capsys):
 def test_the_random_demo_keeps_its_own_file(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "demo_boxes.png").write_bytes(b"make demo's picture")
-    assert main(["demo", "--random", "--new-tokens", "1"]) == 0
+    assert main(["--random", "--new-tokens", "1"]) == 0
     assert (tmp_path / "demo_boxes.png").read_bytes() == b"make demo's picture"
     assert Image.open(tmp_path / "demo_random_boxes.png").size == (640, 400)
     assert "drawn to demo_random_boxes.png" in capsys.readouterr().out
@@ -89,6 +89,6 @@ def test_the_2b_preset_says_what_it_will_cost_first(monkeypatch, capsys):
     # stop where the walk-through starts its real work (the image first, then the 2b model)
     monkeypatch.setattr("qwen2vl.processing.processor.MediaLoader.load", stop)
     with pytest.raises(Stop):
-        main(["demo", "--random", "--preset", "2b"])
+        main(["--random", "--preset", "2b"])
     first = capsys.readouterr().out.splitlines()[0]
     assert "2.2B parameters" in first and "about 9 GB of memory" in first and "several minutes" in first

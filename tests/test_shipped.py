@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qwen2vl
-from qwen2vl.cli import SHIPPED_MODEL, main
+from examples.demo import SHIPPED_MODEL, main as demo_main
 
 FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
          "preprocessor_config.json", "chat_template.json"}  # fmt: skip
@@ -61,7 +61,7 @@ def test_the_main_job_answers_about_the_shipped_pictures(tmp_path, capsys):
     from PIL import Image
 
     out = tmp_path / "boxes.png"
-    assert main(["demo", "--out", str(out)]) == 0
+    assert demo_main(["--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert text.count("  -> ") == 8 and "IoU with the true box" in text
     assert Image.open(out).size == (672, 504)  # shapes.png, 3x

@@ -1,24 +1,25 @@
-"""``qwen2vl demo`` and ``qwen2vl params``: the shipped model answering about the example pictures, scored against
-their known truths, and the architecture walk-through with random weights. A terminal walk-through: lines go out
-through ``say`` as they come; torch is imported inside the functions, so that ``qwen2vl --help`` loads nothing."""
+"""``make demo``: the shipped model answers about the example pictures, scored against their known truths
+(``python -m examples.demo``), or a walk-through of the architecture with random weights (``--random``). It reads
+this checkout's ``models/`` and ``examples/``, so it lives beside them, outside the library."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# The model that the synthetic curriculum trained from scratch, shipped in the repository.
-SHIPPED_MODEL = ROOT / "models" / "qwen2vl-synth"
+from qwen2vl.cli import params_table
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout
+SHIPPED_MODEL = ROOT / "models" / "qwen2vl-synth"  # trained from scratch by the synthetic curriculum
 EXAMPLES = ROOT / "examples"
 EXAMPLE_IMAGE = EXAMPLES / "scene.png"
 EXAMPLE_BOXES = {"the red ball": (70, 90, 210, 230), "the blue box": (300, 160, 420, 280)}  # pixels, ground truth
 
-# examples/make_examples.py draws these; the true boxes in pixels, [x1, x2) x [y1, y2): each shape fills a block of
-# 2x2 of the 28-px cells, drawn 2 px inside it, as the curriculum lays its shapes out
+# examples/make_examples.py draws these; true boxes in pixels, [x1, x2) x [y1, y2): 2 px inside 2x2 28-px cells
 SHAPES_TRUTH = {
     "the red circle": (30, 30, 82, 82),
     "the blue square": (86, 86, 138, 138),
@@ -34,8 +35,7 @@ SHAPE_COLOURS = {
 }  # fmt: skip
 RIGHT_IOU = 0.5  # a box is right when it overlaps the true one by at least this much (Acc@0.5, the usual bar)
 SCALE = 3  # the boxes picture is shapes.png enlarged this many times, so that 224x168 pixels can be read
-LINE = 3  # px: outlines are drawn outside their boxes, so that a box in its shape's colour still shows on the shape;
-# the model's box just outside its own edges, the true box (dashed) one line further out
+LINE = 3  # px; outlines go outside their boxes (the true box a line further out), so they show on the shapes
 TRAINED_OUT = "demo_boxes.png"
 RANDOM_OUT = "demo_random_boxes.png"  # its own name, so --random never overwrites `make demo`'s picture
 
@@ -44,8 +44,8 @@ Say = Callable[[str], None]
 
 def run(model: str | os.PathLike = SHIPPED_MODEL, *, random: bool = False, preset: str | None = None,
         dtype: str = "float32", new_tokens: int = 16, out: str | None = None, say: Say = print) -> None:
-    """``qwen2vl demo``: the trained model in ``model`` answers about the examples; with ``random`` or
-    ``preset`` (or no directory at ``model``) the walk-through with random weights runs instead."""
+    """The trained model in ``model`` answers about the examples; with ``random`` or ``preset`` (or no directory
+    at ``model``) the walk-through with random weights runs instead."""
     if random or preset or not Path(model).is_dir():
         if not (random or preset):
             say(f"(no model at {model}: showing the architecture with random weights instead)")
@@ -57,26 +57,9 @@ def run(model: str | os.PathLike = SHIPPED_MODEL, *, random: bool = False, prese
         trained_demo(model, dtype, out or TRAINED_OUT, say)
 
 
-def params_table() -> str:
-    """Parameter counts of the 2B, 7B and 72B presets, counted on the meta device (the paper's Table 1)."""
-    import torch
-
-    from . import Qwen2VL, qwen2vl_2b, qwen2vl_7b, qwen2vl_72b
-
-    lines = ["Parameters of the presets, counted on the meta device (paper, Table 1):",
-             f"  {'model':<6} {'vision (ViT+merger)':>20} {'LLM':>16} {'total':>16}"]  # fmt: skip
-    for name, make in (("2B", qwen2vl_2b), ("7B", qwen2vl_7b), ("72B", qwen2vl_72b)):
-        with torch.device("meta"):
-            m = Qwen2VL(make())
-        vis = sum(p.numel() for p in m.visual.parameters())
-        total = sum(p.numel() for p in m.parameters())
-        lines.append(f"  {name:<6} {vis:>20,} {total - vis:>16,} {total:>16,}")
-    return "\n".join(lines)
-
-
 def _outline(box, px: int, label: str | None = None):
     """``box`` on the SCALE-times enlarged picture, grown by ``px`` on every side."""
-    from .processing.grounding import Box
+    from qwen2vl.processing.grounding import Box
 
     return Box(box.x1 * SCALE - px, box.y1 * SCALE - px, box.x2 * SCALE + px, box.y2 * SCALE + px, label)
 
@@ -84,17 +67,14 @@ def _outline(box, px: int, label: str | None = None):
 def trained_demo(
     model_dir: str | os.PathLike, dtype: str = "float32", out: str = TRAINED_OUT, say: Say = print
 ) -> list[tuple[str, float]]:
-    """The model answers about examples/shapes.png, one.png, text.png and ball.mp4; its boxes are scored against
-    the true ones and drawn on a 3x enlargement of shapes.png to ``out``: each solid in the colour its label names,
-    with its IoU, beside the true box dashed in its shape's colour. Returns (asked shape, IoU) for each box."""
-    import torch
-
-    from . import load
-    from .processing.grounding import Box, draw_boxes, parse_boxes
-    from .processing.image import load_image
+    """The model answers about the example pictures; its boxes are scored and drawn on shapes.png enlarged, to
+    ``out``: solid in the colour their label names, beside the true boxes dashed. Returns (asked shape, IoU) each."""
+    from qwen2vl import load
+    from qwen2vl.processing.grounding import Box, draw_boxes, parse_boxes
+    from qwen2vl.processing.image import load_image
 
     t0 = time.perf_counter()
-    assistant = load(model_dir, dtype=getattr(torch, dtype))
+    assistant = load(model_dir, dtype=dtype)
     size = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
     say(f"loaded {model_dir} ({size / 2**20:.1f} MiB of weights, computing in {dtype}) in "
         f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
@@ -153,7 +133,7 @@ def expected_cost(preset: str) -> str | None:
         return None
     import torch
 
-    from . import Qwen2VL, qwen2vl_2b
+    from qwen2vl import Qwen2VL, qwen2vl_2b
 
     with torch.device("meta"):
         n = sum(p.numel() for p in Qwen2VL(qwen2vl_2b()).parameters())
@@ -169,14 +149,13 @@ def random_demo(preset: str = "tiny", dtype: str = "float32", new_tokens: int = 
     vision -> M-RoPE -> cached decoding, and the grounding format on the image's true boxes, drawn to ``out``."""
     import torch
 
-    from . import Qwen2VL, qwen2vl_2b, tiny
-    from .processing.grounding import Box, draw_boxes, format_box, parse_boxes
-    from .processing.image import load_image
-    from .processing.processor import MediaLoader
+    from qwen2vl import Qwen2VL, qwen2vl_2b, tiny
+    from qwen2vl.processing.grounding import Box, draw_boxes, format_box, parse_boxes
+    from qwen2vl.processing.processor import MediaLoader
 
     torch_dtype = getattr(torch, dtype)
-    c = config = tiny() if preset == "tiny" else qwen2vl_2b()
-    say(f"\nDemo on the {preset} architecture with random weights ({torch_dtype}); `qwen2vl demo` runs the trained "
+    c = tiny() if preset == "tiny" else qwen2vl_2b()
+    say(f"\nDemo on the {preset} architecture with random weights ({torch_dtype}); `make demo` runs the trained "
         "one.")
 
     # 1. preprocessing of a real image: what it costs in tokens, at the default and at a smaller budget
@@ -193,8 +172,7 @@ def random_demo(preset: str = "tiny", dtype: str = "float32", new_tokens: int = 
     # 2. a random-weight model through the checkpoint path and generation, fed those real patches
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = Qwen2VL(config)
-    model = model.to_empty(device="cpu")
+        model = Qwen2VL(c).to_empty(device="cpu")
     model.tie_weights()
     model.init_weights()
     if preset == "tiny":  # exercise the checkpoint path too: hub-layout save, strict meta-device load
@@ -223,10 +201,28 @@ def random_demo(preset: str = "tiny", dtype: str = "float32", new_tokens: int = 
     # 3. grounding: the ground-truth boxes in Qwen2-VL's text format, parsed back and drawn
     answer = " and ".join(format_box(Box(*xyxy), w0, h0, label=label) for label, xyxy in EXAMPLE_BOXES.items())
     boxes = parse_boxes(answer, w0, h0)
-    draw_boxes(load_image(EXAMPLE_IMAGE), boxes, out)
+    draw_boxes(EXAMPLE_IMAGE, boxes, out)
     say(f"grounding format (0-1000 coordinates): {answer}")
     say(f"parsed back to pixels: {[(b.label, round(b.x1), round(b.y1), round(b.x2), round(b.y2)) for b in boxes]}; "
         f"drawn to {out}")
     say("\nNext: `qwen2vl chat MODEL_DIR --image examples/scene.png \"What is in the picture?\"` with a real "
         "checkpoint (or models/qwen2vl-synth and examples/shapes.png); `qwen2vl tokens --image examples/scene.png` "
         "prices any image or video.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(SHIPPED_MODEL), help="model directory (default: the shipped one)")
+    parser.add_argument("--random", action="store_true", help="instead: an architecture walk-through, random weights")
+    parser.add_argument("--preset", choices=["tiny", "2b"], help="architecture of --random (default tiny; implies it)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens --random generates")
+    parser.add_argument("--out", help="where to save the grounding picture (default: demo_boxes.png, or "
+                        "demo_random_boxes.png with --random)")
+    args = parser.parse_args(argv)
+    run(args.model, random=args.random, preset=args.preset, dtype=args.dtype, new_tokens=args.new_tokens, out=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
