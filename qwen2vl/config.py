@@ -208,15 +208,17 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _validate(c: Qwen2VLConfig) -> None:
     t, v = c.text, c.vision
     if t.hidden_size % t.num_attention_heads:
-        raise ConfigError(f"hidden_size {t.hidden_size} is not divisible by num_attention_heads {t.num_attention_heads}")
+        raise ConfigError(f"hidden_size {t.hidden_size} is not divisible by "
+                          f"num_attention_heads {t.num_attention_heads}")
     if t.num_attention_heads % t.num_key_value_heads:
-        raise ConfigError(
-            f"num_attention_heads {t.num_attention_heads} is not a multiple of num_key_value_heads {t.num_key_value_heads}"
-        )
+        raise ConfigError(f"num_attention_heads {t.num_attention_heads} is not a multiple of "
+                          f"num_key_value_heads {t.num_key_value_heads}")
     if len(t.mrope_section) != 3 or sum(t.mrope_section) * 2 != t.head_dim:
-        raise ConfigError(f"mrope_section {list(t.mrope_section)} must be 3 numbers summing to head_dim/2 = {t.head_dim // 2}")
+        raise ConfigError(f"mrope_section {list(t.mrope_section)} must be 3 numbers summing to "
+                          f"head_dim/2 = {t.head_dim // 2}")
     if v.embed_dim % v.num_heads or v.head_dim % 4:
-        raise ConfigError(f"vision embed_dim {v.embed_dim} / num_heads {v.num_heads} must give a head_dim divisible by 4")
+        raise ConfigError(f"vision embed_dim {v.embed_dim} / num_heads {v.num_heads} must give a head_dim "
+                          "divisible by 4")
     if v.hidden_size != t.hidden_size:
         raise ConfigError(f"vision_config.hidden_size {v.hidden_size} must equal the LLM hidden_size {t.hidden_size}")
     if v.hidden_act != "quick_gelu":

@@ -72,8 +72,7 @@ NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?%?")
 
 
 def _number(text: str) -> float | None:
-    found = NUMBER.findall(text)
-    if not found:
+    if not (found := NUMBER.findall(text)):
         return None
     value = found[-1].replace(",", "")
     return float(value[:-1]) / 100 if value.endswith("%") else float(value)
@@ -99,10 +98,8 @@ def box(prediction: str, reference: str | Sequence[str] | Sequence[float], thres
 def box_iou(prediction: str, reference: str | Sequence[str] | Sequence[float]) -> float:
     """The IoU of the prediction's first box with the best-matching reference box (0 when either has none): what
     Acc@0.5 thresholds, kept for the report's mean IoU, which shows progress long before boxes pass 0.5."""
-    if isinstance(reference, str):
-        targets = parse_boxes(reference)
-    elif reference and isinstance(reference[0], str):
-        targets = [b for r in reference for b in parse_boxes(r)]
+    if isinstance(reference, str) or reference and isinstance(reference[0], str):
+        targets = [b for r in _references(reference) for b in parse_boxes(r)]
     else:
         targets = [Box(*map(float, reference))]
     guesses = parse_boxes(prediction)

@@ -61,10 +61,8 @@ def evaluate(assistant, data: str | Path, metric: str | None = None, *, max_new_
 
 
 def markdown(report: dict) -> str:
-    lines = ["| task | metric | n | score |", "|---|---|---:|---:|"]
-    for name, t in report["tasks"].items():
-        lines.append(f"| {name} | {t['metric']} | {t['n']} | {100 * t['score']:.1f}% |")
-    return "\n".join(lines)
+    rows = [f"| {name} | {t['metric']} | {t['n']} | {100 * t['score']:.1f}% |" for name, t in report["tasks"].items()]
+    return "\n".join(["| task | metric | n | score |", "|---|---|---:|---:|", *rows])
 
 
 def write_report(report: dict, path: str | Path) -> None:

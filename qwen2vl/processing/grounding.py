@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
 from ..atomic import write_file
-from .errors import MediaError, describe
+from .image import load_image
 
 _NUM = r"(\d+(?:\.\d+)?)"
 _POINT = rf"\(\s*{_NUM}\s*,\s*{_NUM}\s*\)"
@@ -149,18 +149,6 @@ def strip_grounding(text: str) -> str:
     return _BARE_RUN.sub(join, text)
 
 
-def _open(image: Image.Image | str | os.PathLike) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")  # always a copy, so the caller's image is never drawn on
-    if not isinstance(image, (str, os.PathLike)):
-        raise MediaError(f"image {describe(image)}: expected a PIL image or a path")
-    try:
-        with Image.open(image) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as e:  # missing file, not an image, truncated data
-        raise MediaError(f"image {describe(image)}: not a readable image ({e})") from e
-
-
 Colour = tuple[int, int, int] | str  # an RGB triple, or a name PIL knows ("red", "#e6194b")
 
 
@@ -189,7 +177,7 @@ def draw_boxes(image: Image.Image | str | os.PathLike, boxes: list[Box], out_pat
     ``font_size`` defaults to a 25th of the image's smaller side. Boxes outside the image are skipped."""
     if colours is not None and len(colours) != len(boxes):
         raise ValueError(f"{len(colours)} colours for {len(boxes)} boxes: give one per box")
-    img = _open(image)
+    img = load_image(image)  # always a copy, so the caller's image is never drawn on
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=font_size or max(12, min(img.size) // 25))
     picked: dict[object, Colour] = {}
@@ -227,8 +215,6 @@ def draw_boxes(image: Image.Image | str | os.PathLike, boxes: list[Box], out_pat
 def draw_answer(image: object, answer: str, out_path: str | os.PathLike, *, name: str = "image") -> list[Box]:
     """The boxes of a model's ``answer`` (0-1000 coordinates) drawn on ``image`` (a path, URL or PIL image, as
     the model saw it) in its own pixels and saved to ``out_path``; returns them."""
-    from .image import load_image
-
     picture = load_image(image, name=name)
     boxes = parse_boxes(answer, picture.width, picture.height)
     draw_boxes(picture, boxes, out_path)

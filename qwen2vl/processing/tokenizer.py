@@ -26,7 +26,7 @@ QWEN2_SPLIT = (
 
 
 def qwen2_pipeline(tok: _HFTokenizer) -> None:
-    """Give a byte-level BPE Qwen2's normaliser (NFC), pre-tokenizer (its split regex, digits one by one) and decoder."""
+    """Give a byte-level BPE Qwen2's normaliser (NFC), pre-tokenizer (its split regex, digits one by one), decoder."""
     from tokenizers import Regex, decoders, normalizers, pre_tokenizers
 
     tok.normalizer = normalizers.NFC()

@@ -10,9 +10,8 @@ the default when there is an assistant turn).
 Labels (the paper: loss on text tokens only): in chat, the official ChatML template, only the assistant replies
 and their ``<|im_end|>`` are supervised; in pretrain, the content parts in order with no template, then
 ``<|endoftext|>``, all text is. Vision tokens never are, nor a sample's first token (nothing in the sample predicts
-it). With ``turn_weights`` each supervised token weighs 1 / (supervised tokens of its reply), so every reply (a
-caption is one) weighs the same, whether it is "4" or a 20-token box. Supervision is decided on the rendered text's
-characters and mapped to tokens by their offsets, so the ids are exactly those inference produces.
+it). Supervision is decided on the rendered text's characters and mapped to tokens by their offsets, so the ids
+are exactly those inference produces.
 """
 
 from __future__ import annotations
@@ -119,9 +118,10 @@ def _from_sharegpt(record: dict, where: str) -> list[dict]:
 
 def encode(messages: list[dict], kind: str, processor: Processor, where: str = "record", *, levels: bool = False,
            turn_weights: bool = False, **media_options) -> Sample:  # fmt: skip
-    """Messages -> a Sample: ids as inference tokenizes them, labels, and the media's patches (with ``levels``,
-    held as uint8 levels that ``Sample.patches`` normalises when the sample is packed: an eighth of the memory for
-    images, a quarter for videos). ``turn_weights``: also the per-token weights that make each reply weigh 1."""
+    """Messages -> a Sample: ids as inference tokenizes them, labels, and the media's patches (``levels``: as uint8
+    levels that ``Sample.patches`` normalises at packing, an eighth of the memory for images, a quarter for videos).
+    ``turn_weights``: each supervised token also weighs 1 / (its reply's supervised tokens), so every reply (a
+    caption is one) weighs the same, whether it is "4" or a 20-token box."""
     tok = processor.tokenizer
     if kind == "chat":
         text, spans = "", []
@@ -144,12 +144,11 @@ def encode(messages: list[dict], kind: str, processor: Processor, where: str = "
 
     # load the media and expand each placeholder to its token count (never supervised)
     loaded = {kind: [] for kind in KINDS}
-    placeholders = {"image": processor.image_token_id, "video": processor.video_token_id}
     try:
         for k, part in media_parts(messages):
             name = f"{where} {k} {len(loaded[k]) + 1}"
             loaded[k].append(processor.media.load(k, part, name, media_options, levels=levels))
-        counts = {k: (placeholders[k], [info.tokens for info, _ in loaded[k]]) for k in KINDS}
+        counts = {k: (getattr(processor, f"{k}_token_id"), [info.tokens for info, _ in loaded[k]]) for k in KINDS}
         repeats = placeholder_repeats(ids, counts, where)
     except MediaError as e:
         raise DataError(str(e)) from None

@@ -35,8 +35,7 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def init(device: torch.device | None = None) -> tuple[int, int]:
-    """(rank, world size); starts the process group when launched by torchrun with more than one process:
-    nccl between GPUs, gloo between CPU processes."""
+    """(rank, world size); starts the process group when torchrun launched more than one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device is not None and device.type == "cuda" else "gloo")
@@ -66,7 +65,7 @@ def wrap(objective: nn.Module, kind: str, world: int) -> nn.Module:
 
 def inner(objective: nn.Module):
     """The Qwen2VL inside the (possibly wrapped) objective."""
-    return (objective.module if hasattr(objective, "module") else objective).model
+    return getattr(objective, "module", objective).model
 
 
 def no_sync(objective: nn.Module, last: bool):
@@ -103,15 +102,11 @@ def save(objective: nn.Module, optimizer, out: Path, step: int, state: dict, ran
     checkpoint is the same whatever the number of processes."""
     model = inner(objective)
     if sharded(model):
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
+        from torch.distributed.checkpoint import state_dict as dsd
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        full = get_model_state_dict(model, options=options)
-        optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+        options = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = dsd.get_model_state_dict(model, options=options)
+        optimizer_state = dsd.get_optimizer_state_dict(model, optimizer, options=options)
         if rank == 0:
             model = type(model)(model.config)
             model.load_state_dict(full)
@@ -125,8 +120,8 @@ def save(objective: nn.Module, optimizer, out: Path, step: int, state: dict, ran
 def load_optimizer(objective: nn.Module, optimizer, saved: dict) -> None:
     model = inner(objective)
     if sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint import state_dict as dsd
 
-        set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+        dsd.set_optimizer_state_dict(model, optimizer, saved, options=dsd.StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(saved)

@@ -23,8 +23,7 @@ def export(checkpoint: str | Path, dest: str | Path, base: str | Path | None = N
     checkpoint, dest = Path(checkpoint), Path(dest)
     dtype = resolve_dtype(dtype)  # a ValueError naming the known ones
     if not (checkpoint / "trainer_state.json").is_file():  # OUT itself: its latest checkpoint
-        latest = latest_checkpoint(checkpoint)
-        if latest is None:
+        if (latest := latest_checkpoint(checkpoint)) is None:
             raise ValueError(f"{checkpoint}: neither a checkpoint nor a training output with one")
         checkpoint = latest
     base = Path(base or load_state(checkpoint)["config"]["model"])

@@ -26,7 +26,7 @@ from ..progress import end as end_progress
 from ..progress import show
 from ..records import DataError, read_jsonl
 from . import distributed as dist_utils
-from .checkpoint import latest_checkpoint, load_state, save_checkpoint
+from .checkpoint import latest_checkpoint, load_state
 from .data import Sample, encode, to_messages
 from .packing import PackedRow, loss_sum, pack, plan_rows
 from .stages import param_groups, stage
@@ -100,8 +100,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     warmup = warmup_steps(cfg)
     if step < warmup:
         return (step + 1) / warmup
-    span = max(1, cfg.max_steps - warmup)
-    progress = min(1.0, (step - warmup) / span)
+    progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -119,16 +118,14 @@ class Objective(nn.Module):
         if row.pixel_values is None and row.pixel_values_videos is None and any(
             p.requires_grad for p in vision.parameters()
         ):  # first, as a row with media runs the ViT first: the same order of collectives on every rank
-            c = self.model.config.vision
-            dummy = torch.zeros(4, c.patch_dim, device=row.input_ids.device)
+            dummy = torch.zeros(4, self.model.config.vision.patch_dim, device=row.input_ids.device)
             unused = vision(dummy, torch.tensor([[1, 2, 2]])).sum()
         loss, _ = loss_sum(self.model, row)
         return loss if unused is None else loss + 0.0 * unused
 
 
 def use_activation_checkpointing(model: Qwen2VL) -> None:
-    """Recompute each decoder layer and ViT block in the backward pass instead of keeping its activations
-    (set on the instances, so parameter names and checkpoints do not change)."""
+    """Recompute each decoder layer and ViT block in the backward pass (set on the instances: names do not change)."""
     for block in [*model.model.layers, *model.visual.blocks]:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
@@ -235,9 +232,8 @@ def train(cfg: TrainConfig) -> list[dict]:
         # the whole window's supervised tokens, or their weight (all ranks); a sample's first token is never
         # supervised, so a row's count is the sum of its samples'
         count = sum(samples[i].weight for r in window for i in r)
-        factor = lr_factor(step, cfg)
         for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * factor
+            g["lr"] = g["base_lr"] * lr_factor(step, cfg)
         optimizer.zero_grad(set_to_none=True)
         local_sum = torch.zeros((), device=device)
         mine = [pack([samples[i] for i in r], model.config).to(device) for r in window[rank::world]]  # this rank's
@@ -278,8 +274,6 @@ def train(cfg: TrainConfig) -> list[dict]:
 def _progress(entry: dict, max_steps: int, elapsed: float, steps_here: int) -> None:
     rate = entry["tokens"] / max(entry["seconds"], 1e-9)
     eta = elapsed / steps_here * (max_steps - entry["step"])
-    width = 24
-    done = int(width * entry["step"] / max_steps)
-    bar = "#" * done + "-" * (width - done)
+    bar = ("#" * int(24 * entry["step"] / max_steps)).ljust(24, "-")
     show(f"[{bar}] step {entry['step']}/{max_steps} loss {entry['loss']:.4f} lr {entry['lr']:.2e} "
          f"{rate:,.0f} tok/s ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", entry["step"], max_steps)

@@ -6,7 +6,7 @@ rows can be normalised by its total count (or weight).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +30,8 @@ class PackedRow:
 
     def to(self, device: torch.device) -> PackedRow:
         """The tensors the model computes with on ``device``; the grids stay on the host (read as ints)."""
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return replace(self, input_ids=move(self.input_ids), labels=move(self.labels),
-                       position_ids=move(self.position_ids), pixel_values=move(self.pixel_values),
-                       pixel_values_videos=move(self.pixel_values_videos), weights=move(self.weights))  # fmt: skip
+        moved = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "seqlens" and "grid" not in f.name}
+        return replace(self, **{k: v.to(device, non_blocking=True) for k, v in moved.items() if v is not None})
 
     @property
     def supervised(self) -> int:
@@ -77,8 +75,7 @@ def pack(samples: list[Sample], config: Qwen2VLConfig) -> PackedRow:
         labels=torch.cat([s.labels for s in samples])[None],
         position_ids=torch.cat(positions, dim=-1),
         seqlens=[len(s) for s in samples],
-        pixel_values=cat("pixel_values"), image_grid_thw=cat("image_grid_thw"),
-        pixel_values_videos=cat("pixel_values_videos"), video_grid_thw=cat("video_grid_thw"),
+        **{key: cat(key) for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")},
         weights=torch.cat([(s.labels != IGNORE).float() if s.weights is None else s.weights
                            for s in samples])[None] if weighted else None,
     )  # fmt: skip
