@@ -15,27 +15,24 @@ class Metrics:
         self.lock = threading.Lock()
         self.requests: Counter[int] = Counter()  # by HTTP status
         self.tokens = 0
-        self.recent: deque[tuple[float, int]] = deque()  # (second, tokens in it)
+        self.recent: deque[float] = deque()  # when each token of the last WINDOW_S seconds came
 
     def request(self, status: int) -> None:
         with self.lock:
             self.requests[status] += 1
 
     def token(self) -> None:
-        now = float(int(time.monotonic()))
+        now = time.monotonic()
         with self.lock:
             self.tokens += 1
-            if self.recent and self.recent[-1][0] == now:
-                self.recent[-1] = (now, self.recent[-1][1] + 1)
-            else:
-                self.recent.append((now, 1))
-            while self.recent and self.recent[0][0] < now - WINDOW_S:
+            self.recent.append(now)
+            while self.recent[0] < now - WINDOW_S:
                 self.recent.popleft()
 
     def tokens_per_second(self) -> float:
         now = time.monotonic()
         with self.lock:
-            return sum(n for t, n in self.recent if t >= now - WINDOW_S) / WINDOW_S
+            return sum(t >= now - WINDOW_S for t in self.recent) / WINDOW_S
 
     def render(self, engine) -> str:
         with self.lock:
