@@ -1,11 +1,9 @@
 """ChatML conversations (REFERENCE §6): the official Qwen2-VL-Instruct chat template rendered in code, and the
 media parts of a conversation in order.
 
-``render`` is byte for byte the official template for every conversation it accepts (default system prompt,
-``<|im_start|>role\\n...<|im_end|>\\n`` per message, media parts as ``<|vision_start|><|image_pad|><|vision_end|>``
-or ``<|video_pad|>``, ``Picture N: ``/``Video N: `` with ``add_vision_id``). One deliberate extension: a part with
-a ``video_url`` key (OpenAI style) is a video, where the official template silently drops it. A checkpoint with
-another template in ``chat_template.json`` is rendered by that template with sandboxed jinja2 (:class:`ChatTemplate`).
+``render`` is byte for byte the official template for every conversation it accepts, with one deliberate extension:
+a part with a ``video_url`` key (OpenAI style) is a video, where the official template silently drops it. A checkpoint
+with another template in ``chat_template.json`` is rendered by it in sandboxed jinja2 (:class:`ChatTemplate`).
 """
 
 from __future__ import annotations

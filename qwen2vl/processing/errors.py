@@ -16,8 +16,7 @@ def describe(source: object, limit: int = 60) -> str:
         return f"<{len(source)} bytes>"
     if isinstance(source, str):
         if source.startswith("data:"):
-            head = source.split(",", 1)[0]
-            return f"<{head}, {len(source)} chars>"
+            return f"<{source.partition(',')[0]}, {len(source)} chars>"
         return repr(source if len(source) <= limit else "..." + source[3 - limit :])  # the file name is at the end
     if isinstance(source, (list, tuple)):
         return f"<list of {len(source)} frames>"

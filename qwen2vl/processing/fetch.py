@@ -1,9 +1,8 @@
 """Fetching media over http(s) with limits: a timeout, a size cap enforced while downloading, no redirects,
 and no connection to loopback, private or link-local addresses unless the host is explicitly allowed.
 
-The address check is done on the resolved address, and the connection then goes to that same address (the
-host name is kept for the Host header and TLS), so a DNS answer cannot change between the check and the
-connection. ``resolve`` is a module-level function so that tests can stub the resolver.
+The address check is done on the resolved address, and the connection then goes to that same address (the host
+name is kept for the Host header and TLS), so a DNS answer cannot change between the check and the connection.
 """
 
 from __future__ import annotations
@@ -48,20 +47,17 @@ def _domain_allowed(host: str, allowed: tuple[str, ...]) -> bool:
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """An HTTP connection to an address already checked, whatever the host name resolves to now."""
+    """An HTTP(S) connection to an address already checked, whatever the host name resolves to now."""
 
-    def __init__(self, host: str, port: int, address: str, timeout: float):
+    def __init__(self, host: str, port: int, address: str, timeout: float, tls: bool):
         super().__init__(host, port, timeout=timeout)
         self._address = address
+        self._tls = tls
 
     def connect(self) -> None:
         self.sock = socket.create_connection((self._address, self.port), self.timeout)
-
-
-class _PinnedHTTPSConnection(_PinnedHTTPConnection):
-    def connect(self) -> None:
-        super().connect()
-        self.sock = ssl.create_default_context().wrap_socket(self.sock, server_hostname=self.host)
+        if self._tls:
+            self.sock = ssl.create_default_context().wrap_socket(self.sock, server_hostname=self.host)
 
 
 def fetch_url(url: str, policy: FetchPolicy = FetchPolicy(), *, name: str = "media") -> bytes:
@@ -89,8 +85,7 @@ def fetch_url(url: str, policy: FetchPolicy = FetchPolicy(), *, name: str = "med
         raise MediaError(f"{what}: host {host!r} resolves to a non-public address ({refused[0]}); refused")
 
     deadline = time.monotonic() + policy.timeout
-    cls = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
-    conn = cls(host, port, addresses[0], timeout=policy.timeout)
+    conn = _PinnedHTTPConnection(host, port, addresses[0], policy.timeout, tls=parts.scheme == "https")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
         conn.request("GET", target, headers={"User-Agent": "qwen2vl", "Accept-Encoding": "identity"})

@@ -182,10 +182,9 @@ def draw_boxes(image: Image.Image | str | os.PathLike, boxes: list[Box], out_pat
     font = ImageFont.load_default(size=font_size or max(12, min(img.size) // 25))
     picked: dict[object, Colour] = {}
     for i, b in enumerate(boxes):
-        x1, x2 = sorted((b.x1, b.x2))
-        y1, y2 = sorted((b.y1, b.y2))
-        x1, y1 = max(0, round(x1)), max(0, round(y1))
-        x2, y2 = min(img.width - 1, round(x2)), min(img.height - 1, round(y2))
+        b = _box([(b.x1, b.y1), (b.x2, b.y2)], b.label)  # corners in order
+        x1, y1 = max(0, round(b.x1)), max(0, round(b.y1))
+        x2, y2 = min(img.width - 1, round(b.x2)), min(img.height - 1, round(b.y2))
         if x1 > x2 or y1 > y2:
             continue
         colour = colours[i] if colours is not None else None

@@ -105,10 +105,9 @@ def target_size(height: int, width: int, *, min_pixels: int = IMAGE_MIN_PIXELS, 
 def patch_levels(frames_THWC: np.ndarray, patch_size: int = PATCH, temporal_patch_size: int = 2,
                  merge_size: int = MERGE) -> tuple[np.ndarray, tuple[int, int, int]]:
     """uint8 frames [T, H, W, C] -> (uint8 levels [t*gh*gw, C, tt, p*p], grid (t, gh, gw)) in 2x2-window order
-    (REFERENCE §4): (t, gh/m, gw/m, m, m) over patches, (C, tt, p, p) within one. ``tt`` is 1 for an image (its
-    temporal patch is two copies of it, made by ``normalise_levels``) and ``temporal_patch_size`` for a clip; a
-    clip with an odd frame count repeats its last frame. Kept as uint8, an image patch takes an eighth of the bytes
-    of its float32 values and a clip's a quarter, which is how training holds a whole synthetic corpus in memory."""
+    (REFERENCE §4): (t, gh/m, gw/m, m, m) over patches, (C, tt, p, p) within one. ``tt`` is 1 for an image (two
+    copies fill its temporal patch in ``normalise_levels``), else ``temporal_patch_size`` (an odd-length clip repeats
+    its last frame). As uint8 (1/8 of an image's float32 bytes, 1/4 of a clip's), training holds a corpus in memory."""
     T, H, W, C = frames_THWC.shape
     p, m, tp = patch_size, merge_size, temporal_patch_size
     if T > 1 and T % tp:

@@ -1,9 +1,8 @@
 """Messages -> model inputs: render the chat template, load and patchify each image and video, tokenize, expand
 each placeholder to its token count, left-pad the batch (REFERENCE §4-6; transformers' ``Qwen2VLProcessor``).
 
-Media options, per call (``processor(messages, max_pixels=...)``) or per content part (qwen-vl-utils' keys, which
-win): images take ``min_pixels``, ``max_pixels``, ``resized_height``/``resized_width``; videos take those and
-``fps``, ``nframes``, ``min_frames``, ``max_frames``, ``video_start``, ``video_end``, ``total_pixels``.
+Media options (``IMAGE_KEYS``, ``VIDEO_KEYS``: qwen-vl-utils' names) are given per call
+(``processor(messages, max_pixels=...)``) or per content part, which wins.
 """
 
 from __future__ import annotations
@@ -97,10 +96,8 @@ class MediaLoader:
         if not levels:
             values = self.normalise(values)
         tokens = grid[0] * grid[1] * grid[2] // self.merge_size**2
-        info = MediaInfo(
-            "video", 0, 0, source, v.original_size, tuple(v.frames.shape[1:3]), grid, tokens,
-            frames=len(v.frames), frame_indices=list(v.indices), sample_fps=v.sample_fps,
-        )  # fmt: skip
+        info = MediaInfo("video", 0, 0, source, v.original_size, tuple(v.frames.shape[1:3]), grid, tokens,
+                         frames=len(v.frames), frame_indices=list(v.indices), sample_fps=v.sample_fps)
         return info, values
 
     def normalise(self, levels: np.ndarray) -> np.ndarray:
@@ -185,9 +182,8 @@ class Processor:
 
 
 def placeholder_repeats(ids: list[int], items: dict[str, tuple[int, list[int]]], name: str) -> list[int]:
-    """How many times each token of ``ids`` stands in the expanded prompt. ``items`` maps a kind ("image",
-    "video") to (its placeholder token id, the token count of each of its items in order): the i-th placeholder
-    of a kind stands for its i-th item's tokens, every other token for itself."""
+    """How many times each token of ``ids`` stands in the expanded prompt. ``items``: kind -> (its placeholder id,
+    its items' token counts in order); the i-th placeholder of a kind stands for its i-th item, any other token once."""
     per_token = {}
     for kind, (token, sizes) in items.items():
         found = ids.count(token)
@@ -241,35 +237,31 @@ def save_processor_files(path: str | Path, tokenizer_json: str, *, model_max_len
 
 
 def media_settings(path: Path) -> dict:
-    """MediaLoader settings from a checkpoint's preprocessor_config.json and video_preprocessor_config.json, whose
-    pixel bounds, fps and frame limits become the default video options (else qwen-vl-utils', as the official
-    checkpoints expect)."""
+    """MediaLoader settings from a checkpoint's preprocessor_config.json and video_preprocessor_config.json (its
+    pixel bounds, fps and frame limits are the default video options; without it, qwen-vl-utils')."""
     cfg = _read_config(path / "preprocessor_config.json")
     if cfg is None:
         return {}
-    size = cfg.get("size") or {}
-    # transformers >= 4.5x writes the pixel bounds as size={shortest_edge, longest_edge}
-    out = {
-        "min_pixels": cfg.get("min_pixels", size.get("shortest_edge", img.IMAGE_MIN_PIXELS)),
-        "max_pixels": cfg.get("max_pixels", size.get("longest_edge", img.IMAGE_MAX_PIXELS)),
-    }
+    out = _pixel_bounds(cfg, img.IMAGE_MIN_PIXELS, img.IMAGE_MAX_PIXELS)
     for key in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std"):
         if key in cfg:
             out[key] = tuple(cfg[key]) if isinstance(cfg[key], list) else cfg[key]
     video = _read_config(path / "video_preprocessor_config.json")
     if video is not None:
-        size = video.get("size") or {}
-        options = {
-            "min_pixels": video.get("min_pixels", size.get("shortest_edge")),
-            "max_pixels": video.get("max_pixels", size.get("longest_edge")),
-            **{k: video.get(k) for k in ("fps", "min_frames", "max_frames")},
-        }
+        options = {**_pixel_bounds(video), **{k: video.get(k) for k in ("fps", "min_frames", "max_frames")}}
         for key, value in options.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise MediaError(f"{path / 'video_preprocessor_config.json'}: {key} must be a positive number, "
                                  f"not {value!r}")  # fmt: skip
         out["video_options"] = {k: v for k, v in options.items() if v is not None}
     return out
+
+
+def _pixel_bounds(cfg: dict, low: int | None = None, high: int | None = None) -> dict:
+    """min_pixels and max_pixels, or transformers >= 4.5x's size={shortest_edge, longest_edge}, else low/high."""
+    size = cfg.get("size") or {}
+    return {"min_pixels": cfg.get("min_pixels", size.get("shortest_edge", low)),
+            "max_pixels": cfg.get("max_pixels", size.get("longest_edge", high))}
 
 
 def _read_config(file: Path) -> dict | None:

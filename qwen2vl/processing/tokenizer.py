@@ -48,11 +48,9 @@ class Tokenizer:
     def __init__(self, tokenizer: _HFTokenizer, *, eos_token: str = "<|im_end|>", pad_token: str = "<|endoftext|>"):
         self._tok = tokenizer
         self.eos_token, self.pad_token = eos_token, pad_token
-        missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
-        if missing:
+        if missing := [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]:
             raise TokenizerError(f"the tokenizer lacks the Qwen2-VL special tokens {missing}")
-        added = tokenizer.get_added_tokens_decoder()
-        special = {i for i, t in added.items() if t.special}
+        special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
         self.grounding_ids = frozenset(self.token_id(t) for t in GROUNDING_TOKENS)
         self.control_ids = frozenset(special - self.grounding_ids)
 
@@ -131,14 +129,13 @@ class IncrementalDecoder:
         self.prefix = 0  # ids[prefix:read] were decoded already (context for the next piece)
         self.read = 0
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, **self.options)
+    def _texts(self) -> tuple[str, ...]:  # the text of ids[prefix:read] and of ids[prefix:]
+        return tuple(self.tokenizer.decode(self.ids[self.prefix : end], **self.options) for end in (self.read, None))
 
     def push(self, token_id: int) -> str:
         """The new text that ``token_id`` completes ("" while a character is still incomplete)."""
         self.ids.append(int(token_id))
-        before = self._decode(self.ids[self.prefix : self.read])
-        after = self._decode(self.ids[self.prefix :])
+        before, after = self._texts()
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.ids)
             return after[len(before) :]
@@ -146,25 +143,18 @@ class IncrementalDecoder:
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character at the very end decodes as U+FFFD)."""
-        before = self._decode(self.ids[self.prefix : self.read])
-        after = self._decode(self.ids[self.prefix :])
+        before, after = self._texts()
         self.prefix = self.read = len(self.ids)
         return after[len(before) :]
 
 
 class TextStream:
-    """The one token loop from ids to answer text: incremental decoding, the end at an eos id, and stop strings.
-    The assistant runs it over the engine's stream; the server runs it in each batcher sequence's ``emit``, and
-    the sequence ends where it is ``stopped``. Text that could be the start of a stop string is held back until it
-    is known not to be; once a stop string or an eos id appears, ``stopped`` is set and the text before it is all
-    that is ever returned."""
+    """The one token loop from ids to answer text (the assistant's and each server sequence's): incremental
+    decoding, the end at an eos id, and stop strings. Text that could start a stop string is held back until it is
+    known not to; once a stop string or an eos id appears, ``stopped`` is set and nothing after it is returned."""
 
-    def __init__(
-        self,
-        tokenizer: Tokenizer,
-        stop: str | list[str] | tuple[str, ...] | None = None,
-        eos_ids: frozenset[int] | set[int] = frozenset(),
-    ):
+    def __init__(self, tokenizer: Tokenizer, stop: str | list[str] | tuple[str, ...] | None = None,
+                 eos_ids: frozenset[int] | set[int] = frozenset()):
         self.decoder = IncrementalDecoder(tokenizer)
         self.stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         self.eos_ids = eos_ids
@@ -175,16 +165,12 @@ class TextStream:
     def _release(self, final: bool) -> str:
         if self.stopped:
             return ""
-        if self.stops:
-            hits = [i for s in self.stops if (i := self.text.find(s, max(0, self.sent - len(s)))) >= 0]
-            if hits:
-                self.stopped = True
-                end = min(hits)
-            else:
-                end = len(self.text) if final else len(self.text) - _stop_prefix(self.text, self.stops)
+        if hits := [i for s in self.stops if (i := self.text.find(s, max(0, self.sent - len(s)))) >= 0]:
+            self.stopped = True
+            end = min(hits)
         else:
-            end = len(self.text)
-        piece = self.text[self.sent : end] if end > self.sent else ""
+            end = len(self.text) if final else len(self.text) - _stop_prefix(self.text, self.stops)
+        piece = self.text[self.sent : end]
         self.sent = max(self.sent, end)
         return piece
 

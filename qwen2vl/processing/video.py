@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -181,15 +182,15 @@ def _list_frame(i: int, item: Any) -> Image.Image:
                 raise MediaError(f"expected a uint8 HxWx3 array, got {item.dtype} {tuple(item.shape)}")
             return _to_rgb(Image.fromarray(item))
         if isinstance(item, (bytes, bytearray)):
-            with Image.open(io.BytesIO(item)) as image:
-                return _to_rgb(image)
-        if isinstance(item, (str, Path)):
-            path = str(item).removeprefix("file://")
-            if not os.path.isfile(path):
+            file = io.BytesIO(item)
+        elif isinstance(item, (str, Path)):
+            file = str(item).removeprefix("file://")
+            if not os.path.isfile(file):
                 raise MediaError("file not found")
-            with Image.open(path) as image:
-                return _to_rgb(image)
-        raise MediaError(f"unsupported frame type {type(item).__name__}")
+        else:
+            raise MediaError(f"unsupported frame type {type(item).__name__}")
+        with Image.open(file) as image:
+            return _to_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError) as e:  # MediaError included (a ValueError)
         reason = str(e) if isinstance(e, MediaError) else f"not a readable image ({e})"
         raise MediaError(f"frame {i} ({describe(item)}): {reason}") from None
@@ -306,15 +307,12 @@ def load_video(source: Any, *, name: str = "video", fps: float | None = None, nf
         if not isinstance(source, (str, Path, bytes, bytearray, memoryview)):
             raise MediaError(f"unsupported video source type {type(source).__name__}")
         data = access.read(source, name)
-        if isinstance(data, Path):
-
-            def decode() -> Video:
-                return _load_file(lambda: av.open(str(data)), options, sizing, label)
-
-            return decode() if cache is None else cache.load(data, {**options, **sizing}, decode)
-        if not data:
+        if not data:  # a Path is never empty here
             raise MediaError("empty data")
-        return _load_file(lambda: av.open(io.BytesIO(data)), options, sizing, label)
+        if not isinstance(data, Path):
+            return _load_file(lambda: av.open(io.BytesIO(data)), options, sizing, label)
+        decode = partial(_load_file, lambda: av.open(str(data)), options, sizing, label)
+        return decode() if cache is None else cache.load(data, {**options, **sizing}, decode)
     except (av.FFmpegError, OSError) as e:
         raise MediaError(f"{label}: not a readable video ({e})") from None
     except MediaError as e:  # messages from access.read name the item already
