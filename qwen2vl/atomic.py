@@ -1,10 +1,8 @@
 """Writing outputs so that nobody ever sees one half-written: weights, checkpoints, exported models, reports and
 pictures go into a temporary beside the target, are fsynced, given the mode a plain ``open``/``mkdir`` would give
-them, renamed into place, and the parent directory synced so that the rename survives a power cut. A crash or an
+them (``tempfile`` makes 0600 files and 0700 directories, which another user, a server's say, could not read),
+renamed into place, and the parent directory synced so that the rename survives a power cut. A crash or an
 exception (KeyboardInterrupt included) leaves the previous output as it was and no temporary behind.
-
-Modes matter because ``tempfile`` creates 0600 files and 0700 directories: a model exported for a server run by
-another user, or a report in a shared directory, would be unreadable to everyone else.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -21,12 +19,10 @@ def umask() -> int:
     """The process's umask, read without changing it: ``os.umask`` can only be read by setting it, which for a
     moment applies to every thread. Linux reports it in /proc; elsewhere it is set to 0o077 for that moment, so a
     file another thread creates then is more private than asked, never less."""
-    try:
+    with suppress(OSError, ValueError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
     old = os.umask(0o077)
     os.umask(old)
     return old

@@ -89,7 +89,26 @@ class Qwen2VLConfig:
     eos_token_ids: tuple[int, ...] = (151645, 151643)  # <|im_end|>, <|endoftext|> (generation_config.json)
 
     def __post_init__(self) -> None:
-        _validate(self)
+        t, v = self.text, self.vision
+        if t.hidden_size % t.num_attention_heads:
+            raise ConfigError(f"hidden_size {t.hidden_size} is not divisible by "
+                              f"num_attention_heads {t.num_attention_heads}")
+        if t.num_attention_heads % t.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads {t.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads {t.num_key_value_heads}")
+        if len(t.mrope_section) != 3 or sum(t.mrope_section) * 2 != t.head_dim:
+            raise ConfigError(f"mrope_section {list(t.mrope_section)} must be 3 numbers summing to "
+                              f"head_dim/2 = {t.head_dim // 2}")
+        if v.embed_dim % v.num_heads or v.head_dim % 4:
+            raise ConfigError(f"vision embed_dim {v.embed_dim} / num_heads {v.num_heads} must give a head_dim "
+                              "divisible by 4")
+        if v.hidden_size != t.hidden_size:
+            raise ConfigError(f"vision_config.hidden_size {v.hidden_size} must equal "
+                              f"the LLM hidden_size {t.hidden_size}")
+        if v.hidden_act != "quick_gelu":
+            raise ConfigError(f"vision hidden_act {v.hidden_act!r} is not supported (Qwen2-VL uses quick_gelu)")
+        if t.hidden_act != "silu":
+            raise ConfigError(f"text hidden_act {t.hidden_act!r} is not supported (Qwen2 uses silu)")
 
     # ---- config.json -------------------------------------------------------------------------
     @classmethod
@@ -100,8 +119,7 @@ class Qwen2VLConfig:
         t = d.get("text_config") or d  # nested form, else flat
         if not isinstance(t, dict):
             raise ConfigError("config.json: text_config is not an object")
-        missing = [k for k in _REQUIRED_TEXT_KEYS if k not in t]
-        if missing:
+        if missing := [k for k in _REQUIRED_TEXT_KEYS if k not in t]:
             where = "text_config" if "text_config" in d else "config.json"
             raise ConfigError(f"{where} is missing required key(s): {', '.join(missing)}")
 
@@ -187,10 +205,7 @@ _TOKEN_ID_KEYS = [f.name for f in fields(Qwen2VLConfig) if f.name.endswith("_tok
 
 def _first(d: dict[str, Any], t: dict[str, Any], key: str, default: Any) -> Any:
     """A token id from the top level, else from text_config, else the Qwen2-VL default (null counts as absent)."""
-    for source in (d, t):
-        if source.get(key) is not None:
-            return source[key]
-    return default
+    return next((source[key] for source in (d, t) if source.get(key) is not None), default)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -203,28 +218,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ConfigError(f"{path} does not hold a JSON object")
     return d
-
-
-def _validate(c: Qwen2VLConfig) -> None:
-    t, v = c.text, c.vision
-    if t.hidden_size % t.num_attention_heads:
-        raise ConfigError(f"hidden_size {t.hidden_size} is not divisible by "
-                          f"num_attention_heads {t.num_attention_heads}")
-    if t.num_attention_heads % t.num_key_value_heads:
-        raise ConfigError(f"num_attention_heads {t.num_attention_heads} is not a multiple of "
-                          f"num_key_value_heads {t.num_key_value_heads}")
-    if len(t.mrope_section) != 3 or sum(t.mrope_section) * 2 != t.head_dim:
-        raise ConfigError(f"mrope_section {list(t.mrope_section)} must be 3 numbers summing to "
-                          f"head_dim/2 = {t.head_dim // 2}")
-    if v.embed_dim % v.num_heads or v.head_dim % 4:
-        raise ConfigError(f"vision embed_dim {v.embed_dim} / num_heads {v.num_heads} must give a head_dim "
-                          "divisible by 4")
-    if v.hidden_size != t.hidden_size:
-        raise ConfigError(f"vision_config.hidden_size {v.hidden_size} must equal the LLM hidden_size {t.hidden_size}")
-    if v.hidden_act != "quick_gelu":
-        raise ConfigError(f"vision hidden_act {v.hidden_act!r} is not supported (Qwen2-VL uses quick_gelu)")
-    if t.hidden_act != "silu":
-        raise ConfigError(f"text hidden_act {t.hidden_act!r} is not supported (Qwen2 uses silu)")
 
 
 # ---- presets: the official config.json values (REFERENCE §1.1) ----------------------------------
@@ -273,7 +266,5 @@ def tiny(vocab_size: int = 151936, tie_word_embeddings: bool = False) -> Qwen2VL
 
 
 # The presets as static methods too, so ``Qwen2VLConfig.qwen2vl_2b()`` reads naturally.
-Qwen2VLConfig.qwen2vl_2b = staticmethod(qwen2vl_2b)  # type: ignore[attr-defined]
-Qwen2VLConfig.qwen2vl_7b = staticmethod(qwen2vl_7b)  # type: ignore[attr-defined]
-Qwen2VLConfig.qwen2vl_72b = staticmethod(qwen2vl_72b)  # type: ignore[attr-defined]
-Qwen2VLConfig.tiny = staticmethod(tiny)  # type: ignore[attr-defined]
+for _fn in (qwen2vl_2b, qwen2vl_7b, qwen2vl_72b, tiny):
+    setattr(Qwen2VLConfig, _fn.__name__, staticmethod(_fn))

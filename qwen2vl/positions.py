@@ -11,8 +11,6 @@ block of merged grid (t, h', w') has ids ``start + (ti, hi, wi)``, and the next 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
 
@@ -48,16 +46,13 @@ def mrope_positions(
         positions[:, b, real[b]] = pos
         deltas[b] = (int(pos.max()) + 1 if pos.numel() else 0) - len(ids)
     for kind, rows in grids.values():
-        left = len(list(rows))
-        if left:
+        if left := len(list(rows)):
             raise PlaceholderError(f"{kind}_grid_thw has {left} more row(s) than the {kind} blocks in input_ids")
     return positions.to(input_ids.device), deltas.to(input_ids.device)
 
 
-def _row_positions(
-    ids: torch.Tensor, grids: dict[int, tuple[str, Iterator[list[int]]]], merge: int, hf5_compat: bool
-) -> torch.Tensor:
-    """Positions [3, n] for the real tokens of one sequence."""
+def _row_positions(ids: torch.Tensor, grids: dict, merge: int, hf5_compat: bool) -> torch.Tensor:
+    """Positions [3, n] for the real tokens ``ids`` of one sequence; ``grids`` as built by mrope_positions."""
     starts = torch.nonzero(torch.isin(ids, torch.tensor(list(grids)))).flatten().tolist()
     chunks: list[torch.Tensor] = []
     cursor = 0  # index into ids

@@ -41,18 +41,12 @@ class CheckpointError(ValueError):
 
 
 def to_hub_name(name: str) -> str:
-    for new, hub in LAYOUT:
-        if name.startswith(new):
-            return hub + name[len(new) :]
-    return name
+    return next((hub + name[len(new) :] for new, hub in LAYOUT if name.startswith(new)), name)
 
 
 def from_hub_name(name: str) -> str:
     """Hub name -> transformers >= 4.52 name (``lm_head`` is the same in both)."""
-    for new, hub in LAYOUT:
-        if name.startswith(hub):
-            return new + name[len(hub) :]
-    return name
+    return next((new + name[len(hub) :] for new, hub in LAYOUT if name.startswith(hub)), name)
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -110,30 +104,23 @@ def load_pretrained(
         model = cls(config, hf5_compat=hf5_compat)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     names = {stored: to_hub_name(stored) for stored in files}
-    twice = sorted(name for name, count in Counter(names.values()).items() if count > 1)
-    if twice:
+    if twice := sorted(name for name, count in Counter(names.values()).items() if count > 1):
         raise CheckpointError(f"tensor(s) {_few(twice)} appear twice in {path} (both layouts mixed?)")
-    unexpected = sorted(stored for stored, name in names.items() if name not in expected)
-    if unexpected:
+    if unexpected := sorted(stored for stored, name in names.items() if name not in expected):
         raise CheckpointError(f"unexpected tensor(s) in {path}: {_few(unexpected)}")
     tied = config.tie_word_embeddings  # a tied head need not be stored; where it is, it must equal the embedding
-    missing = sorted(set(expected) - set(names.values()) - ({"lm_head.weight"} if tied else set()))
-    if missing:
+    if missing := sorted(set(expected) - set(names.values()) - ({"lm_head.weight"} if tied else set())):
         raise CheckpointError(f"checkpoint {path} is missing {len(missing)} tensor(s): {_few(missing)}")
 
-    by_file: dict[Path, list[str]] = {}
-    for stored, file in files.items():
-        by_file.setdefault(file, []).append(stored)
     state: dict[str, torch.Tensor] = {}
-    for file, stored_names in by_file.items():
+    for file in dict.fromkeys(files.values()):  # each file opened once, in the order first listed
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
-                for stored in stored_names:
+                for stored in [stored for stored, where in files.items() if where == file]:
                     t = f.get_tensor(stored)
-                    if tuple(t.shape) != expected[names[stored]]:
-                        raise CheckpointError(
-                            f"tensor {stored} has shape {tuple(t.shape)} but the config needs {expected[names[stored]]}"
-                        )
+                    need = expected[names[stored]]
+                    if tuple(t.shape) != need:
+                        raise CheckpointError(f"tensor {stored} has shape {tuple(t.shape)} but the config needs {need}")
                     dtype = dtype or t.dtype
                     state[names[stored]] = t.to(device=device, dtype=dtype)
         except SafetensorError as e:
@@ -159,13 +146,10 @@ def save_pretrained(model: Qwen2VLModel, path: str | Path, max_shard_size: int =
         state.pop("lm_head.weight")
 
     shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
     for name in sorted(state):
-        if shards[-1] and size + state[name].nbytes > max_shard_size:
+        if shards[-1] and sum(t.nbytes for t in shards[-1].values()) + state[name].nbytes > max_shard_size:
             shards.append({})
-            size = 0
         shards[-1][name] = state[name]
-        size += state[name].nbytes
     n = len(shards)
     fnames = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     for fname, shard in zip(fnames, shards):

@@ -46,13 +46,9 @@ def block_mask(seqlens: list[int], device: torch.device, causal: bool) -> torch.
 
 def segment_runs(seqlens: list[int]) -> list[tuple[int, int, int]]:
     """Group consecutive equal lengths: [(offset, count, length), ...]."""
-    runs = []
-    offset = 0
-    for n, group in itertools.groupby(seqlens):
-        count = len(list(group))
-        runs.append((offset, count, n))
-        offset += count * n
-    return runs
+    groups = [(len(list(group)), n) for n, group in itertools.groupby(seqlens)]
+    offsets = itertools.accumulate((count * n for count, n in groups), initial=0)
+    return [(offset, count, n) for offset, (count, n) in zip(offsets, groups)]
 
 
 def _block_diagonal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: list[int], causal: bool):

@@ -35,10 +35,7 @@ class KVCache:
         they must not hold NaN bit patterns from reused memory: a masked key has weight 0, and 0 * NaN = NaN."""
         shape = (batch, config.num_key_value_heads, capacity, config.head_dim)
         new = torch.zeros if zeroed else torch.empty
-        layers = [
-            (new(shape, dtype=dtype, device=device), new(shape, dtype=dtype, device=device))
-            for _ in range(config.num_hidden_layers)
-        ]
+        layers = [tuple(new(shape, dtype=dtype, device=device) for _ in "kv") for _ in range(config.num_hidden_layers)]
         return cls(
             layers=layers,
             key_mask=torch.zeros(batch, capacity, dtype=torch.bool, device=device),

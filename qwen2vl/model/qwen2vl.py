@@ -70,8 +70,7 @@ class Qwen2VLModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """Every weight in one place: Linear, Conv3d and Embedding ~ N(0, std) (transformers' initializer_range),
-        biases and LayerNorm shifts 0, norm scales 1."""
+        """Linear, Conv3d and Embedding weights ~ N(0, std) (transformers' initializer_range), biases 0, norms 1."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv3d, nn.Embedding)):
                 m.weight.normal_(0.0, std)
@@ -190,8 +189,7 @@ class Qwen2VLModel(nn.Module):
 
         cache.key_mask[:, start : start + L] = real
         cache.padded = cache.padded or not bool(real.all())
-        mask = cache.attention_mask(L)
-        h = self.model(h, cos, sin, mask, cache.layers, start)
+        h = self.model(h, cos, sin, cache.attention_mask(L), cache.layers, start)
         cache.length = start + L
         cache.next_position = cache.next_position + real.sum(-1) + deltas  # positions.py: real tokens + delta
         return self.lm_head(h[:, -1]), cache
@@ -205,8 +203,7 @@ class Qwen2VLModel(nn.Module):
         pos = cache.next_position.view(1, -1, 1).expand(3, -1, 1)  # a text token: one id in all three rows
         cos, sin = self._cos_sin(pos, h.dtype)
         cache.key_mask[:, start] = True
-        mask = cache.attention_mask(1)
-        h = self.model(h, cos, sin, mask, cache.layers, start)
+        h = self.model(h, cos, sin, cache.attention_mask(1), cache.layers, start)
         cache.length = start + 1
         cache.next_position = cache.next_position + 1
         return self.lm_head(h[:, -1]), cache

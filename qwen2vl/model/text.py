@@ -35,26 +35,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
 
-    def forward(
-        self,
-        x_BLD: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        kv: tuple[torch.Tensor, torch.Tensor] | None,
-        start: int,
-        seqlens: list[int] | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x_BLD, cos, sin, mask, kv, start, seqlens=None):  # types as in TextModel.forward
         B, L, _ = x_BLD.shape
         q = self.q_proj(x_BLD).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, L, K]
         k = self.k_proj(x_BLD).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # [B, KVH, L, K]
         v = self.v_proj(x_BLD).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is not None:  # write into the preallocated cache, attend over everything so far
-            k_cache, v_cache = kv
-            k_cache[:, :, start : start + L] = k
-            v_cache[:, :, start : start + L] = v
-            k, v = k_cache[:, :, : start + L], v_cache[:, :, : start + L]
+            for cache, new in zip(kv, (k, v)):
+                cache[:, :, start : start + L] = new
+            k, v = (cache[:, :, : start + L] for cache in kv)
         out = causal_attention(q, k, v, mask, seqlens)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 

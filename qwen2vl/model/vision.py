@@ -29,9 +29,8 @@ class PatchEmbed(nn.Module):
         return F.linear(patches_TP.to(self.proj.weight.dtype), self.proj.weight.flatten(1))
 
 
-# Inference runs the token-wise parts of a block (projections, rotary, MLP) over chunks of this many patches, so
-# that large images never hold a [T, 4 * width] intermediate at once. Training runs them whole, as autograd keeps
-# the intermediates anyway.
+# Inference runs a block's token-wise parts (projections, rotary, MLP) over chunks of this many patches, so that
+# large images never hold a [T, 4 * width] intermediate at once; training runs them whole (autograd keeps them).
 TOKEN_CHUNK = 4096
 
 
@@ -62,8 +61,7 @@ class VisionAttention(nn.Module):
         """q, k (rotated), v: [T, H, K] each. Token-wise, so it can run in chunks."""
         qkv = self.qkv(x_TD).unflatten(-1, (3, self.num_heads, -1))  # q | k | v, heads contiguous
         # rotate in fp32 as the reference does, then back to the model dtype
-        q = apply_rotary(qkv[:, 0].float(), cos, sin).to(x_TD.dtype)
-        k = apply_rotary(qkv[:, 1].float(), cos, sin).to(x_TD.dtype)
+        q, k = (apply_rotary(qkv[:, i].float(), cos, sin).to(x_TD.dtype) for i in (0, 1))
         return q, k, qkv[:, 2]
 
     def forward(self, x_TD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
