@@ -113,10 +113,13 @@ def load_pretrained(
         raise CheckpointError(f"checkpoint {path} is missing {len(missing)} tensor(s): {_few(missing)}")
 
     state: dict[str, torch.Tensor] = {}
-    for file in dict.fromkeys(files.values()):  # each file opened once, in the order first listed
+    by_file: dict[Path, list[str]] = {}  # each file opened once, in the order first listed
+    for stored, file in files.items():
+        by_file.setdefault(file, []).append(stored)
+    for file, stored_names in by_file.items():
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
-                for stored in [stored for stored, where in files.items() if where == file]:
+                for stored in stored_names:
                     t = f.get_tensor(stored)
                     need = expected[names[stored]]
                     if tuple(t.shape) != need:
@@ -146,10 +149,13 @@ def save_pretrained(model: Qwen2VLModel, path: str | Path, max_shard_size: int =
         state.pop("lm_head.weight")
 
     shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0  # bytes in the last shard
     for name in sorted(state):
-        if shards[-1] and sum(t.nbytes for t in shards[-1].values()) + state[name].nbytes > max_shard_size:
+        if shards[-1] and size + state[name].nbytes > max_shard_size:
             shards.append({})
+            size = 0
         shards[-1][name] = state[name]
+        size += state[name].nbytes
     n = len(shards)
     fnames = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     for fname, shard in zip(fnames, shards):

@@ -22,6 +22,7 @@ NUMBER = {
 }  # fmt: skip
 NUMBER_CLASS = {"0": "0", **dict.fromkeys("123456789", "d"), ".": ".", "e": "e", "E": "e", "+": "s", "-": "s"}
 LITERALS = {"t": "rue", "f": "alse", "n": "ull"}
+CLOSERS = {"{": "}", "[": "]"}
 
 State = tuple[str, str, object, int]  # (open brackets, mode, detail of the mode, whitespace run)
 
@@ -79,7 +80,7 @@ def step(state: State, ch: str) -> State | None:
     if mode == "after":
         if ch == ",":
             return stack, "key" if stack[-1] == "{" else "value", None, 0
-        return _after_value(stack[:-1]) if ch == {"{": "}", "[": "]"}[stack[-1]] else None
+        return _after_value(stack[:-1]) if ch == CLOSERS[stack[-1]] else None
     return None  # done: nothing may follow but whitespace
 
 

@@ -148,7 +148,8 @@ def encode(messages: list[dict], kind: str, processor: Processor, where: str = "
         for k, part in media_parts(messages):
             name = f"{where} {k} {len(loaded[k]) + 1}"
             loaded[k].append(processor.media.load(k, part, name, media_options, levels=levels))
-        counts = {k: (getattr(processor, f"{k}_token_id"), [info.tokens for info, _ in loaded[k]]) for k in KINDS}
+        placeholders = {"image": processor.image_token_id, "video": processor.video_token_id}
+        counts = {k: (placeholders[k], [info.tokens for info, _ in loaded[k]]) for k in KINDS}
         repeats = placeholder_repeats(ids, counts, where)
     except MediaError as e:
         raise DataError(str(e)) from None
