@@ -15,14 +15,8 @@ from .weights import load_pretrained, save_pretrained
 
 class Qwen2VL(Qwen2VLModel):
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        dtype: torch.dtype | str | None = None,
-        device: torch.device | str | None = None,
-        *,
-        hf5_compat: bool = False,
-    ) -> Qwen2VL:
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
+                        device: torch.device | str | None = None, *, hf5_compat: bool = False) -> Qwen2VL:
         """Load a local checkpoint directory (hub layout or transformers >= 4.52 layout), strictly."""
         return load_pretrained(cls, path, dtype=dtype, device=device, hf5_compat=hf5_compat)
 

@@ -22,15 +22,8 @@ class KVCache:
     padded: bool = False  # some filled slot is padding: attention needs an explicit mask
 
     @classmethod
-    def allocate(
-        cls,
-        config: TextConfig,
-        batch: int,
-        capacity: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        zeroed: bool = False,
-    ) -> KVCache:
+    def allocate(cls, config: TextConfig, batch: int, capacity: int, dtype: torch.dtype, device: torch.device | str,
+                 zeroed: bool = False) -> KVCache:
         """``zeroed``: when masked slots inside the attended range may never be written (continuous batching),
         they must not hold NaN bit patterns from reused memory: a masked key has weight 0, and 0 * NaN = NaN."""
         shape = (batch, config.num_key_value_heads, capacity, config.head_dim)

@@ -61,14 +61,6 @@ class ServerConfig:
         return MediaAccess(local=local, fetch=policy, max_bytes=self.max_media_bytes)
 
 
-class Overloaded(Exception):
-    pass
-
-
-class EngineDown(Exception):
-    pass
-
-
 class Engine:
     """The one thread that touches the model. A failed step ends what was running ("error"); if that fails too,
     a fresh batcher replaces it (``restarts``). Should the thread die, ``alive`` turns false: /health answers 503
@@ -94,12 +86,13 @@ class Engine:
         return self.thread.is_alive() and not self.stopping.is_set()
 
     def submit(self, seq: Sequence) -> None:
+        """Queue ``seq``, or refuse it at once: 503 when the engine has stopped, 429 when the queue is full."""
         if not self.alive:
-            raise EngineDown
+            raise ApiError(503, "the engine has stopped; the server must be restarted", code="engine_stopped")
         try:
             self.waiting.put_nowait(seq)
         except queue.Full:
-            raise Overloaded from None
+            raise ApiError(429, "the server is at capacity; retry later", code="overloaded") from None
 
     @property
     def running(self) -> int:
@@ -260,11 +253,9 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
         try:
             for a in answers:
                 engine.submit(a.seq)
-        except (Overloaded, EngineDown) as e:
+        except ApiError:  # refused: the answers already queued must not run
             cancel()
-            if isinstance(e, Overloaded):
-                raise ApiError(429, "the server is at capacity; retry later", code="overloaded") from None
-            raise ApiError(503, "the engine has stopped; the server must be restarted", code="engine_stopped") from None
+            raise
         rid, name = completion_id(), config.model_name
 
         if not req.stream:
