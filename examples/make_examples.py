@@ -1,14 +1,14 @@
 """Re-create the synthetic examples (shapes.png, one.png, text.png, ball.mp4) that `make demo` asks the shipped
-model about, from the truths the demo checks its answers against (qwen2vl/demo.py).
+model about, from the truths the demo checks its answers against (examples/demo.py).
 They are drawn by the curriculum's own code (recipes/synth/data.py), so they look like its held-out split, but no
 split contains them. Run: python examples/make_examples.py"""
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for recipes/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for examples/ and recipes/
 
-from qwen2vl.demo import ONE_TRUTH, SHAPES_TRUTH, TEXT_TRUTH  # noqa: E402
+from examples.demo import ONE_TRUTH, SHAPES_TRUTH, TEXT_TRUTH  # noqa: E402
 from recipes.synth.data import VIDEO_FRAMES, Shape, ball_frame, canvas, text_strip, write_mp4  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
