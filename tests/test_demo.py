@@ -92,3 +92,18 @@ def test_the_2b_preset_says_what_it_will_cost_first(monkeypatch, capsys):
         main(["--random", "--preset", "2b"])
     first = capsys.readouterr().out.splitlines()[0]
     assert "2.2B parameters" in first and "about 9 GB of memory" in first and "several minutes" in first
+
+
+def test_the_examples_are_redrawn_from_the_demos_truths(tmp_path, monkeypatch):
+    """examples/make_examples.py draws the pictures the demo scores from examples/demo.py's truths, byte for byte
+    (the clip's encoding is not byte-stable, so its frames are counted instead)."""
+    import av
+
+    from examples import make_examples
+
+    monkeypatch.setattr(make_examples, "HERE", tmp_path)
+    make_examples.main()
+    for name in ("shapes.png", "one.png", "text.png"):
+        assert (tmp_path / name).read_bytes() == (demo.EXAMPLES / name).read_bytes(), name
+    with av.open(str(tmp_path / "ball.mp4")) as clip:
+        assert sum(1 for _ in clip.decode(video=0)) == 8
