@@ -52,7 +52,11 @@ class Assistant:
         self.model, self.processor = model, processor
 
     def prepare(self, messages, **media_options) -> BatchInputs:
-        return self.processor(as_conversation(messages), add_generation_prompt=True, **media_options)
+        """A conversation that ends with an assistant message is continued (as transformers' pipelines do)."""
+        messages = as_conversation(messages)
+        go_on = bool(messages) and isinstance(messages[-1], Mapping) and messages[-1].get("role") == "assistant"
+        return self.processor(messages, add_generation_prompt=not go_on, continue_final_message=go_on,
+                              **media_options)
 
     def stream(
         self,

@@ -429,7 +429,7 @@ def test_fuzz_full(live):
 @pytest.mark.parametrize(
     "fields, needle",
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools: not supported"),
+        ({"functions": [{"name": "f"}]}, "functions: not supported"),
         ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format.type"),
         ({"logit_bias": {"5": 100}}, "logit_bias: not supported"),
         ({"presence_penalty": 0.5}, "presence_penalty: not supported"),

@@ -159,8 +159,19 @@ class ChatTemplate:
                     return cls(template)
         return cls(None)
 
-    def __call__(self, messages, *, add_generation_prompt: bool = False, add_vision_id: bool = False) -> str:
+    def __call__(self, messages, *, add_generation_prompt: bool = False, add_vision_id: bool = False,
+                 continue_final_message: bool = False) -> str:
+        """``continue_final_message`` (transformers' name): the text ends inside the last message, an assistant's,
+        without its ``<|im_end|>``, so that the model goes on writing it (a ``qwen`` function result's reply)."""
+        if continue_final_message:
+            if not messages or messages[-1].get("role") != "assistant":
+                raise MediaError("continue_final_message: the last message must be the assistant's")
+            add_generation_prompt = False
         options = {"add_generation_prompt": add_generation_prompt, "add_vision_id": add_vision_id}
-        if self._jinja is None:
-            return render(messages, **options)
-        return self._jinja.render(messages=messages, **options)
+        text = render(messages, **options) if self._jinja is None else self._jinja.render(messages=messages, **options)
+        if continue_final_message:
+            end = text.rstrip().rfind("<|im_end|>")
+            if end < 0:
+                raise MediaError("continue_final_message: the chat template closes no message with <|im_end|>")
+            text = text[:end]
+        return text

@@ -131,16 +131,18 @@ class Processor:
         settings = {**media_settings(path), **kwargs}
         return cls(Tokenizer.from_pretrained(path), ChatTemplate.from_pretrained(path), **settings)
 
-    def render(self, messages, *, add_generation_prompt: bool = True, add_vision_id: bool = False) -> str:
+    def render(self, messages, *, add_generation_prompt: bool = True, add_vision_id: bool = False,
+               continue_final_message: bool = False) -> str:
         return self.chat_template(check_messages(messages), add_generation_prompt=add_generation_prompt,
-                                  add_vision_id=add_vision_id)
+                                  add_vision_id=add_vision_id, continue_final_message=continue_final_message)
 
     def decode(self, ids, **kwargs) -> str:
         return self.tokenizer.decode(ids, **kwargs)
 
     def __call__(self, messages, add_generation_prompt: bool = True, *, add_vision_id: bool = False,
-                 **media_options) -> BatchInputs:
-        """One conversation (a list of messages) or a batch (a list of conversations) -> left-padded inputs."""
+                 continue_final_message: bool = False, **media_options) -> BatchInputs:
+        """One conversation (a list of messages) or a batch (a list of conversations) -> left-padded inputs.
+        ``continue_final_message``: the last (assistant) message is left open for the model to go on writing."""
         if unknown := set(media_options) - set(VIDEO_KEYS):
             raise TypeError(f"unknown media options {sorted(unknown)}; known: {list(VIDEO_KEYS)}")
         # one conversation is a list of dicts, a batch a list of lists
@@ -154,7 +156,7 @@ class Processor:
             name = "messages" if len(batch) == 1 else f"conversation {c}"
             conversation = check_messages(conversation, name)
             text = self.chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                      add_vision_id=add_vision_id)
+                                      add_vision_id=add_vision_id, continue_final_message=continue_final_message)
             counts = {"image": (self.image_token_id, []), "video": (self.video_token_id, [])}
             for kind, part in media_parts(conversation):
                 n = sum(m.kind == kind for m in media)

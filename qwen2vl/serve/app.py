@@ -37,6 +37,7 @@ from ..processing.sources import MediaAccess
 from ..processing.tokenizer import TextStream
 from .metrics import Metrics
 from .schemas import ApiError, ChatRequest, chunk, completion, completion_id, parse_body, to_qwen_messages
+from .tools import ToolStream, plan
 
 log = logging.getLogger("qwen2vl.serve")
 
@@ -54,6 +55,7 @@ class ServerConfig:
     fetch_timeout: float = 10.0
     max_media_bytes: int = 32 * 2**20
     max_request_bytes: int = 64 * 2**20  # a body over this is a 413 before it is read further
+    tool_format: str = "qwen"  # how tools, calls and results are written for the model: qwen | hermes
 
     def media_access(self) -> MediaAccess:
         local = Path(self.allowed_local_media_path) if self.allowed_local_media_path else False
@@ -209,13 +211,15 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
             raise ApiError(404, f"model {req.model!r} does not exist; this server has {config.model_name!r}",
                            code="model_not_found")  # fmt: skip
         messages, counts = to_qwen_messages(req.messages)
+        messages, continued, tools = plan(req, messages, config.tool_format)
         for kind, n in counts.items():  # before anything is downloaded or decoded
             if n > config.limit_mm_per_prompt.get(kind, 0):
                 raise ApiError(400, f"too many {kind}s: {n}, at most {config.limit_mm_per_prompt.get(kind, 0)} "
                                     "per request", code="too_many_media")  # fmt: skip
         options = req.mm_processor_kwargs.model_dump(exclude_none=True) if req.mm_processor_kwargs else {}
         try:
-            inputs = await run_in_threadpool(processor, messages, True, **options)
+            inputs = await run_in_threadpool(processor, messages, not continued, continue_final_message=continued,
+                                             **options)
         except MediaError as e:
             raise ApiError(400, str(e), code="invalid_media") from None
         except ValueError as e:  # the processor's own checks (sizes, options, text)
@@ -233,12 +237,14 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
         eos = frozenset(model.config.eos_token_ids)
         top = (req.top_logprobs or 0) if req.logprobs else None
         json_mode = req.response_format is not None and req.response_format.type == "json_object"
+        json_mode = json_mode or (tools is not None and tools.constrain)
+        stops = req.stops + (tools.stops if tools else [])
         events: asyncio.Queue = asyncio.Queue()  # of every answer, posted from the engine thread
         post = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, events.put_nowait)
         answers = []
         for i in range(req.n):  # n answers: n sequences of one prompt, seeds seed, seed + 1, ...
             seed = None if params.seed is None else (params.seed + i if params.seed + i < 2**64 else params.seed - i)
-            a = Answer(i, TextStream(processor.tokenizer, req.stops, eos), post, metrics, token_text)
+            a = Answer(i, TextStream(processor.tokenizer, stops, eos), post, metrics, token_text)
             a.seq = Sequence(
                 inputs["input_ids"], Media.of(inputs), limit, dataclasses.replace(params, seed=seed),
                 emit=a.emit, finish=a.finish, logprobs=top,
@@ -264,23 +270,42 @@ def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
                     pass
             finally:
                 cancel()
-            choices = [{"text": a.full, "finish_reason": a.finish_reason,
-                        "logprobs": a.entries if top is not None else None} for a in answers]  # fmt: skip
+            choices = []
+            for a in answers:
+                text, calls = a.full, []
+                if tools is not None:
+                    text, calls = tools.answer(a.full, stopped=a.finish_reason == "stop")
+                choices.append({"text": text, "tool_calls": calls, "logprobs": a.entries if top is not None else None,
+                                "finish_reason": "tool_calls" if calls else a.finish_reason})
             return completion(rid, name, choices, usage_of(L, inputs.media, answers))
 
         async def sse():
             def event(payload: dict) -> str:
                 return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
+            streams = {a.index: ToolStream(tools) for a in answers} if tools is not None else {}
+            held: dict[int, list] = {a.index: [] for a in answers}  # logprob entries of text not sent yet
             try:
                 for a in answers:
                     yield event(chunk(rid, name, {"role": "assistant", "content": ""}, index=a.index))
                 async for a, piece, entries in outputs(request, engine, events, len(answers)):
-                    logprobs = entries if top is not None else None
-                    if piece is None:
-                        yield event(chunk(rid, name, {}, a.finish_reason, index=a.index, logprobs=logprobs))
-                    else:
-                        yield event(chunk(rid, name, {"content": piece}, index=a.index, logprobs=logprobs))
+                    held[a.index] += entries
+                    ts, reason = streams.get(a.index), a.finish_reason
+                    if piece is not None:
+                        piece = ts.feed(piece) if ts else piece
+                        if piece:
+                            logprobs, held[a.index] = (held[a.index] if top is not None else None), []
+                            yield event(chunk(rid, name, {"content": piece}, index=a.index, logprobs=logprobs))
+                        continue
+                    if ts:
+                        rest, calls = ts.close(stopped=reason == "stop")
+                        if rest:
+                            yield event(chunk(rid, name, {"content": rest}, index=a.index))
+                        for k, c in enumerate(calls):
+                            yield event(chunk(rid, name, {"tool_calls": [{"index": k, **c}]}, index=a.index))
+                        reason = "tool_calls" if calls else reason
+                    logprobs = held[a.index] if top is not None else None
+                    yield event(chunk(rid, name, {}, reason, index=a.index, logprobs=logprobs))
                 if req.stream_options and req.stream_options.include_usage:
                     yield event(chunk(rid, name, {}, usage=usage_of(L, inputs.media, answers)))
             except ApiError as e:  # the headers are sent: the error is an event, then the end

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 MAX_STOPS = 4
 StopText = Annotated[str, Field(min_length=1, max_length=256)]
 PART_TYPES = ("text", "image_url", "video_url")
@@ -116,8 +116,7 @@ class MediaKwargs(BaseModel):
 # Fields that do not change the answer: accepted and unused. Fields that would, given at their "off" value, are
 # accepted too; at any other value, and any field not named here or below, the request is refused by name.
 HARMLESS = ("user", "metadata", "store", "service_tier")
-OFF_VALUES = {"logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
-              "parallel_tool_calls": (None, True, False), "functions": (None, []), "function_call": (None, "none"),
+OFF_VALUES = {"logit_bias": (None, {}), "functions": (None, []), "function_call": (None, "none"),
               "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "modalities": (None, ["text"]),
               "best_of": (None, 1)}  # fmt: skip
 MAX_CHOICES = 16
@@ -130,6 +129,22 @@ class ResponseFormat(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     type: Literal["text", "json_object"]
+
+
+MAX_TOOLS = 128
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=64)
+
+
+class NamedChoice(BaseModel):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``: that function must be called."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatRequest(BaseModel):
@@ -153,11 +168,19 @@ class ChatRequest(BaseModel):
     response_format: ResponseFormat | None = None
     mm_processor_kwargs: MediaKwargs | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
+    # OpenAI's function calling (serve/tools.py); each tool is checked there, as a JSON schema
+    tools: list[dict] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _logprobs(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if self.tools and self.response_format is not None and self.response_format.type == "json_object":
+            raise ValueError("response_format json_object cannot be combined with tools")
         return self
 
     @classmethod
@@ -198,8 +221,12 @@ def to_qwen_messages(messages: list[dict]) -> tuple[list[dict], dict[str, int]]:
         if role not in ROLES:
             message = f"{where}.role: must be one of {', '.join(ROLES)}, got {role!r}"
             raise ApiError(400, message, code="invalid_messages")
+        calls = _tool_calls(m, where) if role == "assistant" else None
+        if content is None and calls:  # an assistant message that only calls
+            out.append({"role": role, "content": None, "tool_calls": calls})
+            continue
         if isinstance(content, str):
-            out.append({"role": role, "content": content})
+            out.append({"role": role, "content": content, **({"tool_calls": calls} if calls else {})})
             continue
         if not isinstance(content, list):
             raise ApiError(400, f"{where}.content: must be a string or a list of content parts",
@@ -223,8 +250,26 @@ def to_qwen_messages(messages: list[dict]) -> tuple[list[dict], dict[str, int]]:
                 media = "image" if kind == "image_url" else "video"
                 counts[media] += 1
                 parts.append({"type": media, media: url})
-        out.append({"role": role, "content": parts})
+        out.append({"role": role, "content": parts, **({"tool_calls": calls} if calls else {})})
     return out, counts
+
+
+def _tool_calls(message: Mapping, where: str) -> list[dict] | None:
+    """An assistant message's ``tool_calls``, checked: each ``{"id", "type": "function", "function": {"name",
+    "arguments"}}`` with the arguments a string (of JSON)."""
+    calls = message.get("tool_calls")
+    if calls is None:
+        return None
+    if not isinstance(calls, list):
+        raise ApiError(400, f"{where}.tool_calls: must be a list", code="invalid_messages")
+    for k, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or \
+                not isinstance(fn.get("arguments", ""), str) or call.get("type", "function") != "function":
+            raise ApiError(400, f"{where}.tool_calls[{k}]: expected {{\"type\": \"function\", \"function\": "
+                                "{\"name\": str, \"arguments\": str}}", code="invalid_messages")
+    return [{"id": c.get("id", ""), "type": "function", "function": {"name": c["function"]["name"],
+             "arguments": c["function"].get("arguments", "")}} for c in calls]
 
 
 def completion_id() -> str:
@@ -232,10 +277,12 @@ def completion_id() -> str:
 
 
 def completion(id: str, model: str, choices: list[dict], usage: dict) -> dict:
-    """``choices``: per answer its ``text``, ``finish_reason`` and ``logprobs`` (None or a list of token entries)."""
+    """``choices``: per answer its ``text``, ``finish_reason``, ``logprobs`` (None or a list of token entries) and
+    ``tool_calls`` (none, or OpenAI's call objects)."""
     return {
         "id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": c["text"]},
+        "choices": [{"index": i, "message": {"role": "assistant", "content": c["text"],
+                                             **({"tool_calls": c["tool_calls"]} if c.get("tool_calls") else {})},
                      "finish_reason": c["finish_reason"], "logprobs": _logprobs(c["logprobs"])}
                     for i, c in enumerate(choices)],
         "usage": usage,

@@ -116,6 +116,24 @@ def _from_sharegpt(record: dict, where: str) -> list[dict]:
     return messages
 
 
+# In the ``qwen`` function-call format the results of a call sit inside the assistant's turn: ``...✿RESULT✿: what
+# the tool returned\n✿RETURN✿: the reply``. The model writes the marker that stops it, the tool the rest.
+_RESULT = re.compile(r"✿RESULT✿(.*?)(?:✿RETURN✿|$)", re.S)
+
+
+def _own_text(body: str, start: int, end: int) -> list[tuple[int, int]]:
+    """The spans of an assistant turn (``body`` at ``start``, its ``<|im_end|>`` up to ``end``) that the model
+    wrote: all of it but function results; a turn that ends on a result has no reply, so no ``<|im_end|>``."""
+    spans, at = [], start
+    for m in _RESULT.finditer(body):
+        spans.append((at, start + m.start(1)))
+        at = start + m.end()
+    if at == start + len(body) and at != start:  # ended on a result
+        end = at
+    spans.append((at, end))
+    return [(a, b) for a, b in spans if b > a]
+
+
 def encode(messages: list[dict], kind: str, processor: Processor, where: str = "record", *, levels: bool = False,
            turn_weights: bool = False, **media_options) -> Sample:  # fmt: skip
     """Messages -> a Sample: ids as inference tokenizes them, labels, and the media's patches (``levels``: as uint8
@@ -128,7 +146,8 @@ def encode(messages: list[dict], kind: str, processor: Processor, where: str = "
         for role, header, body in turns(messages):
             turn = header + body + "<|im_end|>\n"
             if role == "assistant":  # the reply and its <|im_end|>, not the header or the newline after
-                spans.append((len(text) + len(header), len(text) + len(turn) - 1))
+                start = len(text) + len(header)
+                spans += _own_text(body, start, start + len(body) + len("<|im_end|>"))
             text += turn
     else:  # the content parts in order, no template, then <|endoftext|>
         text = "".join(bodies(messages)) + "<|endoftext|>"
