@@ -7,7 +7,9 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q --disable-pip-version-check
 TORCH := torch==2.14.1
 
-.PHONY: demo test test-all test-cuda bench shell
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test test-all test-cuda bench shell browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,11 +30,18 @@ demo: $(BIN)/.demo
 shell: $(BIN)/.demo
 	@echo "qwen2vl is on PATH here; exit to leave"; . $(BIN)/activate && exec $${SHELL:-bash} -i
 
+# The agent's browser environment: Debian's Chromium and its driver, from apt when they are missing
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing chromium and chromium-driver with apt"; \
+	  $(SUDO) apt-get install -y -q chromium chromium-driver || \
+	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; }; }
+
 # pytest's last line gives the suite's duration; --durations names the five slowest tests above it
-test: $(BIN)/.installed
+test: $(BIN)/.installed browser
 	$(BIN)/python -m pytest -q -m "not slow and not cuda" --durations=5
 
-test-all: $(BIN)/.installed
+test-all: $(BIN)/.installed browser
 	$(BIN)/python -m pytest -q -m "not cuda"
 
 # On a machine with a CUDA GPU: fails, rather than skips, where torch sees none

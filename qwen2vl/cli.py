@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--allowed-local-media-path", metavar="DIR", help="local files (file:// or paths) only inside")
     serve.add_argument("--allowed-media-domains", nargs="*", default=[], metavar="D",
                        help="hosts whose URLs may resolve to private addresses")  # fmt: skip
+    serve.add_argument("--tool-format", choices=["qwen", "hermes"], default="qwen",
+                       help="how tools and calls are written for the model (default qwen: Qwen-Agent's ✿FUNCTION✿)")
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--device")
 
@@ -99,6 +101,21 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--out", help="write the JSON report here")
     ev.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute in this type (default: as stored)")
 
+    agent = verbs.add_parser("agent", help="act in a GUI: screenshot -> model -> function call -> repeat")
+    agent.add_argument("model", help="a checkpoint directory, a hub id, or the http(s) URL of an OpenAI-compatible "
+                                     "server")
+    agent.add_argument("--env", choices=["gui", "browser"], default="gui",
+                       help="gui: the synthetic screens drawn with PIL; browser: the same tasks in headless Chromium")
+    agent.add_argument("--task", help="a task template (click, tick_then_press, type_and_enter, menu, "
+                                      "scroll_and_click); default: one drawn by the seed")
+    agent.add_argument("--seed", type=int, default=0, help="the first episode's seed")
+    agent.add_argument("--episodes", type=int, default=1, help="episodes to run (seeds seed, seed + 1, ...)")
+    agent.add_argument("--max-steps", type=int, default=10)
+    agent.add_argument("--format", choices=["qwen", "hermes"], default="qwen", help="the function-call format")
+    agent.add_argument("--api-key", help="the server's key, for a URL (default: $QWEN2VL_API_KEY)")
+    agent.add_argument("--out", help="write each trajectory here (JSONL, screenshots, index.html)")
+    agent.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 on the CPU")
+
     data = verbs.add_parser("data", help="training data tools")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
     check = data_verbs.add_parser("check", help="validate every record and show one with its supervised tokens")
@@ -117,8 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         args.prompt, extra = extra[0], []
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.verb == "agent":  # a server's URL is not a model to load
+        args.local_model = None if args.model.startswith(("http://", "https://")) else args.model
     run = {"params": run_params, "tokens": run_tokens, "chat": run_chat, "serve": run_serve,
-           "train": run_train, "export": run_export, "eval": run_eval, "data": run_data_check}[args.verb]
+           "train": run_train, "export": run_export, "eval": run_eval, "data": run_data_check,
+           "agent": run_agent}[args.verb]
     try:
         check_inputs(args)
         return run(args) or 0
@@ -157,6 +177,7 @@ INPUTS = {
     "train": [("recipe", "--recipe", "file"), ("model", "--model", "directory"), ("data", "--data", "file")],
     "export": [("checkpoint", "CHECKPOINT", "directory"), ("base", "--base", "directory")],
     "data": [("file", "FILE", "file"), ("model", "--model", "model")],
+    "agent": [("local_model", "MODEL", "model")],
 }
 
 
@@ -355,13 +376,41 @@ def run_serve(args: argparse.Namespace) -> None:
             raise ValueError
     except ValueError:
         raise ValueError(f"--limit-mm-per-prompt must be a JSON object of counts, got {args.limit_mm_per_prompt!r}")
-    as_given = ("max_model_len", "max_batch_size", "max_queue", "allowed_local_media_path", "max_request_bytes")
+    as_given = ("max_model_len", "max_batch_size", "max_queue", "allowed_local_media_path", "max_request_bytes",
+                "tool_format")
     config = ServerConfig(api_key=args.api_key or os.environ.get("QWEN2VL_API_KEY"), limit_mm_per_prompt=limits,
                           allowed_media_domains=tuple(args.allowed_media_domains),
                           **{k: getattr(args, k) for k in as_given})
     if args.served_model_name:
         config.model_name = args.served_model_name
     serve(args.model, args.host, args.port, dtype=args.dtype, device=args.device, config=config)
+
+
+def run_agent(args: argparse.Namespace) -> None:
+    from .agent import TEMPLATES, environment, run
+
+    if args.task is not None and args.task not in TEMPLATES:
+        raise ArgumentError(f"--task: {args.task!r} is not one of {', '.join(TEMPLATES)}")
+    if args.episodes < 1 or args.max_steps < 1:
+        raise ArgumentError("--episodes and --max-steps must be at least 1")
+    if args.local_model is not None:
+        from . import load
+
+        model = load(args.local_model, dtype=args.dtype)
+    else:
+        model = args.model
+    wins = 0
+    with environment(args.env) as env:
+        for k in range(args.episodes):
+            out = None if args.out is None else Path(args.out) / (f"episode_{k}" if args.episodes > 1 else "")
+            t = run(model, env, args.task, seed=args.seed + k, max_steps=args.max_steps, fmt=args.format, out=out,
+                    api_key=args.api_key or os.environ.get("QWEN2VL_API_KEY"))
+            wins += t.success
+            seconds = sum(s.seconds for s in t.steps)
+            print(f"{t.task!r}: {'success' if t.success else 'failure'} ({t.reason}) in {len(t.steps)} steps, "
+                  f"{seconds:.1f} s" + (f" -> {out / 'index.html'}" if out is not None else ""))
+    if args.episodes > 1:
+        print(f"success: {wins} of {args.episodes} ({100 * wins / args.episodes:.0f}%)")
 
 
 def params_table() -> str:

@@ -4,8 +4,11 @@ error budget; trajectories are written whole."""
 
 import json
 
+import pytest
+
 from qwen2vl.agent import GuiEnv, oracle, run
-from qwen2vl.agent.calls import Call, check, functions_of
+from qwen2vl.agent.calls import Call, check, functions_of, render
+from qwen2vl.agent.loop import recent_screens
 from qwen2vl.agent.gui import TEMPLATES
 
 
@@ -69,3 +72,64 @@ def test_every_template_is_reachable_and_the_trajectory_is_written(tmp_path):
         page = (out / "index.html").read_text()
         assert page.count("<section>") == len(t.steps) and page.count("data:image/png;base64,") == len(t.steps)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(TEMPLATES)  # no temporaries left
+
+
+def test_a_conversation_ending_in_a_result_is_continued_not_closed(small_checkpoint):
+    """The qwen format's results sit in the assistant's turn: the prompt ends there, open (``...✿RETURN✿``)."""
+    from qwen2vl.processing.errors import MediaError
+    from qwen2vl.processing.processor import Processor
+
+    processor = Processor.from_pretrained(small_checkpoint)
+    env = GuiEnv()
+    t = run(oracle(env), env, "click", seed=0)
+    plain = render(recent_screens(t.messages, 0), functions_of(env.tools), "qwen")
+    text = processor.render(plain, add_generation_prompt=False, continue_final_message=True)
+    assert text.endswith(f"Pressed {env.goal[1]}. {env.describe()}\n✿RETURN✿") and text.count("<|im_start|>assistant") == 1
+    with pytest.raises(MediaError, match="continue_final_message"):
+        processor.render(plain[:2], continue_final_message=True)
+
+
+def test_training_supervises_the_calls_and_never_the_results(small_checkpoint):
+    from qwen2vl.processing.processor import Processor
+    from qwen2vl.train.data import IGNORE, encode
+
+    processor = Processor.from_pretrained(small_checkpoint)
+    env = GuiEnv()
+    t = run(oracle(env), env, "type_and_enter", seed=2)
+    plain = render(recent_screens(t.messages, 1), functions_of(env.tools), "qwen")
+    sample = encode(plain, "chat", processor)
+    ids, labels = sample.input_ids.tolist(), sample.labels.tolist()
+    runs, cur = [], []
+    for token, label in zip(ids, labels):
+        if label != IGNORE:
+            cur.append(token)
+        elif cur:
+            runs.append(processor.tokenizer.decode(cur))
+            cur = []
+    calls = [f'✿FUNCTION✿: {s.call["name"]}\n✿ARGS✿: {s.call["arguments"]}\n✿RESULT✿' for s in t.steps]
+    assert runs == [calls[0]] + [": \n" + c for c in calls[1:]]  # no result, no <|im_end|> after the last one
+
+
+def test_older_screenshots_are_replaced_by_words():
+    env = GuiEnv()
+    t = run(oracle(env), env, "type_and_enter", seed=2)
+    kept = recent_screens(t.messages, 2)
+    images = [p for m in kept if isinstance(m.get("content"), list) for p in m["content"] if p.get("type") == "image"]
+    assert len(images) == 2 and images[-1] is t.messages[-1]["content"][0]
+    assert sum(p.get("text") == "(an earlier screenshot)" for m in kept if isinstance(m.get("content"), list)
+               for p in m["content"]) == 2
+
+
+def test_the_agent_verb_runs_episodes_and_writes_their_pages(small_checkpoint, tmp_path, capsys):
+    from qwen2vl.cli import main
+
+    out = tmp_path / "episodes"
+    assert main(["agent", str(small_checkpoint), "--task", "click", "--episodes", "2", "--max-steps", "2",
+                 "--out", str(out)]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert text.count("'Click ") == 2 and "success: " in text
+    for k in range(2):
+        lines = (out / f"episode_{k}" / "trajectory.jsonl").read_text().splitlines()
+        assert json.loads(lines[-1])["task"].startswith("Click ") and (out / f"episode_{k}" / "index.html").exists()
+    assert main(["agent", str(small_checkpoint), "--task", "fly"]) == 2
+    assert "--task: 'fly' is not one of click" in capsys.readouterr().err

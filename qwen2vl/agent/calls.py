@@ -88,9 +88,9 @@ def functions_of(tools: list) -> list[dict]:
     functions, seen = [], set()
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
+        if isinstance(tool, dict) and tool.get("type", "function") != "function":
+            raise ToolError(f"{where}.type: only 'function' tools exist, not {tool.get('type')!r}")
         if isinstance(tool, dict) and "function" in tool:
-            if tool.get("type", "function") != "function":
-                raise ToolError(f"{where}.type: only 'function' tools exist, not {tool.get('type')!r}")
             tool, where = tool["function"], f"{where}.function"
         if not isinstance(tool, dict):
             raise ToolError(f"{where}: expected an object")

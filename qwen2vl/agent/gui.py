@@ -20,31 +20,31 @@ MENUS = {"File": ["New", "Open", "Close"], "Edit": ["Copy", "Paste", "Undo"]}
 ITEMS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "melon", "peach"]
 VISIBLE = 3  # rows of the list shown at once
 
+XY = {"type": "integer", "minimum": 0, "maximum": 999}
 TOOLS = [
     {"type": "function", "function": {
-        "name": "click", "description": "Click the screen at (x, y), in 0-1000 units of the screenshot's width and height.",
-        "parameters": {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 999},
-                                                        "y": {"type": "integer", "minimum": 0, "maximum": 999}},
-                       "required": ["x", "y"]}}},
+        "name": "click", "description": "Click the screen at (x, y), in 0-999 units of its width and height.",
+        "parameters": {"type": "object", "properties": {"x": XY, "y": XY}, "required": ["x", "y"]}}},
     {"type": "function", "function": {
-        "name": "type", "description": "Type text into the focused text field.",
+        "name": "type", "description": "Type into the focused text box.",
         "parameters": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}},
     {"type": "function", "function": {
-        "name": "scroll", "description": "Scroll the list up or down by one row.",
+        "name": "scroll", "description": "Scroll the list by one row.",
         "parameters": {"type": "object", "properties": {"direction": {"enum": ["up", "down"]}},
                        "required": ["direction"]}}},
     {"type": "function", "function": {
-        "name": "key", "description": "Press a key (Enter, Tab or Escape).",
+        "name": "key", "description": "Press a key.",
         "parameters": {"type": "object", "properties": {"name": {"enum": ["Enter", "Tab", "Escape"]}},
                        "required": ["name"]}}},
-    {"type": "function", "function": {
-        "name": "done", "description": "Say the task is finished.", "parameters": {"type": "object", "properties": {}}}},
+    {"type": "function", "function": {"name": "done", "description": "End the task.",
+                                      "parameters": {"type": "object", "properties": {}, "required": []}}},
 ]
 
 
 @dataclass
 class Observation:
-    """What the agent sees after a reset or a step: the screenshot, a line of text, and the task."""
+    """What the agent sees after a reset or a step: the screenshot, a text (what the step did, and what the
+    screen shows, as an accessibility tree would tell it), and the task."""
 
     image: Image.Image | None
     text: str
@@ -87,6 +87,11 @@ class GuiEnv:
         self.templates = templates
 
     def reset(self, seed: int, template: str | None = None) -> Observation:
+        self.setup(seed, template)
+        return Observation(self.render(), self.describe(), self.task)
+
+    def setup(self, seed: int, template: str | None = None) -> None:
+        """The seed's screen (widgets, labels, list) and task, drawn from it alone."""
         rng = random.Random(seed)
         self.template = template or rng.choice(self.templates)
         self.state = State()
@@ -114,7 +119,11 @@ class GuiEnv:
             item = self.items[VISIBLE]  # the first row below the visible ones: one scroll away
             self.goal, task = ("choose", item), f"Scroll down the list and click {item}"
         self.task = task
-        return Observation(self.render(), "A screen.", task)
+
+    def describe(self) -> str:
+        """The screen's text that the widgets' looks do not give away: the buttons' labels, left to right (an
+        accessibility tree would tell them). Read from what is shown."""
+        return "Buttons: " + ", ".join(w.label for w in self.visible() if w.kind == "button") + "."
 
     # ---- truth ----------------------------------------------------------------------------------------------
     @property
@@ -161,7 +170,7 @@ class GuiEnv:
     def step(self, call: Call) -> tuple[Observation, bool, bool]:
         s, args = self.state, call.parsed
         if call.name == "done":
-            return Observation(self.render(), "The episode is over.", self.task), True, self.success
+            return Observation(self.render(), "The episode is over. " + self.describe(), self.task), True, self.success
         if call.name == "click":
             x, y = args["x"] * SIZE / 1000, args["y"] * SIZE / 1000
             hit = [w for w in self.visible() if w.box[0] <= x < w.box[2] and w.box[1] <= y < w.box[3]]
@@ -200,7 +209,7 @@ class GuiEnv:
                 s.menu_open = None
             text = f"Pressed {args['name']}."
         done = self.success
-        return Observation(self.render(), text, self.task), done, done
+        return Observation(self.render(), text + " " + self.describe(), self.task), done, done
 
     # ---- drawing --------------------------------------------------------------------------------------------
     def render(self) -> Image.Image:

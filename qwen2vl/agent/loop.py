@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..atomic import new_directory
-from .calls import Call, STOP_WORDS, check, functions_of, parse, render
+from .calls import CALL_END, CALL_START, FN_ARGS, FN_NAME, STOP_WORDS, Call, check, functions_of, parse, render
 
 Policy = Callable[[list[dict], list[dict]], str]  # (OpenAI messages, tools) -> the model's answer text
 
@@ -34,6 +34,7 @@ class Trajectory:
     steps: list[Step]
     success: bool
     reason: str  # success | done | max_steps | errors
+    messages: list[dict] = field(default_factory=list, repr=False)  # the conversation, OpenAI-style
 
 
 def oracle(env) -> Policy:
@@ -45,14 +46,14 @@ def oracle(env) -> Policy:
 
 
 def run(model, env, task: str | None = None, *, seed: int = 0, max_steps: int = 10, max_errors: int = 3,
-        fmt: str = "qwen", out: str | Path | None = None) -> Trajectory:
+        fmt: str = "qwen", screens: int = 4, out: str | Path | None = None, api_key: str | None = None) -> Trajectory:
     """One episode of ``env`` (``task``: a template name, or the env's pick for ``seed``). ``model``: a loaded
-    :class:`qwen2vl.Assistant`, the URL of an OpenAI-compatible server, or a policy function."""
-    policy = _policy(model, fmt)
+    :class:`qwen2vl.Assistant`, the URL of an OpenAI-compatible server, or a policy function. The model sees the
+    last ``screens`` screenshots (older ones become the words "an earlier screenshot"). ``api_key``: the server's."""
+    policy = _policy(model, fmt, screens, api_key)
     functions = functions_of(env.tools)
     obs = env.reset(seed, task)
-    messages = [{"role": "user", "content": [{"type": "image", "image": obs.image},
-                                             {"type": "text", "text": obs.task}]}]
+    messages = [first_message(obs)]
     steps, errors, reason, success = [], 0, "max_steps", False
     for _ in range(max_steps):
         t0, screen = time.perf_counter(), obs.image
@@ -76,10 +77,16 @@ def run(model, env, task: str | None = None, *, seed: int = 0, max_steps: int = 
         if done:
             reason = "success" if success else "done"
             break
-    trajectory = Trajectory(obs.task, steps, success, reason)
+    trajectory = Trajectory(obs.task, steps, success, reason, messages)
     if out is not None:
         write(trajectory, out)
     return trajectory
+
+
+def first_message(obs) -> dict:
+    """The episode's opening user turn: the screenshot, the task, the screen's text."""
+    return {"role": "user", "content": [{"type": "image", "image": obs.image},
+                                        {"type": "text", "text": f"{obs.task}\n{obs.text}"}]}
 
 
 def _turn(text: str, call: Call, result) -> list[dict]:
@@ -94,30 +101,63 @@ def _call_dict(call: Call | None) -> dict | None:
     return None if call is None else {"name": call.name, "arguments": call.arguments, "error": call.error}
 
 
-def _policy(model, fmt: str) -> Policy:
+def recent_screens(messages: list[dict], keep: int) -> list[dict]:
+    """``messages`` with all but the last ``keep`` screenshots replaced by the words "an earlier screenshot"."""
+    seen, out = 0, []
+    for m in reversed(messages):
+        if isinstance(m.get("content"), list):
+            parts = []
+            for p in reversed(m["content"]):
+                if p.get("type") == "image":
+                    seen += 1
+                    p = p if seen <= keep else {"type": "text", "text": "(an earlier screenshot)"}
+                parts.append(p)
+            m = {**m, "content": parts[::-1]}
+        out.append(m)
+    return out[::-1]
+
+
+def _policy(model, fmt: str, screens: int, api_key: str | None = None) -> Policy:
     if callable(model) and not hasattr(model, "stream"):
-        return model
+        return lambda messages, tools: model(recent_screens(messages, screens), tools)
     if isinstance(model, str):  # an OpenAI-compatible server
-        return _server_policy(model, fmt)
+        policy = _server_policy(model, fmt, api_key)
+        return lambda messages, tools: policy(recent_screens(messages, screens), tools)
 
     def local(messages, tools):
-        plain = render(messages, functions_of(tools), fmt)
-        return model.chat(plain, max_new_tokens=128, stop=STOP_WORDS[fmt] or None)
+        plain = render(recent_screens(messages, screens), functions_of(tools), fmt)
+        return model.chat(plain, max_new_tokens=128, temperature=0, stop=STOP_WORDS[fmt] or None)
     return local
 
 
-def _server_policy(url: str, fmt: str) -> Policy:
+def _server_policy(url: str, fmt: str, api_key: str | None = None) -> Policy:
+    """Asks ``url``/v1/chat/completions (greedy), the calls it answers written back into ``fmt``'s text."""
+    import urllib.error
     import urllib.request
 
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    base, model = url.rstrip("/").removesuffix("/v1"), []
+
+    def ask(path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        try:
+            with urllib.request.urlopen(urllib.request.Request(base + path, data, headers), timeout=600) as r:
+                return json.load(r)
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"{base + path}: {e.code} {e.read().decode(errors='replace')[:500]}") from None
+
     def policy(messages, tools):
-        body = {"model": "default", "messages": _wire(messages), "tools": tools, "max_tokens": 128}
-        req = urllib.request.Request(url.rstrip("/") + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=600) as r:
-            message = json.load(r)["choices"][0]["message"]
-        calls = message.get("tool_calls") or []
-        return (message.get("content") or "") + "".join(
-            f"\n✿FUNCTION✿: {c['function']['name']}\n✿ARGS✿: {c['function']['arguments']}" for c in calls)
+        if not model:  # the server's own model id, asked once
+            model.append(ask("/v1/models")["data"][0]["id"])
+        body = {"model": model[0], "messages": _wire(messages), "tools": tools, "max_tokens": 128, "temperature": 0}
+        message = ask("/v1/chat/completions", body)["choices"][0]["message"]
+        calls = [c["function"] for c in message.get("tool_calls") or []]
+        if fmt == "hermes":
+            written = [f"\n{CALL_START}\n" + json.dumps({"name": c["name"], "arguments": json.loads(c["arguments"] or
+                       "{}")}, ensure_ascii=False) + f"\n{CALL_END}" for c in calls]  # fmt: skip
+        else:
+            written = [f"\n{FN_NAME}: {c['name']}\n{FN_ARGS}: {c['arguments']}" for c in calls]
+        return (message.get("content") or "") + "".join(written)
     return policy
 
 
