@@ -37,13 +37,16 @@ RIGHT_IOU = 0.5  # a box is right when it overlaps the true one by at least this
 SCALE = 3  # the boxes picture is shapes.png enlarged this many times, so that 224x168 pixels can be read
 LINE = 3  # px; outlines go outside their boxes (the true box a line further out), so they show on the shapes
 TRAINED_OUT = "demo_boxes.png"
+AGENT_OUT = "demo_agent"  # the agent episode's trajectory: index.html, trajectory.jsonl, the screenshots
+AGENT_TASK, AGENT_SEED = "tick_then_press", 10**6  # a two-step task on a screen the model never trained on
 RANDOM_OUT = "demo_random_boxes.png"  # its own name, so --random never overwrites `make demo`'s picture
 
 Say = Callable[[str], None]
 
 
 def run(model: str | os.PathLike = SHIPPED_MODEL, *, random: bool = False, preset: str | None = None,
-        dtype: str = "float32", new_tokens: int = 16, out: str | None = None, say: Say = print) -> None:
+        dtype: str = "float32", new_tokens: int = 16, out: str | None = None, say: Say = print,
+        agent_out: str | None = None) -> None:
     """The trained model in ``model`` answers about the examples; with ``random`` or ``preset`` (or no directory
     at ``model``) the walk-through with random weights runs instead."""
     if random or preset or not Path(model).is_dir():
@@ -54,7 +57,7 @@ def run(model: str | os.PathLike = SHIPPED_MODEL, *, random: bool = False, prese
         say(params_table())
         random_demo(preset or "tiny", dtype, new_tokens, out or RANDOM_OUT, say)
     else:
-        trained_demo(model, dtype, out or TRAINED_OUT, say)
+        trained_demo(model, dtype, out or TRAINED_OUT, say, agent_out or AGENT_OUT)
 
 
 def _outline(box, px: int, label: str | None = None):
@@ -65,7 +68,8 @@ def _outline(box, px: int, label: str | None = None):
 
 
 def trained_demo(
-    model_dir: str | os.PathLike, dtype: str = "float32", out: str = TRAINED_OUT, say: Say = print
+    model_dir: str | os.PathLike, dtype: str = "float32", out: str = TRAINED_OUT, say: Say = print,
+    agent_out: str = AGENT_OUT,
 ) -> list[tuple[str, float]]:
     """The model answers about the example pictures; its boxes are scored and drawn on shapes.png enlarged, to
     ``out``: solid in the colour their label names, beside the true boxes dashed. Returns (asked shape, IoU) each."""
@@ -123,7 +127,23 @@ def trained_demo(
         + (f"; wrong: {', '.join(wrong)}" if wrong else "") + (f"; no box: {', '.join(missing)}" if missing else ""))
     say(f"the model's {len(drawn)} boxes (solid, labelled with their IoU) and the 3 true boxes (dashed), each in its "
         f"shape's colour, drawn on {shapes.name} {SCALE}x enlarged in {out}")
+    act(assistant, agent_out, say)
     return scores
+
+
+def act(assistant, out: str, say: Say = print) -> None:
+    """One episode of the synthetic GUI: the model reads the screenshot, calls a tool, sees the result, again."""
+    from qwen2vl.agent import GuiEnv, run as run_episode
+
+    t = time.perf_counter()
+    trajectory = run_episode(assistant, GuiEnv(), AGENT_TASK, seed=AGENT_SEED, max_steps=4, out=out)
+    say(f"\nagent, in the synthetic GUI: {trajectory.task!r} (the shipped model is not trained to act yet: the "
+        "loop, the screen and the page are what this shows)")
+    for i, step in enumerate(trajectory.steps, 1):
+        call = step.call and f"{step.call['name']}({step.call['arguments']})"
+        say(f"  step {i}: {call or 'no call'}: {step.result.split('. ')[0].rstrip('.')}.")
+    say(f"  {'succeeded' if trajectory.success else 'failed'} ({trajectory.reason}) in {len(trajectory.steps)} steps, "
+        f"{time.perf_counter() - t:.1f} s; the trajectory (screenshots, clicks drawn) is {Path(out) / 'index.html'}")
 
 
 def expected_cost(preset: str) -> str | None:
@@ -219,8 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens --random generates")
     parser.add_argument("--out", help="where to save the grounding picture (default: demo_boxes.png, or "
                         "demo_random_boxes.png with --random)")
+    parser.add_argument("--agent-out", help=f"where to write the agent episode's trajectory (default: {AGENT_OUT}/)")
     args = parser.parse_args(argv)
-    run(args.model, random=args.random, preset=args.preset, dtype=args.dtype, new_tokens=args.new_tokens, out=args.out)
+    run(args.model, random=args.random, preset=args.preset, dtype=args.dtype, new_tokens=args.new_tokens, out=args.out,
+        agent_out=args.agent_out)
     return 0
 
 

@@ -61,7 +61,11 @@ def test_the_main_job_answers_about_the_shipped_pictures(tmp_path, capsys):
     from PIL import Image
 
     out = tmp_path / "boxes.png"
-    assert demo_main(["--out", str(out)]) == 0
+    assert demo_main(["--out", str(out), "--agent-out", str(tmp_path / "agent")]) == 0
     text = capsys.readouterr().out
     assert text.count("  -> ") == 8 and "IoU with the true box" in text
     assert Image.open(out).size == (672, 504)  # shapes.png, 3x
+    # and one agent episode, its outcome said and its trajectory page written (a screenshot per step)
+    assert "agent, in the synthetic GUI: \"Tick" in text and "not trained to act" in text
+    steps = len((tmp_path / "agent" / "trajectory.jsonl").read_text().splitlines()) - 1
+    assert steps >= 1 and (tmp_path / "agent" / "index.html").read_text().count('<img src="data:image/png') == steps

@@ -50,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
         "--warmup-steps", type=int, default=default.warmup_steps, help="each stage's warmup (below its steps)"
     )
     run.add_argument("--batch-tokens", type=int, default=default.batch_tokens)
+    run.add_argument("--agent-steps", type=int, default=default.agent_steps,
+                     help="steps of the agent stage on GUI episodes after stage 3 (0: none)")
+    run.add_argument("--agent-episodes", type=int, default=default.agent_episodes)
     run.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
@@ -119,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                 focus_lr=args.focus_lr,
                 warmup_steps=args.warmup_steps,
                 dtype=args.dtype,
+                agent_steps=args.agent_steps,
+                agent_episodes=args.agent_episodes,
             )
             run(c)
         else:
