@@ -69,8 +69,8 @@ class Curriculum:
     # The agent stage (agent.py): after stage 3, everything trains on oracle episodes in the synthetic GUI (a
     # 448-px screenshot is 256 tokens, the tools' system prompt ~850) with some stage-3 conversations mixed in, so
     # that the model keeps answering them. 0 steps (the default, and the shipped model's recipe): no agent stage.
-    # Off by default because it does not work yet: five trials of 450-550 steps (LOG.md, 2026-12-08) fit the
-    # episodes' format but not the task's choice of action; held out, 0-40% of one-step tasks succeed.
+    # Off by default because it does not work yet: six trials of 450-550 steps (LOG.md, 2026-12-08) fit the
+    # episodes' format but not the task's choice of action; held out, at best 40% of one-step tasks succeed.
     agent_episodes: int = 4000
     agent_chat: int = 3000  # stage-3 conversations in the mix
     agent_steps: int = 0
