@@ -219,3 +219,14 @@ def test_a_good_call_has_its_arguments():
 def test_bad_tool_declarations_are_named(tools, message):
     with pytest.raises(ToolError, match=message):
         functions_of(tools)
+
+
+def test_json_nested_past_pythons_recursion_limit_is_a_named_error_not_a_crash():
+    """A model's answer is bounded by its tokens, not by the request's nesting limit: 10,000 brackets deep."""
+    from qwen2vl.agent.calls import TOO_DEEP
+
+    deep = "[" * 10000 + "]" * 10000
+    _, calls = parse('<tool_call>\n{"name": "f", "arguments": %s}\n</tool_call>' % deep, "hermes")
+    assert calls[0].error == TOO_DEEP
+    fn = {"name": "f", "parameters": {"type": "object"}}
+    assert check(Call("f", '{"a": %s}' % deep), [fn]).error == f"the arguments of f: {TOO_DEEP}"

@@ -116,7 +116,7 @@ class BrowserEnv(GuiEnv):
         self.setup(seed, template)
         self.pages.page = page(self.widgets, self.items, self.menu_items).encode()
         self.driver.get(self.pages.url)
-        return Observation(self.render(), self.describe(), self.task)
+        return self.observe()
 
     def render(self) -> Image.Image:
         return Image.open(io.BytesIO(self.driver.get_screenshot_as_png())).convert("RGB")
@@ -128,7 +128,7 @@ class BrowserEnv(GuiEnv):
 
         args, d = call.parsed, self.driver
         if call.name == "done":
-            return Observation(self.render(), "The episode is over. " + self.describe(), self.task), True, self.success
+            return self.observe("The episode is over."), True, self.success
         if call.name == "click":
             d.execute_script("window.said = 'Nothing there.'")
             actions = ActionBuilder(d)
@@ -148,7 +148,7 @@ class BrowserEnv(GuiEnv):
                 .perform()
             text = f"Pressed {args['name']}."
         done = self.success
-        return Observation(self.render(), text + " " + self.describe(), self.task), done, done
+        return self.observe(text), done, done
 
 
 def page(widgets: list[Widget], items: list[str], menu_items: list[str]) -> str:

@@ -24,6 +24,7 @@ FN_NAME, FN_ARGS, FN_RESULT, FN_EXIT = "✿FUNCTION✿", "✿ARGS✿", "✿RESUL
 CALL_START, CALL_END = "<tool_call>", "</tool_call>"
 STOP_WORDS = {"qwen": [FN_RESULT, FN_EXIT], "hermes": []}  # qwen: the model must not write the results itself
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+TOO_DEEP = "the JSON nests too deep to read"  # a model's answer is not bounded as a request body is
 
 # The prompt texts are a format, like a chat template: a model trained on them expects these exact bytes.
 _QWEN_INFO = {
@@ -162,7 +163,7 @@ def render(messages: list[dict], functions: list[dict], fmt: str = "qwen", lang:
             for piece in pieces:
                 last = out[-1]["content"] if out and out[-1]["role"] == "assistant" else None
                 if isinstance(piece, dict):
-                    piece = [{"type": "text", "text": _render_call(piece, fmt, after=last is not None)}]
+                    piece = [{"type": "text", "text": render_call(piece, fmt, after=last is not None)}]
                 if last is None:
                     out.append({"role": "assistant", "content": piece})
                 else:
@@ -183,7 +184,9 @@ def render(messages: list[dict], functions: list[dict], fmt: str = "qwen", lang:
     return out
 
 
-def _render_call(call: dict, fmt: str, after: bool) -> str:
+def render_call(call: dict, fmt: str, after: bool = False) -> str:
+    """One call (OpenAI's ``{"function": {"name", "arguments"}}`` or the bare function) as the model writes it;
+    ``after``: a ``qwen`` call that follows other text of the same turn, on a line of its own."""
     fn = call["function"] if "function" in call else call
     name, arguments = fn["name"], fn.get("arguments") or ""
     if not isinstance(arguments, str):
@@ -265,6 +268,8 @@ def _hermes_call(block: str) -> Call:
         obj = json.loads(body)
     except json.JSONDecodeError as e:
         return Call("", body.strip(), error=f"the call is not valid JSON ({e.msg} at character {e.pos})")
+    except RecursionError:
+        return Call("", body.strip(), error=TOO_DEEP)
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or "arguments" not in obj:
         return Call("", body.strip(), error='a call is a JSON object with "name" and "arguments"')
     arguments = obj["arguments"]
@@ -298,6 +303,9 @@ def check(call: Call, functions: list[dict]) -> Call:
         arguments = json.loads(call.arguments or "{}")
     except json.JSONDecodeError as e:
         call.error = f"the arguments of {call.name} are not valid JSON ({e.msg} at character {e.pos})"
+        return call
+    except RecursionError:
+        call.error = f"the arguments of {call.name}: {TOO_DEEP}"
         return call
     if not isinstance(arguments, dict):
         call.error = f"the arguments of {call.name} must be a JSON object, not {type(arguments).__name__}"

@@ -88,7 +88,11 @@ class GuiEnv:
 
     def reset(self, seed: int, template: str | None = None) -> Observation:
         self.setup(seed, template)
-        return Observation(self.render(), self.describe(), self.task)
+        return self.observe()
+
+    def observe(self, said: str = "") -> Observation:
+        """The screen now: its screenshot, what the last action did (``said``) and the screen's text."""
+        return Observation(self.render(), (said + " " if said else "") + self.describe(), self.task)
 
     def setup(self, seed: int, template: str | None = None) -> None:
         """The seed's screen (widgets, labels, list) and task, drawn from it alone."""
@@ -170,7 +174,7 @@ class GuiEnv:
     def step(self, call: Call) -> tuple[Observation, bool, bool]:
         s, args = self.state, call.parsed
         if call.name == "done":
-            return Observation(self.render(), "The episode is over. " + self.describe(), self.task), True, self.success
+            return self.observe("The episode is over."), True, self.success
         if call.name == "click":
             x, y = args["x"] * SIZE / 1000, args["y"] * SIZE / 1000
             hit = [w for w in self.visible() if w.box[0] <= x < w.box[2] and w.box[1] <= y < w.box[3]]
@@ -209,7 +213,7 @@ class GuiEnv:
                 s.menu_open = None
             text = f"Pressed {args['name']}."
         done = self.success
-        return Observation(self.render(), text + " " + self.describe(), self.task), done, done
+        return self.observe(text), done, done
 
     # ---- drawing --------------------------------------------------------------------------------------------
     def render(self) -> Image.Image:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..atomic import new_directory
-from .calls import CALL_END, CALL_START, FN_ARGS, FN_NAME, STOP_WORDS, Call, check, functions_of, parse, render
+from .calls import STOP_WORDS, Call, check, functions_of, parse, render, render_call
 
 Policy = Callable[[list[dict], list[dict]], str]  # (OpenAI messages, tools) -> the model's answer text
 
@@ -37,11 +37,14 @@ class Trajectory:
     messages: list[dict] = field(default_factory=list, repr=False)  # the conversation, OpenAI-style
 
 
+MAX_CALL_TOKENS = 128  # what a model may write in one step
+
+
 def oracle(env) -> Policy:
     """A policy that reads the environment's truth and writes its calls as a model of format ``qwen`` would."""
     def policy(messages, tools):
         c = env.oracle()
-        return f"✿FUNCTION✿: {c.name}\n✿ARGS✿: {c.arguments}"
+        return render_call({"name": c.name, "arguments": c.arguments}, "qwen")
     return policy
 
 
@@ -50,20 +53,20 @@ def run(model, env, task: str | None = None, *, seed: int = 0, max_steps: int = 
     """One episode of ``env`` (``task``: a template name, or the env's pick for ``seed``). ``model``: a loaded
     :class:`qwen2vl.Assistant`, the URL of an OpenAI-compatible server, or a policy function. The model sees the
     last ``screens`` screenshots (older ones become the words "an earlier screenshot"). ``api_key``: the server's."""
-    policy = _policy(model, fmt, screens, api_key)
+    policy = _policy(model, fmt, api_key)
     functions = functions_of(env.tools)
     obs = env.reset(seed, task)
     messages = [first_message(obs)]
     steps, errors, reason, success = [], 0, "max_steps", False
     for _ in range(max_steps):
         t0, screen = time.perf_counter(), obs.image
-        text = policy(messages, env.tools)
-        _, calls = parse(text, fmt)
+        text = policy(recent_screens(messages, screens), env.tools)
+        head, calls = parse(text, fmt)
         call = check(calls[0], functions) if calls else None
         if call is None or call.error:
             errors += 1
             result = call.error if call else "no function call in the answer; call one of the tools"
-            messages += [{"role": "assistant", "content": text}] if call is None else _turn(text, call, result)
+            messages += [{"role": "assistant", "content": text}] if call is None else _turn(head, call, result)
             if call is None:
                 messages.append({"role": "user", "content": result})
             steps.append(Step(text, _call_dict(call), result, time.perf_counter() - t0, screen))
@@ -72,7 +75,7 @@ def run(model, env, task: str | None = None, *, seed: int = 0, max_steps: int = 
                 break
             continue
         obs, done, success = env.step(call)
-        messages += _turn(text, call, [{"type": "image", "image": obs.image}, {"type": "text", "text": obs.text}])
+        messages += _turn(head, call, [{"type": "image", "image": obs.image}, {"type": "text", "text": obs.text}])
         steps.append(Step(text, _call_dict(call), obs.text, time.perf_counter() - t0, screen))
         if done:
             reason = "success" if success else "done"
@@ -89,8 +92,8 @@ def first_message(obs) -> dict:
                                         {"type": "text", "text": f"{obs.task}\n{obs.text}"}]}
 
 
-def _turn(text: str, call: Call, result) -> list[dict]:
-    head = parse(text, "qwen")[0] if "✿" in text else parse(text, "hermes")[0]
+def _turn(head: str, call: Call, result) -> list[dict]:
+    """The answer (its text before the call, and the call) and the result, as OpenAI messages."""
     tool_call = {"id": call.id or "call_0", "type": "function",
                  "function": {"name": call.name, "arguments": call.arguments}}
     return [{"role": "assistant", "content": head or None, "tool_calls": [tool_call]},
@@ -117,16 +120,15 @@ def recent_screens(messages: list[dict], keep: int) -> list[dict]:
     return out[::-1]
 
 
-def _policy(model, fmt: str, screens: int, api_key: str | None = None) -> Policy:
+def _policy(model, fmt: str, api_key: str | None = None) -> Policy:
     if callable(model) and not hasattr(model, "stream"):
-        return lambda messages, tools: model(recent_screens(messages, screens), tools)
+        return model
     if isinstance(model, str):  # an OpenAI-compatible server
-        policy = _server_policy(model, fmt, api_key)
-        return lambda messages, tools: policy(recent_screens(messages, screens), tools)
+        return _server_policy(model, fmt, api_key)
 
     def local(messages, tools):
-        plain = render(recent_screens(messages, screens), functions_of(tools), fmt)
-        return model.chat(plain, max_new_tokens=128, temperature=0, stop=STOP_WORDS[fmt] or None)
+        plain = render(messages, functions_of(tools), fmt)
+        return model.chat(plain, max_new_tokens=MAX_CALL_TOKENS, temperature=0, stop=STOP_WORDS[fmt] or None)
     return local
 
 
@@ -149,15 +151,11 @@ def _server_policy(url: str, fmt: str, api_key: str | None = None) -> Policy:
     def policy(messages, tools):
         if not model:  # the server's own model id, asked once
             model.append(ask("/v1/models")["data"][0]["id"])
-        body = {"model": model[0], "messages": _wire(messages), "tools": tools, "max_tokens": 128, "temperature": 0}
+        body = {"model": model[0], "messages": _wire(messages), "tools": tools, "max_tokens": MAX_CALL_TOKENS,
+                "temperature": 0}  # fmt: skip
         message = ask("/v1/chat/completions", body)["choices"][0]["message"]
-        calls = [c["function"] for c in message.get("tool_calls") or []]
-        if fmt == "hermes":
-            written = [f"\n{CALL_START}\n" + json.dumps({"name": c["name"], "arguments": json.loads(c["arguments"] or
-                       "{}")}, ensure_ascii=False) + f"\n{CALL_END}" for c in calls]  # fmt: skip
-        else:
-            written = [f"\n{FN_NAME}: {c['name']}\n{FN_ARGS}: {c['arguments']}" for c in calls]
-        return (message.get("content") or "") + "".join(written)
+        calls = "".join("\n" + render_call(c, fmt) for c in message.get("tool_calls") or [])
+        return (message.get("content") or "") + calls
     return policy
 
 

@@ -222,11 +222,9 @@ def to_qwen_messages(messages: list[dict]) -> tuple[list[dict], dict[str, int]]:
             message = f"{where}.role: must be one of {', '.join(ROLES)}, got {role!r}"
             raise ApiError(400, message, code="invalid_messages")
         calls = _tool_calls(m, where) if role == "assistant" else None
-        if content is None and calls:  # an assistant message that only calls
-            out.append({"role": role, "content": None, "tool_calls": calls})
-            continue
-        if isinstance(content, str):
-            out.append({"role": role, "content": content, **({"tool_calls": calls} if calls else {})})
+        extra = {"tool_calls": calls} if calls else {}
+        if (content is None and calls) or isinstance(content, str):  # None: an assistant message that only calls
+            out.append({"role": role, "content": content, **extra})
             continue
         if not isinstance(content, list):
             raise ApiError(400, f"{where}.content: must be a string or a list of content parts",
@@ -250,7 +248,7 @@ def to_qwen_messages(messages: list[dict]) -> tuple[list[dict], dict[str, int]]:
                 media = "image" if kind == "image_url" else "video"
                 counts[media] += 1
                 parts.append({"type": media, media: url})
-        out.append({"role": role, "content": parts, **({"tool_calls": calls} if calls else {})})
+        out.append({"role": role, "content": parts, **extra})
     return out, counts
 
 

@@ -17,8 +17,8 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
-from ..agent.calls import (CALL_END, CALL_START, FN_ARGS, FN_EXIT, FN_NAME, FN_RESULT, CallStream, ToolError,
-                           functions_of, parse, render)  # fmt: skip
+from ..agent.calls import (CALL_END, CALL_START, FN_ARGS, FN_NAME, STOP_WORDS, CallStream, ToolError, functions_of,
+                           parse, render)  # fmt: skip
 from .schemas import ApiError
 
 
@@ -28,7 +28,7 @@ class ToolPlan:
     choice: str  # auto | none | required | the name of the function to call
     parallel: bool
     prefill: str = ""  # what the answer is opened with (part of the answer, not of what it returns)
-    continued: bool = False  # the prompt ends inside an assistant turn (qwen: after a result)
+    after_result: bool = False  # qwen: the prompt ends inside the assistant's turn, after a result
     stops: list[str] = field(default_factory=list)
     constrain: bool = False  # the answer (after ``prefill``) is kept one JSON object: the named call's arguments
 
@@ -36,27 +36,36 @@ class ToolPlan:
     def marker(self) -> str:
         return CALL_START if self.fmt == "hermes" else f"{FN_NAME}:"
 
+    @property
+    def continued(self) -> bool:
+        """The prompt ends inside an assistant turn: after a result, or in the opened answer."""
+        return self.after_result or bool(self.prefill)
+
+    @property
+    def opened(self) -> str:
+        """The prefill from its call marker on: the part of the answer's text that is the model's call."""
+        return self.prefill[self.prefill.find(self.marker):] if self.prefill else ""
+
     def answer(self, text: str, stopped: bool = True) -> tuple[str | None, list[dict]]:
         """The model's ``text`` (what came after the prefill) -> (content, OpenAI tool calls). An answer cut off
-        (``stopped`` false: the token limit) makes no calls: it is all content, the prefill included."""
+        (``stopped`` false: the token limit) makes no calls: it is all content, the opened call included."""
         if not stopped:
-            return self._content(self.prefill + text), []
+            return self._content(self.opened + text), []
         if self.choice == "none":  # cut where a call would begin: the blanks before it go too
             return self._content(text).rstrip(), []
-        full = self.prefill + text + ("}\n" + CALL_END if self.constrain and self.fmt == "hermes" else "")
-        head, calls = parse(full[full.find(self.marker):] if self.prefill else full, self.fmt)
+        closing = "}\n" + CALL_END if self.constrain and self.fmt == "hermes" else ""
+        head, calls = parse(self.opened + text + closing, self.fmt)  # an opened answer has no head
         good = [c for c in calls if not c.error]
         if not good:  # nothing callable: the text is the answer
-            return self._content(self.prefill[self.prefill.find(self.marker):] + text if self.prefill else text), []
+            return self._content(self.opened + text), []
         if not self.parallel:
             good = good[:1]
-        head = "" if self.prefill else head
         return (self._content(head) or None), [
             {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
              "function": {"name": c.name, "arguments": c.arguments}} for c in good]  # fmt: skip
 
     def _content(self, text: str) -> str:
-        if self.continued and not self.prefill:  # the reply after a result opens with the ": " the prompt left off
+        if self.after_result and not self.prefill:  # the reply after a result opens with the ": " left off
             text = text.lstrip(": ")
         return text
 
@@ -97,8 +106,9 @@ def plan(req, messages: list[dict], fmt: str) -> tuple[list[dict], bool, ToolPla
         functions = functions_of(req.tools)
     except ToolError as e:
         raise ApiError(400, str(e), code="invalid_tools") from None
-    choice = req.tool_choice if isinstance(req.tool_choice, str) else "auto"
-    if req.tool_choice is not None and not isinstance(req.tool_choice, str):
+    if req.tool_choice is None or isinstance(req.tool_choice, str):
+        choice = req.tool_choice or "auto"
+    else:
         choice = req.tool_choice.function.name
         if choice not in {f["name"] for f in functions}:
             raise ApiError(400, f"tool_choice: there is no function {choice!r} in tools", code="invalid_value")
@@ -106,22 +116,19 @@ def plan(req, messages: list[dict], fmt: str) -> tuple[list[dict], bool, ToolPla
         plain = render(messages, functions, fmt, parallel=req.parallel_tool_calls is True)
     except ValueError as e:
         raise ApiError(400, str(e), code="invalid_messages") from None
-    p = ToolPlan(fmt, choice, parallel=req.parallel_tool_calls is not False)
-    p.continued = fmt == "qwen" and plain[-1]["role"] == "assistant"
-    if fmt == "qwen":
-        p.stops = [FN_RESULT, FN_EXIT]  # the model must not write the results itself
+    p = ToolPlan(fmt, choice, parallel=req.parallel_tool_calls is not False, stops=list(STOP_WORDS[fmt]))
+    p.after_result = fmt == "qwen" and plain[-1]["role"] == "assistant"
     if choice == "none":
         p.stops.append(p.marker)
     elif choice != "auto":
-        opening = (": \n" if p.continued else "") + (f"{FN_NAME}: " if fmt == "qwen" else CALL_START + "\n")
+        opening = (": \n" if p.after_result else "") + (f"{FN_NAME}: " if fmt == "qwen" else CALL_START + "\n")
         if choice != "required":
             name = json.dumps(choice)
             opening += f"{choice}\n{FN_ARGS}: " if fmt == "qwen" else '{"name": %s, "arguments": ' % name
             p.constrain = True
         p.prefill = opening
-        if p.continued:
+        if p.after_result:
             plain[-1] = {**plain[-1], "content": [*plain[-1]["content"], {"type": "text", "text": opening}]}
         else:
             plain.append({"role": "assistant", "content": [{"type": "text", "text": opening}]})
-        p.continued = True
     return plain, p.continued, p
