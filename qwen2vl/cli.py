@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,13 +58,19 @@ def main(argv: list[str] | None = None) -> int:
                        help="hosts whose URLs may resolve to private addresses")  # fmt: skip
     serve.add_argument("--tool-format", choices=["qwen", "hermes"], default="qwen",
                        help="how tools and calls are written for the model (default qwen: Qwen-Agent's ✿FUNCTION✿)")
+    serve.add_argument("--video-cache", metavar="DIR", help="keep decoded video clips in DIR, keyed by content: "
+                       "a clip posted again (any URL, any name) is read back instead of decoded")
+    serve.add_argument("--video-cache-size", type=size, metavar="SIZE",
+                       help="bytes DIR may hold, e.g. 500M, 50G; the least recently used clips are evicted "
+                            "(default 10G)")  # fmt: skip
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--device")
 
     train = verbs.add_parser("train", help="train one of the paper's three stages (torchrun for several processes)")
     train.add_argument("--stage", type=int, choices=[1, 2, 3])
     train.add_argument("--model", help="checkpoint directory to start from")
-    train.add_argument("--data", help="JSONL records (messages or ShareGPT conversations)")
+    train.add_argument("--data", help="JSONL records (messages or ShareGPT conversations), or a store that "
+                       "`qwen2vl data prepare` made: its directory or its object-store URI (s3://...)")
     train.add_argument("--out", help="output directory: checkpoints, metrics.jsonl")
     train.add_argument("--recipe", help="YAML file of settings; flags override it")
     train.add_argument("--resume", action="store_true", default=None, help="continue from OUT's latest checkpoint")
@@ -81,10 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--loss-weighting", choices=["token", "turn"],
                        help="token: every supervised token weighs the same (default); turn: every reply does")
     train.add_argument("--device", help="cpu, cuda, cuda:N (default: this process's GPU if there is one, else cpu)")
-    train.add_argument("--video-cache", metavar="DIR", help="keep the decoded clips of local videos in DIR, so that "
-                       "the next run on the same files reads them back instead of decoding them")
+    train.add_argument("--video-cache", metavar="DIR", help="keep decoded clips in DIR, keyed by the videos' content: "
+                       "the next epoch or run (or a server) reads them back instead of decoding")
+    train.add_argument("--video-cache-size", type=size, metavar="SIZE",
+                       help="bytes --video-cache DIR may hold, e.g. 50G; the least recently used clips are evicted")
     train.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     train.add_argument("--tensorboard", action="store_true", default=None, help="also log to OUT/tensorboard")
+    train.add_argument("--max-skipped", type=float, help="fraction of samples whose media cannot be had that fails "
+                       "the run (default 0.01); below it each is skipped, counted and logged with its reason")
+    add_fetch_arguments(train, defaults=None)
 
     export = verbs.add_parser("export", help="a training checkpoint -> a hub-layout model directory")
     export.add_argument("checkpoint", help="OUT/checkpoint-N, or OUT (its latest checkpoint)")
@@ -123,6 +135,24 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--model", required=True, help="checkpoint directory (its tokenizer and preprocessor)")
     check.add_argument("--batch-tokens", type=int, default=2048, help="the length limit to check against")
     check.add_argument("--show", type=int, default=1, help="which record to print (line number)")
+    prep = data_verbs.add_parser("prepare", help="tokenise JSONL records once into a memory-mapped store that "
+                                 "`qwen2vl train --data` reads (media stay where they are; their tokens are counted "
+                                 "from their headers)")  # fmt: skip
+    prep.add_argument("inputs", nargs="+", metavar="IN.jsonl")
+    prep.add_argument("--out", required=True, help="the store's directory, or an object-store URI to upload it to")
+    prep.add_argument("--model", default="Qwen/Qwen2-VL-2B-Instruct",
+                      help="checkpoint whose tokenizer and preprocessor settings the store is made with "
+                           "(default: the official one, from the hub; all Qwen2-VL sizes share them)")  # fmt: skip
+    for flag in ("--min-pixels", "--max-pixels"):
+        prep.add_argument(flag, type=int, help="as the run's media settings (train checks they agree)")
+    prep.add_argument("--fps", type=float)
+    prep.add_argument("--max-frames", type=int)
+    add_fetch_arguments(prep, defaults=True)
+    upload = data_verbs.add_parser("upload", help="copy a prepared store to an object store (its index last, so "
+                                   "that a half-done upload is never taken for a store)")  # fmt: skip
+    upload.add_argument("store", help="the store's directory")
+    upload.add_argument("dest", metavar="URI", help="e.g. s3://bucket/prepared")
+    add_fetch_arguments(upload, defaults=True, reading=False)
 
     tokens = verbs.add_parser("tokens", help="how many tokens each image and video costs, without a model")
     add_media_arguments(tokens)
@@ -137,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "agent":  # a server's URL is not a model to load
         args.local_model = None if args.model.startswith(("http://", "https://")) else args.model
     run = {"params": run_params, "tokens": run_tokens, "chat": run_chat, "serve": run_serve,
-           "train": run_train, "export": run_export, "eval": run_eval, "data": run_data_check,
+           "train": run_train, "export": run_export, "eval": run_eval, "data": run_data,
            "agent": run_agent}[args.verb]
     try:
         check_inputs(args)
@@ -147,6 +177,48 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # our errors are one line and name the problem
         print(f"qwen2vl: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ArgumentError) else 1
+
+
+def add_fetch_arguments(p: argparse.ArgumentParser, defaults: bool | None, reading: bool = True) -> None:
+    """Fetching from URLs and object stores. ``defaults=None``: unset flags stay None (a recipe may set them)."""
+    def default(value):
+        return value if defaults else None
+
+    p.add_argument("--fetch-workers", type=int, default=default(8), metavar="N",
+                   help="requests in flight at once (training: threads loading the next steps' samples; 0: in the "
+                        "loop)")  # fmt: skip
+    p.add_argument("--fetch-qps", type=float, metavar="Q", help="at most Q requests in any one second (the store's "
+                   "limit), retries included")  # fmt: skip
+    p.add_argument("--fetch-retries", type=int, default=default(5), metavar="N",
+                   help="retries of a throttled (429, 503, SlowDown) or failed (reset, truncated, timed out) request, "
+                        "with exponential backoff and jitter")  # fmt: skip
+    p.add_argument("--fetch-timeout", type=float, default=default(30.0), metavar="S", help="seconds per request")
+    if reading:
+        p.add_argument("--fetch-allow-private", action="store_true", default=default(False),
+                       help="media URLs may resolve to private addresses (an in-house media server)")
+    p.add_argument("--storage-options", type=json_object, metavar="JSON", default=default({}),
+                   help='fsspec options per protocol, e.g. \'{"s3": {"endpoint_url": "http://127.0.0.1:9000"}}\' '
+                        "(fsspec's FSSPEC_S3_ENDPOINT_URL-style variables and AWS_* work too)")  # fmt: skip
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def size(text: str) -> int:
+    """An argparse type: ``--video-cache-size 10G`` -> bytes (the parser is imported only when the flag is given)."""
+    from .processing.video_cache import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_media_arguments(p: argparse.ArgumentParser) -> None:
@@ -174,16 +246,19 @@ INPUTS = {
     "tokens": [("model", "--model", "model"), ("image", "--image", "image"), ("video", "--video", "video")],
     "serve": [("model", "MODEL", "model"), ("allowed_local_media_path", "--allowed-local-media-path", "directory")],
     "eval": [("model", "MODEL", "model"), ("data", "--data", "file")],
-    "train": [("recipe", "--recipe", "file"), ("model", "--model", "directory"), ("data", "--data", "file")],
+    "train": [("recipe", "--recipe", "file"), ("model", "--model", "directory"), ("data", "--data", "data")],
     "export": [("checkpoint", "CHECKPOINT", "directory"), ("base", "--base", "directory")],
-    "data": [("file", "FILE", "file"), ("model", "--model", "model")],
+    "data check": [("file", "FILE", "file"), ("model", "--model", "model")],
+    "data prepare": [("inputs", "IN.jsonl", "file"), ("model", "--model", "model")],
+    "data upload": [("store", "STORE", "store")],
     "agent": [("local_model", "MODEL", "model")],
 }
 
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Raise an :class:`ArgumentError` naming the first of a verb's ``INPUTS`` that does not exist, read or decode."""
-    for attr, name, kind in INPUTS.get(args.verb, []):
+    verb = f"data {args.data_verb}" if args.verb == "data" else args.verb
+    for attr, name, kind in INPUTS.get(verb, []):
         value = getattr(args, attr)
         for v in value if isinstance(value, list) else [value]:
             if v is not None and kind in ("image", "video"):
@@ -193,8 +268,17 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 
 def check_path(value: str, name: str, kind: str) -> None:
-    """``kind``: "file", "directory", or "model" (a directory, or a hub id that is fetched later)."""
+    """``kind``: "file", "directory", "model" (a directory, or a hub id that is fetched later), "store" (a prepared
+    store's directory) or "data" (a JSONL file, a store's directory, or an object-store URI, read later)."""
+    if kind == "data" and "://" in value:
+        return
     path = Path(value).expanduser()
+    if kind in ("store", "data") and path.is_dir():
+        if not (path / "index.json").is_file():
+            raise ArgumentError(f"{name} {value}: a directory without index.json, not a prepared store")
+        kind = "directory"
+    elif kind == "data":
+        kind = "file"
     if not path.exists():
         if kind == "model" and HUB_ID.fullmatch(value):
             return
@@ -359,10 +443,36 @@ def run_eval(args: argparse.Namespace) -> None:
         print(f"report: {args.out}")
 
 
-def run_data_check(args: argparse.Namespace) -> int:
-    from .train.check import check_file
+def run_data(args: argparse.Namespace) -> int | None:
+    if args.data_verb == "check":
+        from .train.check import check_file
 
-    return check_file(args.file, args.model, args.batch_tokens, args.show)
+        return check_file(args.file, args.model, args.batch_tokens, args.show)
+    from .train.loader import media_access
+    from .train.store import prepare, upload
+
+    access = media_access(workers=args.fetch_workers, qps=args.fetch_qps, retries=args.fetch_retries,
+                          timeout=args.fetch_timeout, allow_private=getattr(args, "fetch_allow_private", False),
+                          storage_options=args.storage_options)  # fmt: skip
+    if args.data_verb == "upload":
+        files = upload(args.store, args.dest, access.remote)
+        print(f"{files} files of {args.store} -> {args.dest}")
+        return None
+    from .processing.processor import Processor
+    from .train.store import is_uri
+
+    model = resolve_model(args.model)
+    processor = Processor.from_pretrained(model)
+    processor.media.access = access
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "store" if is_uri(args.out) else Path(args.out)
+        index = prepare(args.inputs, local, processor, model, media=media_options(args), workers=args.fetch_workers,
+                        log=lambda msg: print(msg, file=sys.stderr))  # fmt: skip
+        if is_uri(args.out):
+            upload(local, args.out, access.remote)
+    print(f"{index['samples']} samples, {index['tokens']:,} tokens with their media, in {len(index['shards'])} "
+          f"shard(s) -> {args.out}")  # fmt: skip
+    return None
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -377,7 +487,9 @@ def run_serve(args: argparse.Namespace) -> None:
     except ValueError:
         raise ValueError(f"--limit-mm-per-prompt must be a JSON object of counts, got {args.limit_mm_per_prompt!r}")
     as_given = ("max_model_len", "max_batch_size", "max_queue", "allowed_local_media_path", "max_request_bytes",
-                "tool_format")
+                "tool_format", "video_cache")
+    if args.video_cache_size is not None:  # else ServerConfig's default bound
+        as_given += ("video_cache_size",)
     config = ServerConfig(api_key=args.api_key or os.environ.get("QWEN2VL_API_KEY"), limit_mm_per_prompt=limits,
                           allowed_media_domains=tuple(args.allowed_media_domains),
                           **{k: getattr(args, k) for k in as_given})

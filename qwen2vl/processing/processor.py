@@ -11,6 +11,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from .chat import OFFICIAL_TEMPLATE, ChatTemplate, check_messages, media_parts, 
 from .errors import MediaError, describe
 from .sources import TRUST_LOCAL, MediaAccess
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .video_cache import VideoCache
 
 IMAGE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
 VIDEO_KEYS = IMAGE_KEYS + ("fps", "nframes", "min_frames", "max_frames", "video_start", "video_end", "total_pixels")
@@ -64,15 +68,27 @@ class MediaLoader:
     image_std: tuple[float, ...] = img.CLIP_STD
     video_options: dict = field(default_factory=dict)
     access: MediaAccess = TRUST_LOCAL  # which sources are allowed: local files, URLs (with limits), sizes
-    video_cache: str | None = None  # a directory where local videos' decoded clips are kept (video_cache.py)
+    video_cache: str | None = None  # a directory where videos' decoded clips are kept (video_cache.py)
+    video_cache_size: int | None = None  # bytes the directory may hold, least recently used evicted; None: no bound
+    _cache: VideoCache | None = field(default=None, init=False, repr=False, compare=False)
 
     def video(self, part: Mapping, name: str = "video", **defaults):
         from .video import load_video
-        from .video_cache import VideoCache
 
         options = _options(VIDEO_KEYS, self.video_options, defaults, part)
-        cache = VideoCache(self.video_cache) if self.video_cache else None
-        return load_video(media_source(part), name=name, access=self.access, cache=cache, **options)
+        return load_video(media_source(part), name=name, access=self.access, cache=self.cache(), **options)
+
+    def cache(self) -> VideoCache | None:
+        """The VideoCache of ``video_cache`` and ``video_cache_size``, built on first use and again only when
+        either field has been changed since (training sets ``video_cache`` on a loader it did not build)."""
+        from .video_cache import VideoCache
+
+        if not self.video_cache:
+            return None
+        cache = self._cache
+        if cache is None or (cache.directory, cache.max_bytes) != (Path(self.video_cache), self.video_cache_size):
+            cache = self._cache = VideoCache(self.video_cache, self.video_cache_size)
+        return cache
 
     def load(self, kind: str, part: Mapping, name: str, options: Mapping, *,
              levels: bool = False) -> tuple[MediaInfo, np.ndarray]:

@@ -1,6 +1,8 @@
-"""Where media may come from: local files (anywhere, nowhere, or inside one directory), data URLs and http(s)
-URLs (through :func:`fetch_url`'s limits), each capped in size. The library's default trusts local files (it runs
-on the user's machine); the server's default trusts none and fetches only public addresses.
+"""Where media may come from: local files (anywhere, nowhere, or inside one directory), data URLs, http(s) URLs
+(through :func:`fetch_url`'s limits) and object stores (s3://, oss://, gs://, ... through a :class:`Remote`), each
+capped in size. The library's default trusts local files and reads object stores with the user's own credentials
+(it runs on the user's machine); the server's default trusts no local file, fetches only public addresses and
+reads no object store, since it must not use its own credentials on a client's behalf.
 """
 
 from __future__ import annotations
@@ -13,16 +15,19 @@ from pathlib import Path
 
 from .errors import MediaError, describe
 from .fetch import FetchPolicy, fetch_url
+from .remote import OBJECT_STORES, Remote
 
 
 @dataclass(frozen=True)
 class MediaAccess:
     local: bool | str | Path = True  # True: any local file; False: none; a directory: only files inside it
     fetch: FetchPolicy | None = field(default_factory=FetchPolicy)  # None: no http(s) URLs
-    max_bytes: int = 64 * 2**20  # for local files and data URLs (downloads: the fetch policy's cap)
+    max_bytes: int = 64 * 2**20  # for local files, data URLs and object stores (downloads: the fetch policy's cap)
+    remote: Remote | None = None  # None: no object-store URIs, and http(s) fetched once with no retries
 
     def read(self, source: object, name: str) -> bytes | Path:
-        """The bytes or the local path behind a media source: bytes, a path, ``file://``, ``data:``, http(s)."""
+        """The bytes or the local path behind a media source: bytes, a path, ``file://``, ``data:``, http(s), or
+        an object-store URI such as ``s3://bucket/key``."""
         what = f"{name} ({describe(source)})"
         if isinstance(source, (bytes, bytearray, memoryview)):
             data = bytes(source)
@@ -46,8 +51,14 @@ class MediaAccess:
         if source.startswith(("http://", "https://")):
             if self.fetch is None:
                 raise MediaError(f"{what}: URLs are not allowed here")
+            if self.remote is not None:  # retries, and the concurrency and rate caps shared by all readers
+                return self.remote.read(source, name, fetch=self.fetch)
             return fetch_url(source, self.fetch, name=name)
         scheme = source.split("://", 1)[0] if "://" in source else ""
+        if scheme in OBJECT_STORES:
+            if self.remote is None:
+                raise MediaError(f"{what}: object-store URIs ({scheme}://...) are not allowed here")
+            return self.remote.read(source, name, max_bytes=self.max_bytes)
         if scheme and scheme != "file":
             raise MediaError(f"{what}: unsupported URL scheme {scheme!r}")
         return self._local(Path(source.removeprefix("file://")).expanduser(), what)
@@ -72,4 +83,4 @@ class MediaAccess:
         return path
 
 
-TRUST_LOCAL = MediaAccess()
+TRUST_LOCAL = MediaAccess(remote=Remote())  # the python API and the CLI, on the user's own machine

@@ -292,7 +292,8 @@ def load_video(source: Any, *, name: str = "video", fps: float | None = None, nf
                access: MediaAccess = TRUST_LOCAL, cache: VideoCache | None = None) -> Video:
     """Load, sample and resize a video: a path (optionally ``file://``), bytes of a video file, an http(s) URL,
     or a list of frames (PIL images, uint8 arrays, image paths or bytes; ``fps`` is the rate they were sampled at,
-    default 2). ``access``: which sources are allowed; ``cache``: where a local file's decoded clip is kept."""
+    default 2). ``access``: which sources are allowed; ``cache``: where the decoded clip is kept (any file: it is
+    keyed by content)."""
     options = {"fps": fps, "nframes": nframes, "min_frames": min_frames, "max_frames": max_frames,
                "video_start": video_start, "video_end": video_end}
     sizing = {"min_pixels": min_pixels, "max_pixels": max_pixels, "total_pixels": total_pixels,
@@ -309,9 +310,9 @@ def load_video(source: Any, *, name: str = "video", fps: float | None = None, nf
         data = access.read(source, name)
         if not data:  # a Path is never empty here
             raise MediaError("empty data")
-        if not isinstance(data, Path):
-            return _load_file(lambda: av.open(io.BytesIO(data)), options, sizing, label)
-        decode = partial(_load_file, lambda: av.open(str(data)), options, sizing, label)
+        # bytes (fetched from a URL or an object store, a data URL) are cached too: the key is the content
+        opener = (lambda: av.open(str(data))) if isinstance(data, Path) else (lambda: av.open(io.BytesIO(data)))
+        decode = partial(_load_file, opener, options, sizing, label)
         return decode() if cache is None else cache.load(data, {**options, **sizing}, decode)
     except (av.FFmpegError, OSError) as e:
         raise MediaError(f"{label}: not a readable video ({e})") from None

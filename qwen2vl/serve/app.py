@@ -56,6 +56,8 @@ class ServerConfig:
     max_media_bytes: int = 32 * 2**20
     max_request_bytes: int = 64 * 2**20  # a body over this is a 413 before it is read further
     tool_format: str = "qwen"  # how tools, calls and results are written for the model: qwen | hermes
+    video_cache: str | None = None  # a directory of decoded clips (processing/video_cache.py), keyed by content
+    video_cache_size: int | None = 10 * 2**30  # bytes it may hold, least recently used evicted; None: no bound
 
     def media_access(self) -> MediaAccess:
         local = Path(self.allowed_local_media_path) if self.allowed_local_media_path else False
@@ -156,7 +158,10 @@ class Engine:
 def create_app(assistant: Assistant, config: ServerConfig) -> FastAPI:
     model = assistant.model
     processor = copy.copy(assistant.processor)  # the same tokenizer and template, the server's media access
-    processor.media = dataclasses.replace(processor.media, access=config.media_access())
+    media = {"access": config.media_access()}
+    if config.video_cache:  # else the processor's own (normally none)
+        media |= {"video_cache": config.video_cache, "video_cache_size": config.video_cache_size}
+    processor.media = dataclasses.replace(processor.media, **media)
     token_text = functools.lru_cache(maxsize=2**17)(lambda t: processor.tokenizer.decode([t]))  # one token's text
     engine = Engine(model, config.max_batch_size, config.max_model_len, config.max_queue)
 

@@ -134,12 +134,17 @@ def _own_text(body: str, start: int, end: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in spans if b > a]
 
 
-def encode(messages: list[dict], kind: str, processor: Processor, where: str = "record", *, levels: bool = False,
-           turn_weights: bool = False, **media_options) -> Sample:  # fmt: skip
-    """Messages -> a Sample: ids as inference tokenizes them, labels, and the media's patches (``levels``: as uint8
-    levels that ``Sample.patches`` normalises at packing, an eighth of the memory for images, a quarter for videos).
-    ``turn_weights``: each supervised token also weighs 1 / (its reply's supervised tokens), so every reply (a
-    caption is one) weighs the same, whether it is "4" or a 20-token box."""
+@dataclass
+class Text:
+    """A sample before its media are loaded: what ``data prepare`` stores. ``turns`` says which reply each token
+    is supervised for (-1: not supervised); every image and video placeholder is still one token."""
+
+    ids: np.ndarray  # [L] int64
+    turns: np.ndarray  # [L] int64
+
+
+def tokenize(messages: list[dict], kind: str, processor: Processor) -> Text:
+    """The text part of a sample: ids exactly as inference tokenizes the rendered text, and what is supervised."""
     tok = processor.tokenizer
     if kind == "chat":
         text, spans = "", []
@@ -159,31 +164,70 @@ def encode(messages: list[dict], kind: str, processor: Processor, where: str = "
         turn[(starts >= a) & (starts < b)] = k
     vision = [tok.token_id(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")]
     ids_np = np.array(ids, dtype=np.int64)
-    labels = np.where((turn >= 0) & ~np.isin(ids_np, vision), ids_np, IGNORE)
+    turn[np.isin(ids_np, vision)] = -1
+    turn[:1] = -1  # nothing in the sample predicts its first token
+    return Text(ids_np, turn)
 
-    # load the media and expand each placeholder to its token count (never supervised)
-    loaded = {kind: [] for kind in KINDS}
+
+def placeholders(processor: Processor) -> dict[str, int]:
+    return {"image": processor.image_token_id, "video": processor.video_token_id}
+
+
+def with_media(text: Text, tokens: dict[str, list[int]], processor: Processor, where: str = "record") -> np.ndarray:
+    """How many times each token of ``text`` repeats once each placeholder is expanded to its media's ``tokens``
+    (per kind, in order); a DataError when the placeholders and the media do not match."""
+    ids = placeholders(processor)
     try:
-        for k, part in media_parts(messages):
-            name = f"{where} {k} {len(loaded[k]) + 1}"
-            loaded[k].append(processor.media.load(k, part, name, media_options, levels=levels))
-        placeholders = {"image": processor.image_token_id, "video": processor.video_token_id}
-        counts = {k: (placeholders[k], [info.tokens for info, _ in loaded[k]]) for k in KINDS}
-        repeats = placeholder_repeats(ids, counts, where)
+        return np.asarray(placeholder_repeats(text.ids.tolist(), {k: (ids[k], tokens[k]) for k in KINDS}, where))
     except MediaError as e:
         raise DataError(str(e)) from None
-    out_ids, out_labels = np.repeat(ids_np, repeats), np.repeat(labels, repeats)  # placeholders are IGNORE
-    out_labels[0] = IGNORE
-    sample = Sample(torch.from_numpy(out_ids), torch.from_numpy(out_labels),
+
+
+def assemble(text: Text, loaded: dict[str, list], processor: Processor, where: str = "record", *,
+             levels: bool = False, turn_weights: bool = False) -> Sample:  # fmt: skip
+    """A Sample from its text part and its loaded media (``MediaLoader.load`` results, per kind, in order)."""
+    repeats = with_media(text, {k: [info.tokens for info, _ in loaded[k]] for k in KINDS}, processor, where)
+    out_ids = np.repeat(text.ids, repeats)
+    out_turn = np.repeat(text.turns, repeats)  # placeholders are never supervised
+    labels = np.where(out_turn >= 0, out_ids, IGNORE)
+    sample = Sample(torch.from_numpy(out_ids), torch.from_numpy(labels),
                     normalise=processor.media.normalise if levels else None)  # fmt: skip
     if turn_weights:
-        out_turn = np.where(out_labels != IGNORE, np.repeat(turn, repeats), -1)
-        sizes = np.bincount(out_turn[out_turn >= 0], minlength=len(spans))
-        weights = np.where(out_turn >= 0, 1.0 / np.maximum(sizes[np.maximum(out_turn, 0)], 1), 0.0)
-        sample.weights = torch.from_numpy(weights.astype(np.float32))
+        sample.weights = torch.from_numpy(reply_weights(out_turn))
     for k, key, grid_key in (("image", "pixel_values", "image_grid_thw"),
                              ("video", "pixel_values_videos", "video_grid_thw")):
         if loaded[k]:
             setattr(sample, key, torch.from_numpy(np.concatenate([values for _, values in loaded[k]])))
             setattr(sample, grid_key, torch.tensor([info.grid for info, _ in loaded[k]]))
     return sample
+
+
+def reply_weights(turns: np.ndarray) -> np.ndarray:
+    """float32 weight of each token when every reply weighs 1: 1 / (its reply's supervised tokens), 0 elsewhere."""
+    sizes = np.bincount(turns[turns >= 0], minlength=1)
+    return np.where(turns >= 0, 1.0 / np.maximum(sizes[np.maximum(turns, 0)], 1), 0.0).astype(np.float32)
+
+
+def load_media(messages: list[dict], processor: Processor, where: str = "record", *, levels: bool = False,
+               **media_options) -> dict[str, list]:  # fmt: skip
+    """Every image and video of the messages loaded, per kind, in order; a DataError naming the item when one
+    cannot be."""
+    loaded = {kind: [] for kind in KINDS}
+    try:
+        for k, part in media_parts(messages):
+            name = f"{where} {k} {len(loaded[k]) + 1}"
+            loaded[k].append(processor.media.load(k, part, name, media_options, levels=levels))
+    except MediaError as e:
+        raise DataError(str(e)) from None
+    return loaded
+
+
+def encode(messages: list[dict], kind: str, processor: Processor, where: str = "record", *, levels: bool = False,
+           turn_weights: bool = False, **media_options) -> Sample:  # fmt: skip
+    """Messages -> a Sample: ids as inference tokenizes them, labels, and the media's patches (``levels``: as uint8
+    levels that ``Sample.patches`` normalises at packing, an eighth of the memory for images, a quarter for videos).
+    ``turn_weights``: each supervised token also weighs 1 / (its reply's supervised tokens), so every reply (a
+    caption is one) weighs the same, whether it is "4" or a 20-token box."""
+    text = tokenize(messages, kind, processor)
+    loaded = load_media(messages, processor, where, levels=levels, **media_options)
+    return assemble(text, loaded, processor, where, levels=levels, turn_weights=turn_weights)

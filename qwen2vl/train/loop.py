@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -22,21 +24,24 @@ from torch.utils.checkpoint import checkpoint
 
 from ..pretrained import Qwen2VL
 from ..processing.processor import Processor
+from ..processing.video_cache import parse_size
 from ..progress import end as end_progress
 from ..progress import show
 from ..records import DataError, read_jsonl
 from . import distributed as dist_utils
 from .checkpoint import latest_checkpoint, load_state
-from .data import Sample, encode, to_messages
+from .data import IGNORE, Sample, encode, to_messages
+from .loader import MemorySamples, Prefetcher, Skipped, StoreSamples, media_access
 from .packing import PackedRow, loss_sum, pack, plan_rows
 from .stages import param_groups, stage
+from .store import Store, is_store, media_identity, tokenizer_hash
 
 
 @dataclass
 class TrainConfig:
     stage: int
     model: str  # checkpoint directory to start from (hub layout, with tokenizer and preprocessor files)
-    data: str  # JSONL
+    data: str  # JSONL, or a prepared store (a directory or an object-store URI: ``qwen2vl data prepare``)
     out: str
     max_steps: int = 100
     batch_tokens: int = 2048  # tokens per packed row
@@ -59,6 +64,17 @@ class TrainConfig:
     device: str | None = None  # "cpu", "cuda", "cuda:1"; None: this process's GPU if torch sees one, else the CPU
     media: dict = field(default_factory=dict)  # preprocessing options (min_pixels, max_pixels, fps, ...)
     video_cache: str | None = None  # a directory of decoded clips, shared by runs on the same videos
+    video_cache_size: int | str | None = None  # its bound in bytes ("20G"); None: unbounded
+    # media fetching (http(s) and object stores): threads loading the next steps' samples (0: in the loop), the
+    # requests in flight and per second across them, retries of transient faults, each request's timeout
+    fetch_workers: int = 8
+    fetch_qps: float | None = None
+    fetch_retries: int = 5
+    fetch_timeout: float = 30.0
+    fetch_allow_private: bool = False  # media URLs may point at private addresses (an in-house media server)
+    storage_options: dict = field(default_factory=dict)  # fsspec options per protocol: {"s3": {"endpoint_url": ..}}
+    max_skipped: float = 0.01  # fraction of samples whose media could not be had that fails the run
+    prefetch_steps: int = 2
     resume: bool = False
     progress: bool = True
     tensorboard: bool = False  # also log to OUT/tensorboard (needs the tensorboard package)
@@ -158,10 +174,51 @@ def prepare_samples(cfg: TrainConfig, processor: Processor, log) -> list[Sample]
     return samples
 
 
-def epoch_rows(samples: list[Sample], epoch: int, cfg: TrainConfig) -> list[list[int]]:
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
-    rows = plan_rows([len(samples[i]) for i in order], cfg.batch_tokens)
+def epoch_rows(lengths: list[int], epoch: int, cfg: TrainConfig) -> list[list[int]]:
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+    rows = plan_rows([lengths[i] for i in order], cfg.batch_tokens)
     return [[order[i] for i in row] for row in rows]
+
+
+def windows(lengths: list[int], cfg: TrainConfig, epoch: int, row: int, per_step: int) -> Iterator[tuple]:
+    """(the rows of each step's window, the data position after it), from the position (epoch, row)."""
+    rows = epoch_rows(lengths, epoch, cfg)
+    while True:
+        window = []
+        while len(window) < per_step:
+            if row >= len(rows):
+                epoch, row = epoch + 1, 0
+                rows = epoch_rows(lengths, epoch, cfg)
+            window.append(rows[row])
+            row += 1
+        yield window, (epoch, row)
+
+
+def open_samples(cfg: TrainConfig, processor: Processor, log):
+    """The run's samples: a JSONL file encoded now, or a prepared store read as training goes."""
+    if not is_store(cfg.data):
+        return MemorySamples(prepare_samples(cfg, processor, log))
+    remote = processor.media.access.remote
+    store = Store.open(cfg.data, read=lambda uri: remote.read(uri, "store file", max_bytes=None),
+                       cache=Path(cfg.out) / "store-cache")  # fmt: skip
+    if store.index["tokenizer"] != tokenizer_hash(cfg.model):
+        raise DataError(f"{cfg.data}: prepared with another tokenizer than {cfg.model}'s; prepare it again")
+    settings = media_identity(processor, cfg.media)
+    if store.index["media_settings"] != settings:
+        stored = store.index["media_settings"]
+        differ = sorted(f"{g}.{k}" for g in settings for k in {*settings[g], *stored.get(g, {})}
+                        if settings[g].get(k) != stored.get(g, {}).get(k))  # fmt: skip
+        raise DataError(f"{cfg.data}: prepared with other media settings ({', '.join(differ)}); token counts would "
+                        "differ: prepare it again with this run's settings")  # fmt: skip
+    return StoreSamples(store, processor, cfg.media, turn_weights=cfg.loss_weighting == "turn",
+                        batch_tokens=cfg.batch_tokens, max_overlong=cfg.max_overlong, log=log)  # fmt: skip
+
+
+def _empty_row() -> PackedRow:
+    """A row with nothing supervised, for a process whose samples were all skipped: it still runs forward and
+    backward, so that its collectives match the other processes'."""
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    return PackedRow(ids, torch.full_like(ids, IGNORE), torch.zeros(3, 1, 2, dtype=torch.long), [2])
 
 
 def train(cfg: TrainConfig) -> list[dict]:
@@ -183,6 +240,10 @@ def train(cfg: TrainConfig) -> list[dict]:
     model = Qwen2VL.from_pretrained(start_from or cfg.model, dtype=torch.float32, device=device)
     processor = Processor.from_pretrained(cfg.model)
     processor.media.video_cache = cfg.video_cache
+    processor.media.video_cache_size = parse_size(cfg.video_cache_size) if cfg.video_cache_size else None
+    processor.media.access = media_access(workers=cfg.fetch_workers, qps=cfg.fetch_qps, retries=cfg.fetch_retries,
+                                          timeout=cfg.fetch_timeout, allow_private=cfg.fetch_allow_private,
+                                          storage_options=cfg.storage_options)  # fmt: skip
     if start_from:
         log(f"resuming from {start_from} (step {state['step']})")
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
@@ -197,9 +258,9 @@ def train(cfg: TrainConfig) -> list[dict]:
         saved = torch.load(start_from / "optimizer.pt", weights_only=True, map_location=device)
         dist_utils.load_optimizer(objective, optimizer, saved)
 
-    samples = prepare_samples(cfg, processor, log)
+    samples = open_samples(cfg, processor, log)
     trainable = sum(p.numel() for g in groups for p in g["params"])
-    log(f"stage {cfg.stage} ({st.name}): {trainable:,} trainable parameters; {len(samples)} samples; "
+    log(f"stage {cfg.stage} ({st.name}): {trainable:,} trainable parameters; {len(samples.lengths)} samples; "
         f"{world} process(es) x {cfg.rows_per_step} row(s) of <= {cfg.batch_tokens} tokens per step")  # fmt: skip
 
     metrics_path = out / "metrics.jsonl"
@@ -216,39 +277,54 @@ def train(cfg: TrainConfig) -> list[dict]:
             raise ValueError("tensorboard logging needs the tensorboard package: pip install tensorboard") from None
         writer = SummaryWriter(str(out / "tensorboard"))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    epoch, row_index = state["epoch"], state["row"]
-    rows = epoch_rows(samples, epoch, cfg)
     per_step = cfg.rows_per_step * world
-    history, t_start = [], time.perf_counter()
-    for step in range(state["step"], cfg.max_steps):
+    steps = itertools.islice(windows(samples.lengths, cfg, state["epoch"], state["row"], per_step),
+                             cfg.max_steps - state["step"])  # fmt: skip
+    workers = cfg.fetch_workers if isinstance(samples, StoreSamples) else 0  # encoded already: nothing to fetch
+    loaded = Prefetcher(samples, workers, cfg.prefetch_steps).steps(steps, lambda s: [i for r in s[0][rank::world]
+                                                                                      for i in r])  # fmt: skip
+    history, t_start, attempted, skipped_total = [], time.perf_counter(), 0, 0
+    for step, ((window, (epoch, row_index)), got) in enumerate(loaded, state["step"]):
         t0 = time.perf_counter()
-        window = []
-        while len(window) < per_step:
-            if row_index >= len(rows):
-                epoch, row_index = epoch + 1, 0
-                rows = epoch_rows(samples, epoch, cfg)
-            window.append(rows[row_index])
-            row_index += 1
+        skipped = [s for s in got.values() if isinstance(s, Skipped)]
+        for s in skipped:
+            reason = s.reason if s.reason.startswith(s.where) else f"{s.where}: {s.reason}"
+            print(f"rank {rank}: skipped {reason}", file=sys.stderr, flush=True)
+        # what the skipped samples would have added to the window, summed over the processes
+        lost = dist_utils.all_reduce_sum(torch.tensor([sum(samples.weight(s.index) for s in skipped),
+                                                       sum(samples.lengths[s.index] for s in skipped),
+                                                       len(skipped)], dtype=torch.float64, device=device)).tolist()
+        attempted += sum(len(r) for r in window)
+        skipped_total += int(lost[2])
+        if skipped_total > cfg.max_skipped * max(attempted, 100):
+            raise DataError(f"{skipped_total} of {attempted} samples skipped, more than max_skipped="
+                            f"{cfg.max_skipped:.0%} (their reasons are above)")  # fmt: skip
         # the whole window's supervised tokens, or their weight (all ranks); a sample's first token is never
         # supervised, so a row's count is the sum of its samples'
-        count = sum(samples[i].weight for r in window for i in r)
+        count = sum(samples.weight(i) for r in window for i in r) - lost[0]
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, cfg)
         optimizer.zero_grad(set_to_none=True)
         local_sum = torch.zeros((), device=device)
-        mine = [pack([samples[i] for i in r], model.config).to(device) for r in window[rank::world]]  # this rank's
+        mine = []
+        for r in window[rank::world]:  # this rank's rows, with what was delivered of them
+            kept = [got[i] for i in r if not isinstance(got[i], Skipped)]
+            mine.append((pack(kept, model.config) if kept else _empty_row()).to(device))
         for i, row in enumerate(mine):
             with dist_utils.no_sync(objective, last=i == len(mine) - 1), autocast:
                 loss = objective(row)
-            (loss * world / count).backward()  # DDP/FSDP average over ranks: * world gives the window's mean
+            (loss * world / max(count, 1e-9)).backward()  # DDP/FSDP average over ranks: * world: the window's mean
             local_sum += loss.detach().float()
         grad_norm = dist_utils.clip_grad_norm(objective, cfg.grad_clip)
         optimizer.step()
         total = dist_utils.all_reduce_sum(local_sum)
         seconds = time.perf_counter() - t0
-        entry = {"step": step + 1, "loss": float(total) / count, "lr": max(g["lr"] for g in optimizer.param_groups),
-                 "grad_norm": float(grad_norm), "tokens": sum(len(samples[i]) for r in window for i in r),
+        entry = {"step": step + 1, "loss": float(total) / max(count, 1e-9),
+                 "lr": max(g["lr"] for g in optimizer.param_groups), "grad_norm": float(grad_norm),
+                 "tokens": sum(samples.lengths[i] for r in window for i in r) - int(lost[1]),
                  "seconds": round(seconds, 4)}  # fmt: skip
+        if skipped_total:
+            entry["skipped"] = int(lost[2])
         history.append(entry)
         if rank == 0:
             with open(metrics_path, "a") as f:

@@ -41,20 +41,34 @@ class PackedRow:
 def plan_rows(lengths: list[int], budget: int) -> list[list[int]]:
     """Group sample indices into rows of at most ``budget`` tokens, in order (first fit over the open rows, so
     that data order is roughly kept and resuming is deterministic). A longer sample is an error for the caller
-    to count, not something to drop silently here."""
+    to count, not something to drop silently here.
+
+    First fit is found in O(log rows) a sample, so that an epoch of a million samples plans in seconds: ``room``
+    is a tournament tree whose leaves are the rows' free tokens (-1: no row yet) and whose inner nodes hold the
+    largest free room below them; the first row that fits is found by walking down, left whenever the left fits."""
+    size = 1
+    while size < len(lengths):
+        size *= 2
+    room = [-1] * (2 * size)
     rows: list[list[int]] = []
-    room: list[int] = []
     for i, n in enumerate(lengths):
         if n > budget:
             raise ValueError(f"sample {i} has {n} tokens, over the row budget of {budget}")
-        for r, left in enumerate(room):
-            if n <= left:
-                rows[r].append(i)
-                room[r] -= n
-                break
+        if room[1] >= n:
+            k = 1
+            while k < size:
+                k = 2 * k if room[2 * k] >= n else 2 * k + 1
+            rows[k - size].append(i)
+            left = room[k] - n
         else:
+            k = size + len(rows)
             rows.append([i])
-            room.append(budget - n)
+            left = budget - n
+        room[k] = left
+        k //= 2
+        while k and room[k] != (best := max(room[2 * k], room[2 * k + 1])):  # ancestors of an unchanged node
+            room[k] = best                                                     # are unchanged too
+            k //= 2
     return rows
 
 
