@@ -150,6 +150,7 @@ class MediaServer:
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
+            request_queue_size = 128  # socketserver's 5 drops connections from more clients than that at once
 
             def get_request(self):
                 sock, address = super().get_request()

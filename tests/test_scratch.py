@@ -93,7 +93,7 @@ def test_curriculum_tokenizer_and_pipeline(tmp_path):
     for stage in (1, 2, 3):
         assert (out / f"stage{stage}-model" / "tokenizer.json").is_file()
     clips = len(list((data := out / "data").glob("videos/train-*.mp4")))  # decoded once, read back by later stages
-    assert clips and len(list((out / "cache" / "videos").rglob("*.npz"))) == clips
+    assert clips and len(list((out / "cache" / "videos").rglob("*.clip"))) == clips
     stage3 = json.loads((out / "stage3" / "checkpoint-2" / "trainer_state.json").read_text())["config"]
     assert stage3["video_cache"] == str(out / "cache" / "videos")
     assert stage3["data"] == str(data / "stage3.jsonl")  # one box question per conversation

@@ -278,7 +278,7 @@ def test_video_cache_decodes_each_clip_once_across_runs(small_checkpoint, tmp_pa
     args = ["train", "--stage", "2", "--model", str(small_checkpoint), "--data", str(d / "train.jsonl"),
             "--max-steps", "1", "--batch-tokens", "512", "--no-progress", "--video-cache", str(cache)]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "first")]) == 0
-    assert len(list(cache.rglob("*.npz"))) == 2
+    assert len(list(cache.rglob("*.clip"))) == 2
     last = tmp_path / "first" / (tmp_path / "first" / "latest").read_text()
     assert json.loads((last / "trainer_state.json").read_text())["config"]["video_cache"] == str(cache)
 

@@ -429,7 +429,7 @@ def no_decoding(*args, **kwargs):
 def test_cache_reads_a_clip_back_instead_of_decoding(videos, tmp_path, monkeypatch):
     cache = VideoCache(tmp_path / "cache")
     first = load_video(videos["90@30"], cache=cache, nframes=4)
-    assert len(list((tmp_path / "cache").rglob("*.npz"))) == 1
+    assert len(list((tmp_path / "cache").rglob("*.clip"))) == 1
     monkeypatch.setattr(video_mod, "_load_file", no_decoding)
     same_video(load_video(str(videos["90@30"]), cache=cache, nframes=4), first)  # str or Path: one entry
     same_video(load_video(f"file://{videos['90@30']}", cache=cache, nframes=4), first)
@@ -456,7 +456,7 @@ def test_cache_is_never_stale(tmp_path):
 def test_unreadable_cache_entry_is_decoded_again(videos, tmp_path):
     cache = VideoCache(tmp_path / "cache")
     good = load_video(videos["20@10"], cache=cache)
-    (entry,) = (tmp_path / "cache").rglob("*.npz")
+    (entry,) = (tmp_path / "cache").rglob("*.clip")
     data = entry.read_bytes()
     for broken in (data[: len(data) // 2], data[:-200] + bytes(200), b"not a cache entry"):
         entry.write_bytes(broken)

@@ -107,14 +107,36 @@ class MediaLoader:
             except MediaError as e:
                 raise MediaError(f"{name} ({source}): {e}") from None
             return MediaInfo("image", 0, 0, source, x.original_size, x.size, x.grid, x.tokens), x.pixel_values
-        v = self.video(part, name, **options)
-        values, grid = img.patch_levels(v.frames, self.patch_size, self.temporal_patch_size, self.merge_size)
+        values, meta = self._video_patches(part, name, options)
         if not levels:
             values = self.normalise(values)
+        grid = tuple(meta["grid"])
         tokens = grid[0] * grid[1] * grid[2] // self.merge_size**2
-        info = MediaInfo("video", 0, 0, source, v.original_size, tuple(v.frames.shape[1:3]), grid, tokens,
-                         frames=len(v.frames), frame_indices=list(v.indices), sample_fps=v.sample_fps)
+        info = MediaInfo("video", 0, 0, source, tuple(meta["original_size"]), tuple(meta["size"]), grid, tokens,
+                         frames=meta["frames"], frame_indices=meta["indices"], sample_fps=meta["sample_fps"])
         return info, values
+
+    def _video_patches(self, part: Mapping, name: str, options: Mapping) -> tuple[np.ndarray, dict]:
+        """A video part's uint8 patch levels and what they came from; through the video cache when there is one,
+        whose entry then holds the patches themselves (training and serving both want them), so that a hit reads
+        them back and does nothing else."""
+
+        def cut(v) -> tuple[np.ndarray, dict]:
+            values, grid = img.patch_levels(v.frames, self.patch_size, self.temporal_patch_size, self.merge_size)
+            return values, {"grid": list(grid), "original_size": list(v.original_size), "size": list(v.frames.shape[1:3]),
+                            "frames": len(v.frames), "indices": [int(i) for i in v.indices],
+                            "sample_fps": float(v.sample_fps)}  # fmt: skip
+
+        cache, source = self.cache(), media_source(part)
+        if cache is None or isinstance(source, (list, tuple)):  # a list of frames is no file to key on
+            return cut(self.video(part, name, **options))
+        from .video import load_video
+
+        data = self.access.read(source, name)  # here, so that the key is the content; errors name the source
+        settings = _options(VIDEO_KEYS, self.video_options, options, part)
+        layout = {"patch": [self.patch_size, self.temporal_patch_size, self.merge_size]}
+        return cache.patches(data, {**settings, **layout},
+                             lambda: cut(load_video(data, name=name, access=self.access, **settings)))
 
     def normalise(self, levels: np.ndarray) -> np.ndarray:
         """uint8 levels from ``load(..., levels=True)`` -> the float32 patches ``load`` would have returned."""

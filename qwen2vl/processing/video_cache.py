@@ -5,8 +5,10 @@ process or run, a client posting the same clip) is decoded once.
 
 The key is the sha256 of the video's bytes (a local file streamed in chunks, or the bytes fetched from a URL or an
 object store) with every sampling and sizing setting and ``FORMAT``: the same video under another name or URL
-meets its entry, a changed file or other settings never meet an old one. An entry holds the frames and the rest of
-``Video``, and its own key, so that a file that is not ours is never taken for one.
+meets its entry, a changed file or other settings never meet an old one. An entry holds one uint8 array and a
+JSON description with its own key (so that a file that is not ours is never taken for one): ``load`` keeps a
+``Video``'s frames, ``patches`` (what ``MediaLoader`` uses) the frames already cut into patches, so that a hit
+costs a read of the file to hash it and a read of the entry, nothing more.
 
 Many processes may share a directory (training ranks, dataloader workers, server threads):
 - entries are written to a temporary and renamed into place (``atomic.write_file``, not fsynced: losing one costs
@@ -26,7 +28,7 @@ import logging
 import os
 import re
 import time
-import zipfile
+import zlib
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -41,7 +43,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # part of every key: a change to what an entry holds, or to the key, leaves the old entries unread
+MAGIC = b"qwen2vl clip\n"
+FORMAT = 3  # part of every key: a change to what an entry holds, or to the key, leaves the old entries unread
 STALE_TEMP_SECONDS = 3600  # a temporary this old is left by a crashed writer, not a write in progress
 _CHUNK = 1 << 20
 
@@ -84,7 +87,7 @@ class VideoCache:
         return hashlib.sha256(json.dumps(ident, default=str).encode()).hexdigest()
 
     def path(self, key: str) -> Path:
-        return self.directory / key[:2] / f"{key}.npz"  # 256 subdirectories: no huge directory to list
+        return self.directory / key[:2] / f"{key}.clip"  # 256 subdirectories: no huge directory to list
 
     def load(self, data: Path | bytes, settings: dict[str, Any], decode: Callable[[], Video]) -> Video:
         """The clip of ``data`` (a local file, or a video file's bytes) with ``settings``: read back when cached,
@@ -93,26 +96,38 @@ class VideoCache:
         entry = self.path(key)
         video = _read(entry, key)
         if video is not None:
-            try:
-                os.utime(entry)  # recently used: evicted last
-            except OSError:  # evicted since it was opened, or not ours to touch: the clip was read all the same
-                pass
+            _touch(entry)
             return video
         video = decode()
-        self._keep(entry, key, video)
+        meta = {f.name: getattr(video, f.name) for f in dataclasses.fields(video) if f.name != "frames"}
+        self._keep(entry, key, video.frames, meta)
         return video
 
-    def _keep(self, entry: Path, key: str, video: Video) -> None:
-        if self.max_bytes is not None and video.frames.nbytes > self.max_bytes:
-            log.debug("video cache: a %d-byte clip cannot fit in %d bytes; not kept", video.frames.nbytes,
-                      self.max_bytes)  # fmt: skip
+    def patches(self, data: Path | bytes, settings: dict[str, Any],
+                compute: Callable[[], tuple[np.ndarray, dict]]) -> tuple[np.ndarray, dict]:  # fmt: skip
+        """A clip's uint8 patch levels and what describes them (a JSON-able dict), as ``MediaLoader`` uses them:
+        read back when kept, else ``compute()``d and kept. A hit neither decodes nor cuts frames into patches,
+        which costs as much as reading them back (a transpose of every byte)."""
+        key = self.key(data, {**settings, "entry": "patches"})
+        entry = self.path(key)
+        if (kept := _load_entry(entry, key)) is not None:
+            _touch(entry)
+            return kept
+        levels, meta = compute()
+        self._keep(entry, key, levels, meta)
+        return levels, meta
+
+    def _keep(self, entry: Path, key: str, array: np.ndarray, meta: dict) -> None:
+        if self.max_bytes is not None and array.nbytes > self.max_bytes:
+            log.debug("video cache: a %d-byte clip cannot fit in %d bytes; not kept", array.nbytes, self.max_bytes)
             return
-        meta = {f.name: getattr(video, f.name) for f in dataclasses.fields(video) if f.name != "frames"}
-        meta["key"] = key
 
         def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
-                np.savez(f, frames=video.frames, meta=np.array(json.dumps(meta)))
+            array_ = np.ascontiguousarray(array)
+            header = json.dumps({**meta, "key": key, "crc32": zlib.crc32(memoryview(array_).cast("B"))}).encode()
+            with open(tmp, "wb") as f:
+                f.write(MAGIC + len(header).to_bytes(8, "little") + header)
+                np.lib.format.write_array(f, array_, allow_pickle=False)
 
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +156,7 @@ class VideoCache:
                     if f.name.startswith("."):  # write_file's temporaries: .<name>.<random>.tmp
                         if f.name.endswith(".tmp") and f.stat().st_mtime < stale:
                             os.unlink(f.path)
-                    elif f.name.endswith(".npz"):
+                    elif f.name.endswith(".clip"):
                         st = f.stat()
                         found.append((st.st_mtime_ns, st.st_size, Path(f.path)))
                 except FileNotFoundError:  # removed by another process since the listing
@@ -165,18 +180,45 @@ class VideoCache:
             total -= size
 
 
-def _read(entry: Path, key: str) -> Video | None:
-    """The Video kept in ``entry``, or None when it is absent, torn, or not the entry of ``key``."""
-    from .video import Video
-
+def _load_entry(entry: Path, key: str) -> tuple[np.ndarray, dict] | None:
+    """(the uint8 array, the description) kept in ``entry``, or None when it is absent, torn, or not the entry of
+    ``key``. An entry is MAGIC, the description's length (8 bytes), the description (JSON, with the key), then the
+    array in .npy format."""
     try:
-        with np.load(entry, allow_pickle=False) as stored:
-            meta = json.loads(str(stored["meta"]))
+        with open(entry, "rb") as f:
+            if f.read(len(MAGIC)) != MAGIC:
+                return None
+            size = int.from_bytes(f.read(8), "little")
+            if size > 2**24:
+                return None
+            meta = json.loads(f.read(size))
             if not isinstance(meta, dict) or meta.pop("key", None) != key:
                 return None
-            frames = stored["frames"]
-            if frames.dtype != np.uint8 or frames.ndim != 4:
-                return None
-            return Video(frames, **{**meta, "original_size": tuple(meta["original_size"])})
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):  # vanished, torn or not ours
+            array = np.lib.format.read_array(f, allow_pickle=False)  # a short file fails to take its shape
+            crc = meta.pop("crc32", None)
+            if array.dtype != np.uint8 or f.read(1) or crc != zlib.crc32(memoryview(array).cast("B")):
+                return None  # damaged in place: the checksum (a zip's, without its slow reader)
+            return array, meta
+    except (OSError, ValueError, TypeError, EOFError):  # vanished, torn or not ours
+        return None
+
+
+def _touch(entry: Path) -> None:
+    try:
+        os.utime(entry)  # recently used: evicted last
+    except OSError:  # evicted since it was opened, or not ours to touch: the clip was read all the same
+        pass
+
+
+def _read(entry: Path, key: str) -> Video | None:
+    """The Video kept in ``entry``, or None (see ``_load_entry``)."""
+    from .video import Video
+
+    kept = _load_entry(entry, key)
+    if kept is None or kept[0].ndim != 4:
+        return None
+    frames, meta = kept
+    try:
+        return Video(frames, **{**meta, "original_size": tuple(meta["original_size"])})
+    except (KeyError, TypeError):
         return None
