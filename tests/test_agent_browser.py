@@ -37,8 +37,10 @@ def test_the_screenshot_is_the_viewport_and_the_page_lays_out_as_the_pil_screen(
         assert shown[(w.kind, w.label)] == w.box, w
 
 
-def test_the_oracle_solves_100_of_100_episodes(env):
-    results = [run(oracle(env), env, seed=s) for s in range(100)]
+def test_the_oracle_solves_every_episode(env):
+    """40 seeded episodes (the five templates, each several times; 100 took 70 s of the suite and found nothing
+    more)."""
+    results = [run(oracle(env), env, seed=s) for s in range(40)]
     assert all(t.success for t in results), [(t.task, t.reason) for t in results if not t.success]
     assert {t.task.split()[0] for t in results} >= {"Click", "Tick", "Type", "Open", "Scroll"}
 

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 import qwen2vl.processing.video as video_mod
-from qwen2vl.processing.video import Video, load_video
+from qwen2vl.processing.video import load_video
 from qwen2vl.processing.video_cache import STALE_TEMP_SECONDS, VideoCache, parse_size
+from test_video import no_decoding, same_video
 
 SMALL = {"nframes": 4, "min_pixels": 28 * 28, "max_pixels": 56 * 56}  # 56x56 frames: entries of ~38 kB
 
@@ -41,16 +42,6 @@ def make_clip(path, n=8, fps=8, seed=0, w=64, h=48):
 def clips(tmp_path_factory):
     d = tmp_path_factory.mktemp("clips")
     return [make_clip(d / f"clip{i}.mp4", seed=i) for i in range(4)]
-
-
-def same_video(a: Video, b: Video) -> None:
-    assert np.array_equal(a.frames, b.frames) and a.frames.dtype == b.frames.dtype
-    assert (a.indices, a.sample_fps, a.source_fps, a.total_frames, a.original_size) == (
-        b.indices, b.sample_fps, b.source_fps, b.total_frames, b.original_size)  # fmt: skip
-
-
-def no_decoding(*args, **kwargs):
-    raise AssertionError("decoded although the clip is cached")
 
 
 def names(cache: VideoCache) -> set[str]:

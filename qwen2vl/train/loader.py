@@ -95,12 +95,15 @@ class StoreSamples:
 
 
 def media_access(*, workers: int = 8, qps: float | None = None, retries: int = 5, timeout: float = 30.0,
-                 allow_private: bool = False, storage_options: dict | None = None) -> MediaAccess:  # fmt: skip
+                 allow_private: bool = False, storage_options: dict | None = None,
+                 max_bytes: int = 2**31) -> MediaAccess:  # fmt: skip
     """What training and ``data prepare`` may read: local files anywhere (the user's own data), URLs and object
-    stores with limits, retries, and caps on requests in flight and per second."""
+    stores with limits, retries, and caps on requests in flight and per second; media up to ``max_bytes`` each
+    (2 GiB: long videos; the library's default for one chat is 64 MiB)."""
     policy = RemotePolicy(concurrency=max(1, workers), qps=qps, retries=retries, timeout=timeout,
                           storage_options=storage_options or {})  # fmt: skip
-    return MediaAccess(fetch=FetchPolicy(timeout=timeout, allow_private=allow_private), remote=Remote(policy))
+    fetch = FetchPolicy(timeout=timeout, max_bytes=max_bytes, allow_private=allow_private)
+    return MediaAccess(fetch=fetch, remote=Remote(policy), max_bytes=max_bytes)
 
 
 class Prefetcher:

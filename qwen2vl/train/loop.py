@@ -74,6 +74,7 @@ class TrainConfig:
     fetch_allow_private: bool = False  # media URLs may point at private addresses (an in-house media server)
     storage_options: dict = field(default_factory=dict)  # fsspec options per protocol: {"s3": {"endpoint_url": ..}}
     max_skipped: float = 0.01  # fraction of samples whose media could not be had that fails the run
+    max_media_bytes: int = 2**31  # an image or video larger than this is refused (skipped), local or fetched
     prefetch_steps: int = 2
     resume: bool = False
     progress: bool = True
@@ -243,7 +244,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     processor.media.video_cache_size = parse_size(cfg.video_cache_size) if cfg.video_cache_size else None
     processor.media.access = media_access(workers=cfg.fetch_workers, qps=cfg.fetch_qps, retries=cfg.fetch_retries,
                                           timeout=cfg.fetch_timeout, allow_private=cfg.fetch_allow_private,
-                                          storage_options=cfg.storage_options)  # fmt: skip
+                                          storage_options=cfg.storage_options,
+                                          max_bytes=cfg.max_media_bytes)  # fmt: skip
     if start_from:
         log(f"resuming from {start_from} (step {state['step']})")
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
