@@ -204,14 +204,15 @@ def open_samples(cfg: TrainConfig, processor: Processor, log):
                        cache=Path(cfg.out) / "store-cache")  # fmt: skip
     if store.index["tokenizer"] != tokenizer_hash(cfg.model):
         raise DataError(f"{cfg.data}: prepared with another tokenizer than {cfg.model}'s; prepare it again")
-    settings = media_identity(processor, cfg.media)
-    if store.index["media_settings"] != settings:
-        stored = store.index["media_settings"]
+    stored = store.index["media_settings"]
+    media = cfg.media or stored["options"]  # unset in the run: the options the store was prepared with
+    settings = media_identity(processor, media)
+    if stored != settings:
         differ = sorted(f"{g}.{k}" for g in settings for k in {*settings[g], *stored.get(g, {})}
                         if settings[g].get(k) != stored.get(g, {}).get(k))  # fmt: skip
         raise DataError(f"{cfg.data}: prepared with other media settings ({', '.join(differ)}); token counts would "
                         "differ: prepare it again with this run's settings")  # fmt: skip
-    return StoreSamples(store, processor, cfg.media, turn_weights=cfg.loss_weighting == "turn",
+    return StoreSamples(store, processor, media, turn_weights=cfg.loss_weighting == "turn",
                         batch_tokens=cfg.batch_tokens, max_overlong=cfg.max_overlong, log=log)  # fmt: skip
 
 
