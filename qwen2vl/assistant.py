@@ -27,12 +27,19 @@ def load(
     device: torch.device | str | None = None,
     *,
     pack: bool = True,
+    quantize: str | None = None,
 ) -> Assistant:
     """A checkpoint directory (weights, config, tokenizer, preprocessor, chat template) or a hub id, downloaded
     when huggingface_hub is installed and online, ready to chat. On the CPU the linear layers are packed for oneDNN
-    (``Qwen2VL.pack_for_cpu``: inference only, faster); ``pack=False`` keeps the plain model (to train or save it)."""
+    (``Qwen2VL.pack_for_cpu``: inference only, faster); ``pack=False`` keeps the plain model (to train or save it).
+    ``quantize="int8"``: the LLM's weights in int8 (``Qwen2VL.quantize``), for faster CPU decoding."""
+    from .model.quant import check_kind
+
+    check_kind(quantize)  # before anything loads
     path = resolve_model(path)
     model = Qwen2VL.from_pretrained(path, dtype=dtype, device=device).eval()
+    if quantize:
+        model.quantize(quantize)
     if pack:
         model.pack_for_cpu()
     return Assistant(model, Processor.from_pretrained(path))

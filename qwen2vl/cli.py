@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--seed", type=int)
     chat.add_argument("--stop", action="append", help="stop string (repeatable)")
     chat.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on the CPU")
+    chat.add_argument("--quantize", choices=["int8"], help="int8: the LLM's weights in int8 (faster CPU decoding)")
     chat.add_argument("--device", help="e.g. cuda, cpu (default: cpu)")
     chat.add_argument("--draw-boxes", metavar="OUT.png", help="draw the answer's grounding boxes on the first image")
 
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="bytes DIR may hold, e.g. 500M, 50G; the least recently used clips are evicted "
                             "(default 10G)")  # fmt: skip
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--quantize", choices=["int8"], help="int8: the LLM's weights in int8 (faster CPU decoding)")
     serve.add_argument("--device")
 
     train = verbs.add_parser("train", help="train one of the paper's three stages (torchrun for several processes)")
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--limit", type=int, help="only the first N records")
     ev.add_argument("--out", help="write the JSON report here")
     ev.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute in this type (default: as stored)")
+    ev.add_argument("--quantize", choices=["int8"], help="int8: the LLM's weights in int8 (faster CPU decoding)")
 
     agent = verbs.add_parser("agent", help="act in a GUI: screenshot -> model -> function call -> repeat")
     agent.add_argument("model", help="a checkpoint directory, a hub id, or the http(s) URL of an OpenAI-compatible "
@@ -347,7 +350,7 @@ def run_chat(args: argparse.Namespace) -> None:
     conversation goes on."""
     from . import load
 
-    assistant = load(args.model, dtype=args.dtype, device=args.device)
+    assistant = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     keys = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
     generation = {k: getattr(args, k) for k in keys} | media_options(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
@@ -434,7 +437,7 @@ def run_eval(args: argparse.Namespace) -> None:
     from . import load
     from .eval.run import evaluate, markdown, write_report
 
-    report = evaluate(load(args.model, dtype=args.dtype), args.data, args.metric, max_new_tokens=args.max_new_tokens,
+    report = evaluate(load(args.model, dtype=args.dtype, quantize=args.quantize), args.data, args.metric, max_new_tokens=args.max_new_tokens,
                       limit=args.limit)  # fmt: skip
     print(markdown(report))
     print(f"{report['n']} records in {report['seconds']:.0f} s")
@@ -495,7 +498,8 @@ def run_serve(args: argparse.Namespace) -> None:
                           **{k: getattr(args, k) for k in as_given})
     if args.served_model_name:
         config.model_name = args.served_model_name
-    serve(args.model, args.host, args.port, dtype=args.dtype, device=args.device, config=config)
+    serve(args.model, args.host, args.port, dtype=args.dtype, device=args.device, config=config,
+          quantize=args.quantize)
 
 
 def run_agent(args: argparse.Namespace) -> None:

@@ -16,6 +16,7 @@ from ..config import Qwen2VLConfig
 from ..positions import PlaceholderError, mrope_positions
 from .cache import KVCache, causal_padding_mask
 from .packed import pack_linears
+from .quant import Int8Linear, check_kind, quantize_linears
 from .rope import mrope_cos_sin
 from .text import RMSNorm, TextModel
 from .vision import VisionTransformer
@@ -56,10 +57,21 @@ class Qwen2VLModel(nn.Module):
         return not isinstance(self.lm_head, nn.Linear)
 
     @torch.no_grad()
+    def quantize(self, kind: str = "int8") -> Qwen2VLModel:
+        """The LLM's linear layers and the output head with int8 weights (model/quant.py): decoding reads about half
+        of bf16's bytes. Inference only, like packing (which then packs what is left: the vision tower). A tied
+        head gets its own int8 copy; the embedding table stays as it is, for lookups."""
+        check_kind(kind)
+        if not self.packed:
+            quantize_linears(self.model)
+            self.lm_head = Int8Linear(self.lm_head)
+        return self
+
+    @torch.no_grad()
     def pack_for_cpu(self) -> Qwen2VLModel:
         """Every Linear's weight reordered once into oneDNN's layout (model/packed.py): faster CPU inference, but
         no more training or saving. A no-op off the CPU or where oneDNN is missing."""
-        if self.device.type == "cpu" and not self.packed:
+        if self.device.type == "cpu":  # what is plain nn.Linear still (after quantize: the vision tower)
             pack_linears(self)
         return self
 

@@ -453,14 +453,14 @@ class RequestIds:
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: str | None = None, device: str | None = None,
-          config: ServerConfig | None = None) -> None:  # fmt: skip
+          config: ServerConfig | None = None, quantize: str | None = None) -> None:  # fmt: skip
     """Load ``model`` and serve it with uvicorn until interrupted."""
     import uvicorn
 
     from .. import load
 
     config = config or ServerConfig()
-    assistant = load(model, dtype=dtype, device=device)
+    assistant = load(model, dtype=dtype, device=device, quantize=quantize)
     if config.model_name == "qwen2vl":  # not set: the directory's name, or the hub id as given
         config.model_name = Path(str(model)).name if Path(str(model)).expanduser().is_dir() else str(model)
     config.max_model_len = min(config.max_model_len, assistant.model.config.text.max_position_embeddings)
