@@ -23,8 +23,8 @@ class Qwen2VL(Qwen2VLModel):
     def save_pretrained(self, path: str | Path, max_shard_size: int = 5 * 2**30) -> None:
         """Write config.json, generation_config.json and safetensors in the hub layout, atomically."""
         if self.packed:
-            raise ValueError("this model was packed or quantized for inference (pack_for_cpu, quantize); load it "
-                             "again to save it")  # fmt: skip
+            raise ValueError("this model was packed for CPU inference or quantized (pack_for_cpu, quantize); load "
+                             "it again to save it")  # fmt: skip
         save_pretrained(self, path, max_shard_size=max_shard_size)
 
     def generate(

@@ -282,7 +282,8 @@ def test_cli_flags(tmp_path, monkeypatch, capsys):
         out = " ".join(capsys.readouterr().out.split())
         assert "--video-cache DIR" in out and "--video-cache-size SIZE" in out
     seen = []
-    monkeypatch.setattr(app, "serve", lambda model, host, port, dtype, device, config: seen.append(config))
+    monkeypatch.setattr(app, "serve", lambda model, host, port, dtype, device, config, quantize=None:
+                        seen.append(config))  # fmt: skip
     cache = str(tmp_path / "cache")
     assert main(["serve", str(tmp_path), "--video-cache", cache, "--video-cache-size", "3G"]) == 0
     assert main(["serve", str(tmp_path), "--video-cache", cache]) == 0
