@@ -63,7 +63,9 @@ def decode_ms(model, prompt: torch.Tensor, tokens: int) -> tuple[float, torch.Te
 
 
 def run(name: str, dense, quant, dense_bytes: int, args, bandwidth: float) -> None:
-    vocab = dense.config.text.vocab_size
+    c = dense.config  # ordinary tokens only: below every special one (a vision pad without pixels is an error)
+    vocab = min(c.text.vocab_size, c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id,
+                c.bos_token_id, *c.eos_token_ids)  # fmt: skip
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, vocab, (1, args.prompt), generator=g) for _ in range(args.prompts)]
     load = OtherLoad()
