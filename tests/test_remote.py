@@ -184,10 +184,12 @@ def test_a_thousand_files_under_faults_keep_the_caps():
     # The limiter spaces the n-th and (n+qps)-th starts by 1.1 s. The server logs a request when it accepts the
     # connection, which on a busy machine (its threads share the GIL with the 16 clients) can lag by more than
     # the 0.1 s margin for a burst, so its log is held to the cap as a rate: over the whole run, and over every
-    # 2 s window (one second's burst of late arrivals cannot break it).
+    # 2 s window.
+    # A 2 s window may still hold a few late arrivals from the one before (306 of 300 seen once in a full
+    # suite): 5% is allowed for them. The limiter's own exactness is test_the_start_limit_is_a_sliding_window's.
     starts = sorted(h.start for h in log)
     assert len(starts) / (starts[-1] - starts[0]) <= qps
-    assert max_in_window(starts, 2.0) <= 2 * qps
+    assert max_in_window(starts, 2.0) <= 2 * qps * 1.05
     assert max_in_window(starts, 1.0) >= 0.85 * qps  # the cap was reached, so the lines above tested it
 
 
