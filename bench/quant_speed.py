@@ -47,7 +47,7 @@ def llm_bytes(model) -> int:
     for m in [*model.model.layers.modules(), model.lm_head]:
         if isinstance(m, Int8Linear):
             total += m.weight_int8.numel() + m.scale.numel() * 4
-        elif isinstance(m, torch.nn.Module):
+        else:  # the layer's own weights (norms, dense linears, a tied head's embedding)
             total += sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
     return total
 

@@ -16,7 +16,6 @@ from test_video import make_video
 
 from qwen2vl.cli import main
 from qwen2vl.processing.counting import media_tokens
-from qwen2vl.processing.errors import MediaError
 from qwen2vl.processing.processor import Processor
 from qwen2vl.records import DataError
 from qwen2vl.train.data import encode, to_messages
